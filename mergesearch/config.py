@@ -1,0 +1,283 @@
+"""Job configuration: frozen pydantic models loaded from a YAML file.
+
+``load_config(path)`` reads a job YAML safely, validates it, resolves relative paths against the YAML's
+folder, and turns any problem into a one-line :class:`ConfigError` that names the file, the key path and,
+for unknown keys, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergesearch.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class Range(_Frozen):
+    """A closed interval ``[low, high]`` searched for one parameter; written ``[low, high]`` in YAML."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError("a range is [low, high]")
+            return {"low": value[0], "high": value[1]}
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class LayerSpace(_Frozen):
+    """Layer-wise architecture choices (Sakana DFS / HM3 style).
+
+    Each output slot ``k`` (``slots`` of them, by default the base's layer count) is filled by one of
+    ``choices``: ``merged`` (the merged layer at the slot's depth), ``base``, a source model's name
+    (its layer at the slot's depth), or ``skip`` (slot left out). The merged network keeps between
+    ``min_layers`` and ``max_layers`` layers.
+    """
+
+    slots: int | None = None
+    choices: list[str] = Field(default_factory=lambda: ["merged", "skip"])
+    min_layers: int | None = None
+    max_layers: int | None = None
+    #: also search which source depth fills a slot (offset from the slot's own depth, within +-depth_offset).
+    depth_offset: int = 0
+
+    @field_validator("choices")
+    @classmethod
+    def _nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("layers.choices is empty")
+        return value
+
+
+class SpaceConfig(_Frozen):
+    """What is searched: merge methods, per-model weight/density per layer group, method parameters, layers."""
+
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
+    #: ``global`` (one value per model), ``per_layer``, or an int N (groups of N consecutive layers).
+    granularity: Union[Literal["global", "per_layer"], int] = "global"
+    #: split each layer group by tensor-name filters (e.g. ``[self_attn, mlp]``).
+    filters: list[str] = Field(default_factory=list)
+    weight: Range | None = Field(default_factory=lambda: Range(low=0.0, high=1.0))
+    density: Range | None = Field(default_factory=lambda: Range(low=0.1, high=1.0))
+    lambda_: Range | None = Field(default=None, alias="lambda")
+    t: Range | None = None
+    epsilon: Range | None = None
+    layers: LayerSpace | None = None
+
+    @field_validator("granularity")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("granularity must be 'global', 'per_layer' or a positive int")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("space.methods is empty")
+        return value
+
+
+class ObjectiveConfig(BaseModel):
+    """One objective. Common keys are fields; type-specific keys are validated by the objective's class."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
+    name: str | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+    data: Path | None = None
+    test: Path | None = None
+    limit: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    batch_size: int = Field(default=32, ge=1)
+
+    @property
+    def label(self) -> str:
+        """The objective's name in tables and in the study (defaults to its type)."""
+        return self.name or self.type
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The type-specific keys (everything not a common field)."""
+        return dict(self.model_extra or {})
+
+
+class SearchConfig(_Frozen):
+    """The optimizer and the study's budget."""
+
+    optimizer: str = "tpe"
+    trials: int = Field(default=50, ge=1)
+    seed: int = 0
+    #: parameter dicts (or named presets such as ``uniform``) evaluated first.
+    initial: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
+    #: hypervolume reference point per objective name (worst acceptable value); default: from the data.
+    reference_point: dict[str, float] | None = None
+    #: backend-specific options (population size, batch size, ...).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionConfig(_Frozen):
+    """Where trials run."""
+
+    #: ``local`` evaluates in the driver process; ``ray`` on a pool of Ray actors.
+    executor: Literal["local", "ray"] = "ray"
+    workers: int = Field(default=1, ge=1)
+    address: str | None = None
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    #: torch threads per worker (intra-op); 1 avoids oversubscription when workers share cores.
+    threads: int = Field(default=1, ge=1)
+    max_retries: int = Field(default=2, ge=0)
+    device: str = "cpu"
+
+
+class JobConfig(_Frozen):
+    """A whole search job."""
+
+    base_model: str
+    models: list[str] = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    objectives: list[ObjectiveConfig] = Field(min_length=1)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    storage: str | None = None
+    study: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> JobConfig:
+        names = [o.label for o in self.objectives]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"objective names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+def _suggest(key: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    names = list(model.model_fields) + [f.alias for f in model.model_fields.values() if f.alias]
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of ``loc`` (for 'did you mean' suggestions)."""
+    model: type[BaseModel] | None = JobConfig
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        model = next((a for a in _members(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _members(annotation: Any) -> list[Any]:
+    args = getattr(annotation, "__args__", None)
+    if not args:
+        return [annotation]
+    out: list[Any] = []
+    for a in args:
+        out.extend(_members(a))
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming the file, the key path and the problem of the first validation error."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join(str(p) for p in loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{path}'{_suggest(str(loc[-1]), _model_at(loc))}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {path}: {msg}"
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with the safe loader; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: malformed YAML: {problem}") from None
+
+
+def _resolve(value: str | None, root: Path) -> str | None:
+    """A relative local path resolved against the config's folder; hub ids and absolute paths unchanged."""
+    if value is None:
+        return None
+    candidate = root / value
+    return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Load and validate a job YAML.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The frozen config, with local model and data paths made absolute.
+
+    Raises:
+        ConfigError: on unreadable files, malformed YAML, unknown keys or invalid values.
+    """
+    p = Path(path)
+    raw = read_yaml(p)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(p))) from None
+    root = p.resolve().parent
+    objectives = []
+    for o in cfg.objectives:
+        upd: dict[str, Any] = {}
+        for key in ("data", "test"):
+            v = getattr(o, key)
+            if v is not None and not v.is_absolute():
+                upd[key] = (root / v).resolve()
+        objectives.append(o.model_copy(update=upd) if upd else o)
+    return cfg.model_copy(
+        update={
+            "base_model": _resolve(cfg.base_model, root),
+            "models": [_resolve(m, root) for m in cfg.models],
+            "objectives": objectives,
+        }
+    )

@@ -1,0 +1,67 @@
+"""The Executor protocol and the result record every executor returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Worker(Protocol):
+    """Evaluates plans on a resident model; built once per worker process by a picklable factory."""
+
+    def evaluate(self, plan: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+        """Apply the plan (``MergePlan.to_dict()``) and score it.
+
+        Returns:
+            ``({objective name: value}, {"merge": seconds, "eval": seconds})``.
+
+        Raises:
+            TrialError: the candidate is bad (NaN score, invalid plan); the worker stays usable.
+        """
+        ...
+
+
+#: A picklable zero-argument callable that builds a Worker inside the worker process.
+WorkerFactory = Callable[[], Worker]
+
+
+@dataclass
+class TrialResult:
+    """What came back for one submitted trial."""
+
+    trial: int
+    values: dict[str, float] | None
+    error: str | None = None
+    worker: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: queue, merge, eval, total
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.values is not None
+
+
+class Executor(Protocol):
+    """A pool of workers running trials asynchronously: no generation barrier."""
+
+    @property
+    def size(self) -> int:
+        """Number of workers."""
+        ...
+
+    def idle(self) -> int:
+        """Number of workers without a trial right now (the driver asks the optimizer for this many)."""
+        ...
+
+    def submit(self, trial: int, plan: dict[str, Any]) -> None:
+        """Queue one trial on an idle worker."""
+        ...
+
+    def completed(self, timeout: float | None = None) -> list[TrialResult]:
+        """Results finished since the last call; waits up to ``timeout`` s for at least one."""
+        ...
+
+    def close(self) -> None:
+        """Stop the workers (and the Ray instance the executor started, if any)."""
+        ...

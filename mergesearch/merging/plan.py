@@ -1,0 +1,71 @@
+"""MergePlan: a merge recipe in mergekit's configuration schema.
+
+A plan is exactly what a mergekit YAML config says (``models`` or ``slices``, ``merge_method``,
+``base_model``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``), so a plan found by the search can
+be written as a ``recipe.yaml`` that ``mergekit-yaml`` replays, and a user's mergekit config can be loaded as a
+plan. Parameter values follow mergekit: a scalar, a gradient (a list of numbers interpolated across the layers
+of a slice) or a list of ``{filter, value}`` pairs matched on tensor names (first match wins).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class ConditionalValue(_Frozen):
+    """A parameter value applying to tensors whose name contains ``filter`` (``None`` or ``*``: all)."""
+
+    filter: str | None = None
+    value: Union[float, bool, list[float]]
+
+
+#: scalar, gradient, or filtered list — mergekit's ``ParameterSetting``.
+ParamValue = Union[bool, float, list[float], list[ConditionalValue]]
+
+
+class InputModel(_Frozen):
+    """One source model of a ``models:`` merge, with its per-model parameters (weight, density, ...)."""
+
+    model: str
+    parameters: dict[str, ParamValue] | None = None
+
+
+class InputSlice(_Frozen):
+    """A contiguous half-open range of source layers ``[start, end)`` taken from one model."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] | None = None
+
+
+class OutputSlice(_Frozen):
+    """One slice of the output network: its sources are merged layer by layer (one source: copied)."""
+
+    sources: list[InputSlice]
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] | None = None
+
+
+class MergePlan(_Frozen):
+    """A complete merge recipe (mergekit ``MergeConfiguration`` schema)."""
+
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    #: seed of the random sparsifiers (DARE, DELLA); not a mergekit key, dropped when writing for mergekit.
+    random_seed: int | None = Field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (no ``None`` fields), e.g. for JSON in a trial's attributes."""
+        return self.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models (milliseconds) for arithmetic and plumbing tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two threads fighting over two busy cores ran 30x slower here; tests are small, one thread is fastest.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TASKS = ("<reverse>", "<swap>", "<sort>")
+
+
+def make_tiny_llama(path: Path, seed: int, *, layers: int = 2, hidden: int = 32, base: Path | None = None,
+                    noise: float = 0.02) -> Path:
+    """Save a random tiny Llama with the demo tokenizer at ``path``.
+
+    With ``base``, the model is the base's weights plus Gaussian noise of std ``noise`` (a fake expert
+    whose task vector is that noise).
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from mergesearch.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(TASKS)
+    torch.manual_seed(seed)
+    if base is None:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                          max_position_embeddings=32, tie_word_embeddings=False,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+        model = LlamaForCausalLM(cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A random base and three noisy 'experts' of it: ``{"base": dir, "a": dir, "b": dir, "c": dir}``."""
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_tiny_llama(root / "base", seed=0)
+    out = {"base": base}
+    for i, name in enumerate("abc"):
+        out[name] = make_tiny_llama(root / name, seed=i + 1, base=base)
+    return out
