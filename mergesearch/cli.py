@@ -1,0 +1,252 @@
+"""Command-line interface: thin commands that parse, call the library and print.
+
+User errors (:class:`MergeSearchError`) are printed as one line on stderr with a non-zero exit; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from mergesearch.errors import MergeSearchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Multi-objective search over merge recipes for fine-tuned transformer models.")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def merge(
+    config: Path = typer.Argument(..., help="A mergekit-style YAML config."),
+    out_dir: Path = typer.Argument(..., help="Output Hugging Face model directory."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle .bin checkpoints."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    device: str = typer.Option("cpu", help="Device to merge on (cpu, cuda, cuda:1)."),
+) -> None:
+    """Merge models as a mergekit YAML config says and write a Hugging Face model directory."""
+    from mergesearch.merging.run import merge_config
+
+    out = merge_config(config, out_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                       overwrite=overwrite, device=device)
+    typer.echo(f"wrote {out}")
+
+
+def _with_execution(config, workers: int | None, address: str | None, executor: str | None):
+    """The config with CLI overrides of its execution section."""
+    upd = {k: v for k, v in {"workers": workers, "address": address, "executor": executor}.items() if v is not None}
+    if address is not None and executor is None:
+        upd["executor"] = "ray"
+    return config.model_copy(update={"execution": config.execution.model_copy(update=upd)}) if upd else config
+
+
+def _run_search(config, *, storage, study, trials, optimizer, seed, workers, address, executor,
+                progress: bool) -> None:
+    from mergesearch.search.loop import SearchRun, make_executor
+    from mergesearch.search.pareto import load_front, render_table
+    from mergesearch.search.progress import RunProgress
+    from mergesearch.search.study import mask_url
+
+    config = _with_execution(config, workers, address, executor)
+    run = SearchRun(config, storage=storage, study_name=study, trials=trials, optimizer=optimizer, seed=seed)
+    done = run.completed_count()
+    typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials complete"
+               + (f", {run.recovered} orphaned trial(s) re-queued" if run.recovered else ""), err=True)
+    if done < run.target:
+        pool = make_executor(config)
+        try:
+            if progress:
+                with RunProgress(run) as bar:
+                    report = run.run(pool, on_result=bar)
+            else:
+                report = run.run(pool)
+        finally:
+            pool.close()
+        status = "interrupted; run the same command to resume" if report.interrupted else "done"
+        typer.echo(f"{status}: {report.completed_this_run} completed, {report.failed_this_run} failed in "
+                   f"{report.elapsed:.1f}s", err=True)
+        if report.interrupted:
+            raise typer.Exit(130)
+    typer.echo(render_table(load_front(run.study)))
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Job YAML (models, space, objectives, search, execution)."),
+    storage: str | None = typer.Option(None, help="Optuna storage URL (default sqlite:///<study>.db)."),
+    study: str | None = typer.Option(None, help="Study name (resumed if it exists)."),
+    trials: int | None = typer.Option(None, min=1, help="Target number of completed trials in the study."),
+    optimizer: str | None = typer.Option(None, help="Optimizer backend (overrides the config)."),
+    seed: int | None = typer.Option(None, help="Seed (overrides the config)."),
+    workers: int | None = typer.Option(None, min=1, help="Number of workers."),
+    address: str | None = typer.Option(None, help="Ray cluster address (auto, HOST:PORT, ray://...)."),
+    executor: str | None = typer.Option(None, help="local (in-process) or ray."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run (or resume) a multi-objective merge search and print the Pareto front."""
+    from mergesearch.config import load_config
+
+    _run_search(load_config(config), storage=storage, study=study, trials=trials, optimizer=optimizer, seed=seed,
+                workers=workers, address=address, executor=executor, progress=progress)
+
+
+@app.command("demo-models")
+def demo_models(
+    out: Path = typer.Argument(Path("mergesearch-demo"), help="Folder for the base, experts and data."),
+    seed: int = typer.Option(0, help="Seed of the data and training."),
+    fast: bool = typer.Option(False, help="The smaller variant used by the tests."),
+) -> None:
+    """Build the tiny demo base model and experts (cached)."""
+    from mergesearch.demo.build import build_demo
+
+    paths = build_demo(out, seed=seed, fast=fast)
+    typer.echo(f"demo models in {paths.root}")
+
+
+@app.command()
+def demo(
+    trials: int = typer.Option(40, min=1, help="Completed trials to reach."),
+    workers: int = typer.Option(2, min=1, help="Ray workers (local processes)."),
+    out: Path = typer.Option(Path("mergesearch-demo"), help="Folder for models, data and the study."),
+    optimizer: str | None = typer.Option(None, help="Optimizer backend (default from the demo config)."),
+    seed: int = typer.Option(0, help="Seed of the models and the search."),
+    executor: str | None = typer.Option(None, help="local (in-process) or ray (default)."),
+) -> None:
+    """Build the demo experts if absent, search merges of them, and print the Pareto front."""
+    from mergesearch.config import load_config
+    from mergesearch.demo.build import build_demo, write_demo_config
+
+    build_demo(out, seed=seed)
+    config = load_config(write_demo_config(out))
+    _run_search(config, storage=f"sqlite:///{(out / 'demo.db').resolve()}", study="demo", trials=trials,
+                optimizer=optimizer, seed=seed, workers=workers, address=None, executor=executor, progress=True)
+
+
+@app.command("eval")
+def eval_(
+    config: Path = typer.Argument(..., help="Job YAML whose objectives are evaluated."),
+    model: str = typer.Option(..., help="Model directory (or hub id) to evaluate."),
+    split: str = typer.Option("search", help="search (data) or test (held-out files)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object {objective: value}."),
+    device: str = typer.Option("cpu", help="Device."),
+) -> None:
+    """Evaluate a Hugging Face model directory on a config's objectives."""
+    import json
+
+    from mergesearch.config import load_config
+    from mergesearch.objectives import evaluate_model_dir
+
+    cfg = load_config(config)
+    scores = evaluate_model_dir(model, cfg.objectives, split=split, base_model=cfg.base_model, device=device)
+    if as_json:
+        typer.echo(json.dumps(scores))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("objective", "value", title=f"{model} ({split})")
+    for k, v in scores.items():
+        table.add_row(k, f"{v:.4f}")
+    Console().print(table)
+
+
+@app.command()
+def front(
+    storage: str = typer.Option(..., help="Optuna storage URL of the study."),
+    study: str = typer.Option(..., help="Study name."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    plot: Path | None = typer.Option(None, help="Write a plot (.png or .html)."),
+    test: bool = typer.Option(False, "--test", help="Re-score the front on the held-out test split."),
+) -> None:
+    """Show the Pareto front of a study (optionally re-checked on the test split)."""
+    import json
+
+    from mergesearch.search.pareto import front_to_csv, front_to_json, load_front, render_table
+
+    if fmt not in ("table", "json", "csv"):
+        from mergesearch.errors import ConfigError
+
+        raise ConfigError(f"--format: expected table, json or csv, got '{fmt}'")
+    result = load_front(storage, study)
+    if test:
+        from mergesearch.export import validate_front
+
+        result = validate_front(storage, study, result)
+    if plot is not None:
+        from mergesearch.search.plots import plot_front
+
+        plot_front(result, None, plot)
+        typer.echo(f"plot written to {plot}", err=True)
+    if fmt == "json":
+        typer.echo(json.dumps(front_to_json(result)))
+    elif fmt == "csv":
+        typer.echo(front_to_csv(result), nl=False)
+    else:
+        typer.echo(render_table(result))
+
+
+@app.command()
+def pick(
+    storage: str = typer.Option(..., help="Optuna storage URL of the study."),
+    study: str = typer.Option(..., help="Study name."),
+    prefer: str = typer.Option("", help="Weights over objectives, e.g. reverse=1,swap=0.5 (default equal)."),
+    minimum: list[str] = typer.Option([], "--min", help="Hard bound OBJ=V: at least as good as V (repeatable)."),
+    method: str = typer.Option("asf", help="asf, pseudo-weights or knee."),
+    out: Path | None = typer.Option(None, help="Export the chosen model to this directory."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out directory."),
+    absolute_paths: bool = typer.Option(False, help="Keep absolute model paths in the exported recipe."),
+) -> None:
+    """Pick one merged model from the front by preference, and optionally export it."""
+    from mergesearch.search.pareto import load_front
+    from mergesearch.search.preference import parse_minimums, parse_prefer
+    from mergesearch.search.preference import pick as do_pick
+
+    result = load_front(storage, study)
+    weights = parse_prefer(prefer) if prefer else {name: 1.0 for name, _ in result.objectives}
+    choice = do_pick(result, weights, minimums=parse_minimums(minimum), method=method)
+    for line in choice.explanation:
+        typer.echo(line)
+    if out is not None:
+        from mergesearch.export import export_trial
+
+        path = export_trial(storage, study, choice.trial.number, out, overwrite=overwrite,
+                            absolute_paths=absolute_paths)
+        typer.echo(f"exported trial {choice.trial.number} to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning user errors into one line and an exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except MergeSearchError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

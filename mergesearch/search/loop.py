@@ -1,0 +1,215 @@
+"""The driver loop: ask the optimizer for as many candidates as there are idle workers, tell results as they
+arrive, and keep the study in storage consistent at every step (so a crash or Ctrl-C leaves it resumable).
+
+Only the driver touches the storage; workers only merge and score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergesearch.config import JobConfig
+from mergesearch.errors import StudyError
+from mergesearch.execution.base import Executor, TrialResult
+
+
+@dataclass
+class RunReport:
+    """What a run did: the study, how many trials completed/failed in this run and in total."""
+
+    study_name: str
+    storage: str
+    completed: int
+    failed_this_run: int
+    completed_this_run: int
+    elapsed: float
+    hypervolume: float | None = None
+    interrupted: bool = False
+    best: dict[str, float] = field(default_factory=dict)
+
+
+def objective_specs(config: JobConfig) -> list[tuple[str, str]]:
+    """``(name, direction)`` of every objective, in config order (the study's value order)."""
+    from mergesearch.objectives import default_direction
+
+    return [(o.label, o.direction or default_direction(o.type)) for o in config.objectives]
+
+
+def fingerprint(config: JobConfig) -> str:
+    """A hash of what gives a study's trials their meaning (models, space, objectives)."""
+    data = {
+        "base_model": Path(config.base_model).name,
+        "models": [Path(m).name for m in config.models],
+        "space": config.space.model_dump(mode="json", by_alias=True),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def num_layers_of(model_ref: str, trust_remote_code: bool = False) -> int:
+    """The decoder layer count of a checkpoint, read from its config only."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        from mergesearch.errors import ModelError
+
+        raise ModelError(f"{model_ref}: cannot read model config ({str(e).splitlines()[0]})") from None
+    text = getattr(cfg, "get_text_config", lambda: cfg)()
+    return int(text.num_hidden_layers)
+
+
+def make_executor(config: JobConfig, workers: int | None = None, address: str | None = None) -> Executor:
+    """The executor the config asks for, with a :class:`MergeWorkerFactory` for its workers."""
+    from mergesearch.execution.worker import MergeWorkerFactory
+
+    ex = config.execution
+    factory = MergeWorkerFactory(config)
+    if ex.executor == "local" and address is None:
+        from mergesearch.execution.local import LocalExecutor
+
+        return LocalExecutor(factory)
+    from mergesearch.execution.ray_pool import RayExecutor
+
+    return RayExecutor(factory, workers=workers or ex.workers, address=address or ex.address,
+                       num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries)
+
+
+class SearchRun:
+    """One invocation of ``mergesearch run``: open (or resume) the study and drive it to ``trials`` completed."""
+
+    def __init__(self, config: JobConfig, *, storage: str | None = None, study_name: str | None = None,
+                 trials: int | None = None, optimizer: str | None = None, seed: int | None = None) -> None:
+        from mergesearch.search.optimizers import Optimizer
+        from mergesearch.search.study import open_study, recover_orphans
+        from mergesearch.spaces import build_space
+
+        self.config = config
+        self.study_name = study_name or config.study or "mergesearch"
+        self.storage = storage or config.storage or f"sqlite:///{self.study_name}.db"
+        self.target = trials or config.search.trials
+        self.objectives = objective_specs(config)
+        self.space = build_space(config.space, base_model=config.base_model, models=list(config.models),
+                                 num_layers=num_layers_of(config.base_model, config.trust_remote_code),
+                                 dtype=config.dtype, seed=config.search.seed if seed is None else seed)
+        self.study = open_study(self.storage, self.study_name, self.objectives,
+                                config_fingerprint=fingerprint(config))
+        self.recovered = recover_orphans(self.study)
+        ref = config.search.reference_point
+        self.reference = [ref[n] for n, _ in self.objectives] if ref else None
+        if ref and set(ref) != {n for n, _ in self.objectives}:
+            from mergesearch.errors import ConfigError
+
+            raise ConfigError(f"search.reference_point must name every objective: {[n for n, _ in self.objectives]}")
+        self.optimizer = Optimizer(self.study, self.space.distributions, name=optimizer or config.search.optimizer,
+                                   seed=config.search.seed if seed is None else seed,
+                                   options=dict(config.search.options), reference_point=self.reference)
+        if not self.study.trials:
+            self._enqueue_initial()
+
+    def _enqueue_initial(self) -> None:
+        presets = self.space.presets()
+        for item in self.config.search.initial:
+            if isinstance(item, str):
+                if item not in presets:
+                    from mergesearch.errors import ConfigError
+
+                    raise ConfigError(f"search.initial: unknown preset '{item}' (known: {', '.join(presets)})")
+                self.optimizer.enqueue(presets[item])
+            else:
+                self.optimizer.enqueue(item)
+
+    def completed_count(self) -> int:
+        from mergesearch.search.study import count_complete
+
+        return count_complete(self.study)
+
+    def run(self, executor: Executor, *, on_result: Callable[[TrialResult], None] | None = None,
+            max_consecutive_failures: int = 25) -> RunReport:
+        """Drive the study until ``trials`` trials are complete; Ctrl-C stops cleanly (study resumable).
+
+        Args:
+            executor: the worker pool (idle/submit/completed).
+            on_result: called after each result is stored (progress display).
+            max_consecutive_failures: stop with :class:`StudyError` when this many trials fail in a row.
+        """
+        from mergesearch.search.study import Heartbeat, record_trial
+
+        start = time.perf_counter()
+        inflight: dict[int, dict[str, Any]] = {}
+        done_run = failed_run = streak = 0
+        last_error = ""
+        interrupted = False
+        heartbeat = Heartbeat(self.study)
+        heartbeat.start()
+        try:
+            while True:
+                complete = self.completed_count()
+                if complete >= self.target and not inflight:
+                    break
+                n = min(executor.idle(), self.target - complete - len(inflight))
+                if n > 0:
+                    for trial in self.optimizer.ask(n):
+                        plan = self.space.decode(trial.params)
+                        trial.set_user_attr("plan", plan.to_dict())
+                        trial.set_user_attr("summary", self.space.summary(trial.params))
+                        executor.submit(trial.number, plan.to_dict())
+                        inflight[trial.number] = trial.params
+                for res in executor.completed(timeout=0.5):
+                    inflight.pop(res.trial, None)
+                    record_trial(self.study, res.trial, worker=res.worker, timings=res.timings,
+                                 attempts=res.attempts)
+                    if res.ok:
+                        assert res.values is not None
+                        self.optimizer.tell(res.trial, [res.values[n] for n, _ in self.objectives])
+                        done_run += 1
+                        streak = 0
+                    else:
+                        self.optimizer.tell(res.trial, None, error=res.error)
+                        failed_run += 1
+                        streak += 1
+                        last_error = res.error or ""
+                    if on_result is not None:
+                        on_result(res)
+                    if streak >= max_consecutive_failures:
+                        raise StudyError(f"{streak} trials failed in a row; last: {last_error}")
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            heartbeat.stop()
+            # In-flight trials are failed and re-enqueued so a resumed run evaluates them again.
+            for number, params in inflight.items():
+                self.optimizer.tell(number, None, error="interrupted (run stopped)")
+                self.optimizer.enqueue(params)
+        return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
+                         failed_this_run=failed_run, completed_this_run=done_run,
+                         elapsed=time.perf_counter() - start, interrupted=interrupted,
+                         hypervolume=self.hypervolume(), best=self.best())
+
+    def hypervolume(self) -> float | None:
+        """Hypervolume of the completed trials (reference point from the config, else the nadir)."""
+        from mergesearch.search.pareto import study_hypervolume
+
+        try:
+            return study_hypervolume(self.study, self.reference)
+        except StudyError:
+            return None
+
+    def best(self) -> dict[str, float]:
+        """Best value reached so far per objective."""
+        import optuna
+
+        trials = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        out: dict[str, float] = {}
+        for i, (name, direction) in enumerate(self.objectives):
+            vals = [t.values[i] for t in trials if t.values and math.isfinite(t.values[i])]
+            if vals:
+                out[name] = max(vals) if direction == "maximize" else min(vals)
+        return out
