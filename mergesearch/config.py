@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,6 +62,14 @@ class LayerSpace(_Frozen):
     #: also search which source depth fills a slot (offset from the slot's own depth, within +-depth_offset).
     depth_offset: int = 0
 
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _index_as_name(cls, value: Any) -> Any:
+        # a model may be named by its index, which YAML reads as an int
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
     @field_validator("choices")
     @classmethod
     def _nonempty(cls, value: list[str]) -> list[str]:
@@ -75,7 +83,7 @@ class SpaceConfig(_Frozen):
 
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
     #: ``global`` (one value per model), ``per_layer``, or an int N (groups of N consecutive layers).
-    granularity: Union[Literal["global", "per_layer"], int] = "global"
+    granularity: Literal["global", "per_layer"] | int = "global"
     #: split each layer group by tensor-name filters (e.g. ``[self_attn, mlp]``).
     filters: list[str] = Field(default_factory=list)
     weight: Range | None = Field(default_factory=lambda: Range(low=0.0, high=1.0))
@@ -132,7 +140,7 @@ class SearchConfig(_Frozen):
     trials: int = Field(default=50, ge=1)
     seed: int = 0
     #: parameter dicts (or named presets such as ``uniform``) evaluated first.
-    initial: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
+    initial: list[str | dict[str, Any]] = Field(default_factory=list)
     #: hypervolume reference point per objective name (worst acceptable value); default: from the data.
     reference_point: dict[str, float] | None = None
     #: backend-specific options (population size, batch size, ...).
@@ -265,6 +273,13 @@ def load_config(path: str | Path) -> JobConfig:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(p))) from None
+    from mergesearch.objectives.registry import validate_objective
+
+    for o in cfg.objectives:
+        try:
+            validate_objective(o)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
     root = p.resolve().parent
     objectives = []
     for o in cfg.objectives:
@@ -273,6 +288,14 @@ def load_config(path: str | Path) -> JobConfig:
             v = getattr(o, key)
             if v is not None and not v.is_absolute():
                 upd[key] = (root / v).resolve()
+        # file-valued options (lm-eval task folders, python objectives given as path.py:function)
+        extra = o.options
+        if isinstance(extra.get("include_path"), str):
+            upd["include_path"] = _resolve(extra["include_path"], root)
+        target = extra.get("target")
+        if isinstance(target, str) and ".py:" in target:
+            file, _, fn = target.rpartition(":")
+            upd["target"] = f"{_resolve(file, root)}:{fn}"
         objectives.append(o.model_copy(update=upd) if upd else o)
     return cfg.model_copy(
         update={

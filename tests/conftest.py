@@ -56,3 +56,42 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     for i, name in enumerate("abc"):
         out[name] = make_tiny_llama(root / name, seed=i + 1, base=base)
     return out
+
+
+def write_job(root: Path, models: dict[str, Path], *, objectives: str | None = None, extra: str = "") -> Path:
+    """Write a small job YAML (and its JSONL data) over ``models`` into ``root``; returns the YAML path."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for task, fn in (("reverse", lambda d: d[::-1]), ("sort", sorted)):
+        for split, n in (("search", 8), ("test", 8)):
+            with open(data / f"{task}_{split}.jsonl", "w") as f:
+                for _ in range(n):
+                    digits = [str(rng.randrange(10)) for _ in range(4)]
+                    f.write(json.dumps({"prompt": f"<{task}> {' '.join(digits)} =",
+                                        "answer": " ".join(fn(digits))}) + "\n")
+    objectives = objectives or (
+        "  - {type: exact_match, name: reverse, data: data/reverse_search.jsonl, test: data/reverse_test.jsonl}\n"
+        "  - {type: loglik, name: sort_ll, data: data/sort_search.jsonl, test: data/sort_test.jsonl}\n"
+        "  - {type: l1_from_base, name: l1}\n"
+    )
+    text = (
+        f"base_model: {models['base']}\n"
+        f"models: [{models['a']}, {models['b']}]\n"
+        "space: {methods: [task_arithmetic, ties], weight: [0, 1], density: [0.2, 1]}\n"
+        f"objectives:\n{objectives}"
+        "search: {optimizer: random, trials: 4, seed: 0}\n"
+        "execution: {executor: local, workers: 1}\n" + extra
+    )
+    path = root / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny_job(tiny_models, tmp_path) -> Path:
+    """A job YAML over the tiny models with two task objectives and one cost, local executor."""
+    return write_job(tmp_path, tiny_models)

@@ -9,7 +9,8 @@ of a slice) or a list of ``{filter, value}`` pairs matched on tensor names (firs
 
 from __future__ import annotations
 
-from typing import Any, Union
+from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,11 +23,11 @@ class ConditionalValue(_Frozen):
     """A parameter value applying to tensors whose name contains ``filter`` (``None`` or ``*``: all)."""
 
     filter: str | None = None
-    value: Union[float, bool, list[float]]
+    value: float | bool | list[float]
 
 
 #: scalar, gradient, or filtered list — mergekit's ``ParameterSetting``.
-ParamValue = Union[bool, float, list[float], list[ConditionalValue]]
+ParamValue = bool | float | list[float] | list[ConditionalValue]
 
 
 class InputModel(_Frozen):
@@ -69,3 +70,55 @@ class MergePlan(_Frozen):
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (no ``None`` fields), e.g. for JSON in a trial's attributes."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def parse_plan(text: str, source: str = "<plan>") -> MergePlan:
+    """Read a mergekit YAML config (or our recipe.yaml) into a MergePlan.
+
+    Raises:
+        ConfigError: malformed YAML (with its line) or a schema error (with the offending key).
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from mergesearch.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'merge_method', got {type(data).__name__}")
+    try:
+        return MergePlan.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        raise ConfigError(f"{source}: {loc}: {err['msg']}") from None
+
+
+def load_plan(path: str | Path) -> MergePlan:
+    """Read a merge config file; ConfigError naming the file if it is missing or invalid."""
+    from mergesearch.errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"merge config {p} does not exist")
+    return parse_plan(p.read_text(), str(p))
+
+
+def plan_to_yaml(plan: MergePlan, *, strict_mergekit: bool = False) -> str:
+    """The plan as YAML that ``parse_plan`` (and, with ``strict_mergekit``, ``mergekit-yaml``) reads back.
+
+    Args:
+        strict_mergekit: drop keys mergekit does not know (``random_seed``).
+    """
+    import yaml
+
+    data = plan.to_dict()
+    if strict_mergekit:
+        data.pop("random_seed", None)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)

@@ -37,9 +37,14 @@ class RunReport:
 
 def objective_specs(config: JobConfig) -> list[tuple[str, str]]:
     """``(name, direction)`` of every objective, in config order (the study's value order)."""
-    from mergesearch.objectives import default_direction
+    from mergesearch.objectives.registry import objective_class, validate_objective
 
-    return [(o.label, o.direction or default_direction(o.type)) for o in config.objectives]
+    specs = []
+    for o in config.objectives:
+        validate_objective(o)
+        cls = objective_class(o)
+        specs.append((o.label, o.direction or cls.direction_for(cls.Params.model_validate(o.options))))
+    return specs
 
 
 def fingerprint(config: JobConfig) -> str:
@@ -50,20 +55,6 @@ def fingerprint(config: JobConfig) -> str:
         "space": config.space.model_dump(mode="json", by_alias=True),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def num_layers_of(model_ref: str, trust_remote_code: bool = False) -> int:
-    """The decoder layer count of a checkpoint, read from its config only."""
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        from mergesearch.errors import ModelError
-
-        raise ModelError(f"{model_ref}: cannot read model config ({str(e).splitlines()[0]})") from None
-    text = getattr(cfg, "get_text_config", lambda: cfg)()
-    return int(text.num_hidden_layers)
 
 
 def make_executor(config: JobConfig, workers: int | None = None, address: str | None = None) -> Executor:
@@ -87,9 +78,10 @@ class SearchRun:
 
     def __init__(self, config: JobConfig, *, storage: str | None = None, study_name: str | None = None,
                  trials: int | None = None, optimizer: str | None = None, seed: int | None = None) -> None:
+        from mergesearch.export import store_config
         from mergesearch.search.optimizers import Optimizer
         from mergesearch.search.study import open_study, recover_orphans
-        from mergesearch.spaces import build_space
+        from mergesearch.spaces import build_space, num_layers_of
 
         self.config = config
         self.study_name = study_name or config.study or "mergesearch"
@@ -97,10 +89,11 @@ class SearchRun:
         self.target = trials or config.search.trials
         self.objectives = objective_specs(config)
         self.space = build_space(config.space, base_model=config.base_model, models=list(config.models),
-                                 num_layers=num_layers_of(config.base_model, config.trust_remote_code),
+                                 num_layers=num_layers_of(config.base_model),
                                  dtype=config.dtype, seed=config.search.seed if seed is None else seed)
         self.study = open_study(self.storage, self.study_name, self.objectives,
                                 config_fingerprint=fingerprint(config))
+        store_config(self.study, config)
         self.recovered = recover_orphans(self.study)
         ref = config.search.reference_point
         self.reference = [ref[n] for n, _ in self.objectives] if ref else None

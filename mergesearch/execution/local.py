@@ -1,0 +1,88 @@
+"""The in-process executor, and the per-trial bookkeeping every executor shares.
+
+:func:`run_trial` is what a worker process does with one trial (also inside each Ray actor): call the Worker,
+turn any exception or non-finite score into a failed :class:`TrialResult` with a one-line reason, and time it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import Any
+
+from mergesearch.errors import ExecutionError, MergeSearchError, TrialError
+from mergesearch.execution.base import TrialResult, Worker, WorkerFactory
+
+
+def one_line(exc: BaseException) -> str:
+    """A one-line reason for an exception: our own errors by message, others prefixed by their type."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0] if lines else ""
+    if isinstance(exc, MergeSearchError) and message:
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def build_worker(factory: WorkerFactory) -> Worker:
+    """Call the factory; a failure becomes an ExecutionError carrying the factory's one-line reason."""
+    try:
+        return factory()
+    except Exception as exc:  # any factory failure is the user's setup (model path, dtype, device)
+        raise ExecutionError(f"worker could not start: {one_line(exc)}") from exc
+
+
+def run_trial(worker: Worker, trial: int, plan: dict[str, Any], submitted_at: float, name: str) -> TrialResult:
+    """Evaluate one plan on a resident worker; never raises for a bad candidate.
+
+    Args:
+        worker: the resident Worker.
+        trial: trial number, echoed in the result.
+        plan: ``MergePlan.to_dict()``.
+        submitted_at: ``time.time()`` when the driver submitted the trial (wall clock, comparable across
+            processes on one machine; across nodes the queue time is as good as the clocks' sync).
+        name: worker id recorded in the result.
+    """
+    start = time.time()
+    timings = {"queue": max(0.0, start - submitted_at)}
+    try:
+        values, worker_timings = worker.evaluate(plan)
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise TrialError(f"objective {bad[0]!r} returned {values[bad[0]]}")
+        values = {k: float(v) for k, v in values.items()}
+        error = None
+        timings.update({k: float(worker_timings[k]) for k in ("merge", "eval") if k in worker_timings})
+    except Exception as exc:  # a candidate that raises must not take the worker down
+        values, error = None, one_line(exc)
+    timings["total"] = time.time() - submitted_at
+    return TrialResult(trial=trial, values=values, error=error, worker=name, timings=timings)
+
+
+class LocalExecutor:
+    """One worker in the driver process: trials run when :meth:`completed` is called, one after another."""
+
+    def __init__(self, factory: WorkerFactory) -> None:
+        self._worker = build_worker(factory)
+        self._queue: deque[tuple[int, dict[str, Any], float]] = deque()
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    def idle(self) -> int:
+        return 0 if self._queue else 1
+
+    def submit(self, trial: int, plan: dict[str, Any]) -> None:
+        self._queue.append((trial, plan, time.time()))
+
+    def completed(self, timeout: float | None = None) -> list[TrialResult]:
+        """Run every queued trial now (``timeout`` is ignored: the driver is the worker)."""
+        results = []
+        while self._queue:
+            trial, plan, submitted_at = self._queue.popleft()
+            results.append(run_trial(self._worker, trial, plan, submitted_at, "local"))
+        return results
+
+    def close(self) -> None:
+        self._queue.clear()

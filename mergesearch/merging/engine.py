@@ -1,0 +1,72 @@
+"""Compute one resolved tensor job from a source of input tensors (a checkpoint reader or resident caches)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from mergesearch.merging.ops import TensorGroup, get_method
+from mergesearch.merging.resolve import TensorJob
+from mergesearch.merging.sparsify import MagnitudeOrder
+
+
+class TaskVectorCache(Protocol):
+    """Precomputed τ = θ_model[name] − θ_base[name] and their magnitude orders (the resident merger)."""
+
+    base: str
+
+    def delta(self, model: str, name: str) -> torch.Tensor: ...
+
+    def order(self, model: str, name: str) -> MagnitudeOrder: ...
+
+    def draws(self, shape: torch.Size, seed: int) -> torch.Tensor: ...
+
+
+def job_seed(seed: int | None, name: str) -> int:
+    """Seed of a tensor's random sparsifier: depends on the plan's seed and the tensor name only, so the
+    result does not depend on the order in which tensors are merged."""
+    return ((seed or 0) * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+
+
+def run_job(job: TensorJob, tensor: Callable[[str, str], torch.Tensor], *, seed: int | None = None,
+            cache: TaskVectorCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge one output tensor.
+
+    Args:
+        job: the resolved job.
+        tensor: ``(model, tensor name) -> tensor`` in the working dtype.
+        seed: the plan's random seed.
+        cache: task vectors to reuse when the input and the base input have the same tensor name and the
+            job's base is the cache's base (always, except in frankenmerges that shift layers).
+        out: destination (e.g. a resident parameter); the result is written there when given.
+
+    Returns:
+        The merged tensor (``out`` itself when given).
+    """
+    method = get_method(job.method)
+    b = job.base_index
+
+    def cached(i: int) -> bool:
+        return (cache is not None and b is not None and job.inputs[b][0] == cache.base
+                and job.inputs[i][1] == job.inputs[b][1])
+
+    def delta(i: int) -> torch.Tensor:
+        if cached(i):
+            return cache.delta(*job.inputs[i])  # type: ignore[union-attr]
+        return tensor(*job.inputs[i]) - tensor(*job.inputs[b])  # type: ignore[index]
+
+    def order(i: int) -> MagnitudeOrder | None:
+        return cache.order(*job.inputs[i]) if cached(i) else None  # type: ignore[union-attr]
+
+    shape = tensor(*job.inputs[0]).shape
+    draws = (lambda i, s: cache.draws(shape, s)) if cache is not None else None  # type: ignore[union-attr]
+    group = TensorGroup(job.name, len(job.inputs), b, lambda i: tensor(*job.inputs[i]), delta=delta, order=order,
+                        seed=job_seed(seed, job.name), draws=draws, out=out)
+    result = method.merge(group, job.shared, job.per_input)
+    if out is not None and result is not out:
+        out.copy_(result)
+        return out
+    return result

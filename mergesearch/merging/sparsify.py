@@ -1,0 +1,150 @@
+"""Sparsifiers of task vectors (mergekit 0.1.5 semantics), with an optional cache of magnitude order.
+
+A magnitude mask keeps entries whose |τ| lies between two order statistics of |τ| over the whole tensor. The
+order statistics come from :class:`MagnitudeOrder` (|τ| sorted once, then an index lookup per density — what
+the resident merger uses to re-merge at new densities without sorting again) or, without a cache, from
+``torch.kthvalue`` (O(n), used by one-shot merges). Both give the same values, hence identical merges.
+Entries tied in magnitude with the threshold are all kept (mergekit keeps an arbitrary subset of them); with
+real-valued weights such ties are vanishingly rare, and tied zeros contribute nothing either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergesearch.errors import ConfigError
+
+SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+#: DARE rescaling variants: mergekit's L1-norm matching (default) and the paper's 1/density.
+RESCALE_VARIANTS = ("l1", "inverse_density")
+
+
+class MagnitudeOrder:
+    """|τ| of one tensor sorted ascending (float32, flattened), so order statistics are index lookups."""
+
+    def __init__(self, tau: torch.Tensor):
+        self.sorted = tau.detach().abs().reshape(-1).float().sort().values
+        self.numel = self.sorted.numel()
+
+    def value(self, rank: int) -> torch.Tensor:
+        """The |τ| of ascending rank ``rank`` (0 = smallest), a 0-d tensor."""
+        return self.sorted[rank]
+
+
+def order_value(tau: torch.Tensor, rank: int, order: MagnitudeOrder | None) -> torch.Tensor:
+    """The |τ| of ascending rank ``rank``, from the cache or by selection."""
+    if order is not None:
+        return order.value(rank)
+    return tau.detach().abs().reshape(-1).float().kthvalue(rank + 1).values
+
+
+def _band_mask(tau: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
+    """Boolean mask of entries with lo <= |τ| <= hi (a bound of None is open)."""
+    a = tau.abs()
+    if a.dtype != torch.float32 and a.is_floating_point() and a.device.type == "cpu":
+        a = a.float()
+    mask = a >= lo if lo is not None else torch.ones_like(a, dtype=torch.bool)
+    if hi is not None:
+        mask &= a <= hi
+    return mask
+
+
+def magnitude_mask(tau: torch.Tensor, density: float, order: MagnitudeOrder | None = None) -> torch.Tensor | None:
+    """Keep the ``max(1, int(density·n))`` entries of largest |τ|. None means keep everything.
+
+    Args:
+        tau: task vector, any shape.
+        density: fraction kept, in [0, 1].
+        order: cached magnitude order of ``tau``.
+
+    Returns:
+        Boolean mask with ``tau``'s shape, or None when density >= 1.
+    """
+    n = tau.numel()
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    k = max(1, int(density * n))
+    return _band_mask(tau, order_value(tau, n - k, order), None)
+
+
+def outliers_band(tau: torch.Tensor, density: float, gamma: float, order: MagnitudeOrder | None = None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Model Breadcrumbs' kept band [lo, hi] of |τ| (density < 1); lo None means nothing is kept.
+
+    Drop the ``int(gamma·n)`` largest |τ|, then the smallest, keeping ``int(density·n)``. When the top cut and
+    the kept count exceed n, fewer top entries are dropped (the density wins). With ``int(gamma·n) == 0`` no
+    top entry is dropped — the band simply ends at the largest entry (hi None).
+    """
+    n = tau.numel()
+    target = int(density * n)
+    if target <= 0:
+        return None, None
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    hi_rank = n_bot + target - 1
+    return order_value(tau, n_bot, order), None if hi_rank >= n - 1 else order_value(tau, hi_rank, order)
+
+
+def outliers_mask(tau: torch.Tensor, density: float, gamma: float,
+                  order: MagnitudeOrder | None = None) -> torch.Tensor | None:
+    """Boolean Model Breadcrumbs mask (see :func:`outliers_band`); None means keep everything."""
+    if density >= 1:
+        return None
+    lo, hi = outliers_band(tau, density, gamma, order)
+    if lo is None:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    return _band_mask(tau, lo, hi)
+
+
+def uniform_draws(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded uniform int16 draws behind DARE masks (2 bytes an entry, so a resident merger can keep them)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-32768, 32768, tuple(shape), dtype=torch.int16, generator=gen)
+
+
+def keep_below(density: float) -> int:
+    """Draws below this value are kept: P(keep) = density, to a resolution of 2^-16."""
+    return -32768 + round(density * 65536)
+
+
+def random_mask(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor | None:
+    """DARE: keep each entry independently with probability ``density`` (Bernoulli, seeded)."""
+    if density >= 1:
+        return None
+    return uniform_draws(tau.shape, seed) < keep_below(density)
+
+
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA keep probabilities: per row, linear in the rank of |τ| from density−ε (smallest) to density+ε.
+
+    Returns:
+        float32 tensor of ``tau``'s shape (1-D tensors are one row).
+    """
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ConfigError(f"della: density ± epsilon must lie strictly inside (0, 1), got density={density}, "
+                          f"epsilon={epsilon}")
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    ranks = rows.abs().float().argsort(dim=1).argsort(dim=1).float()
+    width = rows.shape[1] - 1
+    rank_norm = ranks / width if width > 0 else torch.zeros_like(ranks)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(tau.shape)
+
+
+def della_mask(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor | None:
+    """DELLA (MagPrune): Bernoulli mask with rank-dependent keep probabilities per row."""
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    return torch.bernoulli(della_probabilities(tau, density, epsilon), generator=generator).bool()
+
+
+def l1_rescale_factor(tau: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> float:
+    """‖τ‖₁ / ‖mask⊙τ‖₁ (mergekit's rescale), or 1 when either norm is below ``eps``."""
+    before = tau.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return 1.0
+    return before / after

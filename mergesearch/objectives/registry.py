@@ -1,0 +1,106 @@
+"""The objective types by name, config validation, building objectives once and evaluating them together.
+
+A new objective type is one module with an :class:`~mergesearch.objectives.base.ObjectiveBase` subclass plus
+one line in :data:`OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from mergesearch.errors import ConfigError, TrialError
+from mergesearch.objectives.base import Objective, ObjectiveBase, ObjectiveContext
+from mergesearch.objectives.choice import Choice
+from mergesearch.objectives.cost import L1FromBase, Latency, LayerCount, NonzeroDelta, ParamCount
+from mergesearch.objectives.exact_match import ExactMatch
+from mergesearch.objectives.lmeval import LmEval
+from mergesearch.objectives.loglik import LogLik
+from mergesearch.objectives.perplexity import Perplexity
+from mergesearch.objectives.python import PythonObjective
+
+if TYPE_CHECKING:
+    from mergesearch.config import ObjectiveConfig
+
+OBJECTIVES: dict[str, type[ObjectiveBase]] = {
+    "exact_match": ExactMatch,
+    "loglik": LogLik,
+    "choice": Choice,
+    "perplexity": Perplexity,
+    "python": PythonObjective,
+    "lm_eval": LmEval,
+    "l1_from_base": L1FromBase,
+    "nonzero_delta": NonzeroDelta,
+    "params": ParamCount,
+    "layers": LayerCount,
+    "latency": Latency,
+}
+
+
+def objective_class(config: ObjectiveConfig) -> type[ObjectiveBase]:
+    """The class of ``config.type``; an unknown type lists the known ones with a 'did you mean'."""
+    cls = OBJECTIVES.get(config.type)
+    if cls is None:
+        close = difflib.get_close_matches(config.type, list(OBJECTIVES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"objective '{config.label}': unknown type '{config.type}'{hint}; known: {', '.join(OBJECTIVES)}"
+        )
+    return cls
+
+
+def validate_objective(config: ObjectiveConfig) -> None:
+    """Check an objective's type and type-specific keys without reading data or models.
+
+    Raises:
+        ConfigError: one line naming the objective and the offending key.
+    """
+    cls = objective_class(config)
+    try:
+        cls.Params.model_validate(config.options)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<options>"
+        if first["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, list(cls.Params.model_fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            known = ", ".join(cls.Params.model_fields) or "none"
+            raise ConfigError(
+                f"objective '{config.label}': unknown key '{key}' for type '{config.type}'{hint}; "
+                f"its keys: {known}"
+            ) from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"objective '{config.label}': {key}: {msg}") from None
+    if cls.needs_data and config.data is None:
+        raise ConfigError(f"objective '{config.label}': type '{config.type}' needs a 'data' file")
+
+
+def build_objectives(configs: Sequence[ObjectiveConfig], context: ObjectiveContext) -> list[Objective]:
+    """Validate the configs and build their objectives, reading data files once.
+
+    Raises:
+        ConfigError: invalid options. DataError: missing, malformed or empty data files.
+    """
+    for c in configs:
+        validate_objective(c)
+    return [objective_class(c)(c, context) for c in configs]
+
+
+def evaluate(objectives: Sequence[Objective], model: Any, tokenizer: Any) -> dict[str, float]:
+    """Score ``model`` on every objective: ``{objective name: value}``.
+
+    Raises:
+        TrialError: an objective returned a non-finite value (the message names it).
+    """
+    model.eval()  # scoring never wants dropout
+    values = {}
+    for o in objectives:
+        value = float(o(model, tokenizer))
+        if not math.isfinite(value):
+            raise TrialError(f"objective '{o.name}' returned {value}")
+        values[o.name] = value
+    return values

@@ -1,0 +1,298 @@
+"""Multi-objective optimizers behind one ask/tell interface, every one an Optuna sampler.
+
+The Optuna study in storage is the only state: each backend is a sampler that rebuilds what it needs from
+the stored trials, so an :class:`Optimizer` built on a re-opened study resumes whatever the backend.
+
+Backends (``OPTIMIZERS``): ``random`` (scrambled Sobol), ``tpe``, ``gp``, ``nsga2``, ``nsga3`` (Optuna's
+samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, steady-state) and ``cmaes-sum``
+(CMA-ES on a weighted sum, the mergekit-evolve baseline). Options per backend, with defaults:
+
+- random: none · tpe, gp: ``n_startup`` (10) · nsga2, nsga3: ``pop_size`` (20)
+- qnehvi: ``n_startup`` (10), ``fit_maxiter`` (100), ``num_restarts`` (2), ``raw_samples`` (64),
+  ``mc_samples`` (64)
+- pymoo-nsga3: ``pop_size`` (20), ``n_partitions`` (auto) · pymoo-smsemoa: ``pop_size`` (20)
+- cmaes-sum: ``weights`` (equal), ``popsize`` (cma default), ``sigma0`` (0.25)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import TrialState
+
+from mergesearch.errors import ConfigError
+from mergesearch.search.optimizers.base import BatchSampler
+from mergesearch.search.study import DRIVER_ID, record_heartbeat, set_trial_attrs
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a backend factory gets: the space, a derived seed, validated options, the study's shape."""
+
+    distributions: dict[str, BaseDistribution]
+    seed: int  # derived from (user seed, trials already in the study)
+    base_seed: int  # the user's seed as given
+    options: dict[str, Any]
+    n_objectives: int
+    reference_point: list[float] | None
+
+
+def _int(v: Any, key: str, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"optimizer option {key!r} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _random(c: _Context) -> optuna.samplers.BaseSampler:
+    # QMCSampler keeps its position in the sequence in the study (a system attr keyed by the seed), so the
+    # user's seed is kept as is: a resume continues the same scrambled sequence instead of replaying it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.QMCSampler(
+            qmc_type="sobol", scramble=True, seed=c.base_seed, warn_independent_sampling=False
+        )
+
+
+def _tpe(c: _Context) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(
+        seed=c.seed, n_startup_trials=_int(c.options.get("n_startup", 10), "n_startup", 0)
+    )
+
+
+def _gp(c: _Context) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.GPSampler(seed=c.seed, n_startup_trials=_int(c.options.get("n_startup", 10), "n_startup", 0))
+
+
+def _nsga2(c: _Context) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.NSGAIISampler(
+        seed=c.seed, population_size=_int(c.options.get("pop_size", 20), "pop_size", 2)
+    )
+
+
+def _nsga3(c: _Context) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.NSGAIIISampler(
+        seed=c.seed, population_size=_int(c.options.get("pop_size", 20), "pop_size", 2)
+    )
+
+
+def _qnehvi(c: _Context) -> optuna.samplers.BaseSampler:
+    from mergesearch.search.optimizers.qnehvi import QNEHVISampler
+
+    o = c.options
+    return QNEHVISampler(
+        c.distributions,
+        c.seed,
+        n_startup=_int(o.get("n_startup", 10), "n_startup", 0),
+        reference_point=c.reference_point,
+        fit_maxiter=_int(o.get("fit_maxiter", 100), "fit_maxiter"),
+        num_restarts=_int(o.get("num_restarts", 2), "num_restarts"),
+        raw_samples=_int(o.get("raw_samples", 64), "raw_samples"),
+        mc_samples=_int(o.get("mc_samples", 64), "mc_samples"),
+    )
+
+
+def _pymoo(algorithm: str) -> Callable[[_Context], optuna.samplers.BaseSampler]:
+    def build(c: _Context) -> optuna.samplers.BaseSampler:
+        from mergesearch.search.optimizers.pymoo_steady import PymooSteadySampler
+
+        parts = c.options.get("n_partitions")
+        return PymooSteadySampler(
+            c.distributions,
+            c.seed,
+            algorithm=algorithm,
+            pop_size=_int(c.options.get("pop_size", 20), "pop_size", 2),
+            n_partitions=None if parts is None else _int(parts, "n_partitions"),
+        )
+
+    return build
+
+
+def _cmaes_sum(c: _Context) -> optuna.samplers.BaseSampler:
+    from mergesearch.search.optimizers.cmaes_sum import CmaEsSumSampler
+
+    w = c.options.get("weights")
+    if w is not None:
+        ok = isinstance(w, (list, tuple)) and len(w) == c.n_objectives
+        if not ok or not all(isinstance(v, (int, float)) and v >= 0 for v in w) or sum(w) <= 0:
+            raise ConfigError(
+                f"optimizer option 'weights' must be {c.n_objectives} non-negative numbers "
+                f"(one per objective, not all 0), got {w!r}"
+            )
+    pop = c.options.get("popsize")
+    sigma0 = c.options.get("sigma0", 0.25)
+    if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or not 0 < sigma0 <= 1:
+        raise ConfigError(f"optimizer option 'sigma0' must be in (0, 1], got {sigma0!r}")
+    return CmaEsSumSampler(
+        c.distributions,
+        c.seed,
+        weights=None if w is None else [float(v) for v in w],
+        popsize=None if pop is None else _int(pop, "popsize", 2),
+        sigma0=float(sigma0),
+    )
+
+
+#: name -> (factory, accepted option keys)
+OPTIMIZERS: dict[str, tuple[Callable[[_Context], optuna.samplers.BaseSampler], frozenset[str]]] = {
+    "random": (_random, frozenset()),
+    "tpe": (_tpe, frozenset({"n_startup"})),
+    "gp": (_gp, frozenset({"n_startup"})),
+    "nsga2": (_nsga2, frozenset({"pop_size"})),
+    "nsga3": (_nsga3, frozenset({"pop_size"})),
+    "qnehvi": (_qnehvi, frozenset({"n_startup", "fit_maxiter", "num_restarts", "raw_samples", "mc_samples"})),
+    "pymoo-nsga3": (_pymoo("nsga3"), frozenset({"pop_size", "n_partitions"})),
+    "pymoo-smsemoa": (_pymoo("smsemoa"), frozenset({"pop_size"})),
+    "cmaes-sum": (_cmaes_sum, frozenset({"weights", "popsize", "sigma0"})),
+}
+
+
+def derive_seed(seed: int, n_trials: int) -> int:
+    """A sampler seed from (user seed, trials already stored): a resume does not replay start-up points."""
+    return int(np.random.SeedSequence([seed, n_trials]).generate_state(1)[0])
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    raise ConfigError(f"parameter {name!r}: unsupported distribution {type(dist).__name__}")
+
+
+class Optimizer:
+    """Ask/tell over an Optuna study with one of the backends of :data:`OPTIMIZERS`.
+
+    Args:
+        study: the study (its storage holds every trial; the backend's state is rebuilt from it).
+        distributions: the flat search space; every parameter is suggested on every trial.
+        name: backend name, a key of :data:`OPTIMIZERS`.
+        seed: user seed; the sampler seed is derived from it and the number of trials already stored.
+        options: backend options (see the module docstring); unknown keys are a ConfigError.
+        reference_point: per objective, the worst acceptable value (used by ``qnehvi``), or None.
+    """
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        distributions: Mapping[str, BaseDistribution],
+        *,
+        name: str,
+        seed: int,
+        options: Mapping[str, Any],
+        reference_point: Sequence[float] | None = None,
+    ) -> None:
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+        if not distributions:
+            raise ConfigError("the search space is empty: nothing to optimize")
+        factory, keys = OPTIMIZERS[name]
+        unknown = sorted(set(options) - keys)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for optimizer {name!r}; "
+                f"accepted: {', '.join(sorted(keys)) or 'none'}"
+            )
+        m = len(study.directions)
+        if reference_point is not None and (
+            len(reference_point) != m or not all(math.isfinite(v) for v in reference_point)
+        ):
+            raise ConfigError(f"reference point needs {m} finite values (one per objective), got {reference_point!r}")
+        self.study = study
+        self.distributions = dict(distributions)
+        self.name = name
+        n_trials = len(study.get_trials(deepcopy=False))
+        ctx = _Context(
+            distributions=self.distributions,
+            seed=derive_seed(seed, n_trials),
+            base_seed=seed,
+            options=dict(options),
+            n_objectives=m,
+            reference_point=None if reference_point is None else [float(v) for v in reference_point],
+        )
+        self.sampler = factory(ctx)
+        study.sampler = self.sampler
+
+    def ask(self, n: int) -> list[optuna.trial.Trial]:
+        """Create n RUNNING trials with every parameter suggested; enqueued trials are served first.
+
+        Args:
+            n: number of idle workers (>= 1).
+
+        Returns:
+            The n new trials (``trial.number`` identifies them in :meth:`tell`; ``trial.params`` holds the
+            parameters).
+        """
+        if n < 1:
+            raise ValueError(f"ask needs n >= 1, got {n}")
+        if isinstance(self.sampler, BatchSampler):
+            waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            self.sampler.clear()  # leftovers were proposed with older data
+            self.sampler.batch_hint = max(1, n - waiting)
+        trials = []
+        for _ in range(n):
+            with warnings.catch_warnings():
+                # heartbeats are recorded by mergesearch (study.Heartbeat), not by Study.optimize
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = self.study.ask()
+            # NSGA-II/III assign the generation in sample_relative; touching it here makes enqueued trials
+            # count too (otherwise they are ignored by the genetic samplers).
+            _ = trial.relative_params
+            for name, dist in self.distributions.items():
+                _suggest(trial, name, dist)
+            trial.set_user_attr("driver", DRIVER_ID)
+            record_heartbeat(self.study, trial.number)
+            trials.append(trial)
+        return trials
+
+    def tell(self, trial_number: int, values: Sequence[float] | None, *, error: str | None = None) -> None:
+        """Finish a trial: COMPLETE with its objective values, or FAIL with user attr ``fail_reason``.
+
+        Non-finite values fail the trial (reason names them). A trial already finished is left as it is.
+        """
+        m = len(self.study.directions)
+        if error is None and values is not None:
+            values = [float(v) for v in values]
+            if len(values) != m:
+                raise ValueError(f"trial {trial_number}: {len(values)} values for {m} objectives")
+            if not all(math.isfinite(v) for v in values):
+                error = f"non-finite objective values {values}"
+        if error is None and values is None:
+            error = "no values reported"
+        if error is None:
+            self.study.tell(trial_number, values, skip_if_finished=True)
+            return
+        set_trial_attrs(self.study, trial_number, {"fail_reason": error})
+        self.study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def enqueue(self, params: Mapping[str, Any]) -> None:
+        """Queue a parameter set to be evaluated before any proposal (e.g. a hand-tuned recipe).
+
+        Missing parameters are sampled; unknown names or out-of-range values are a ConfigError.
+        """
+        for key, value in params.items():
+            dist = self.distributions.get(key)
+            if dist is None:
+                raise ConfigError(f"initial point: unknown parameter {key!r}; known: {', '.join(self.distributions)}")
+            try:
+                ok = dist._contains(dist.to_internal_repr(value))
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"initial point: {key}={value!r} is outside its range {dist}")
+        self.study.enqueue_trial(dict(params), skip_if_exists=False)
+
+
+__all__ = ["OPTIMIZERS", "BatchSampler", "Optimizer", "derive_seed"]

@@ -1,0 +1,249 @@
+"""Studies in Optuna storage: open or create, check objectives, heartbeats, orphan recovery.
+
+Storage URLs: None → ``sqlite:///<study_name>.db`` in the working directory; any SQLAlchemy URL
+(``sqlite:///``, ``postgresql://``, ``mysql+pymysql://``); an Optuna journal file as ``journal:///abs/path.log``,
+``journal://rel/path.log`` or any path ending ``.log``; ``memory://`` for an in-memory study (no resume).
+``optuna-dashboard <url>`` opens the same storage (for a journal file: ``optuna-dashboard path.log``).
+
+Orphans. Trials created by :class:`~mergesearch.search.optimizers.Optimizer` carry the user attr ``driver``
+(this process's :data:`DRIVER_ID`). On RDB storages a :class:`Heartbeat` thread records Optuna heartbeats for
+this driver's RUNNING trials (the first one at ask time); :func:`recover_orphans` then fails only trials whose
+heartbeat is older than the grace period, so a second live driver's trials are never stolen — and a crashed
+driver's trials become recoverable once the grace period (default 2 × 60 s) has passed, so a driver loop
+should call it at start-up and again now and then. Journal and in-memory storages have no heartbeat: every
+RUNNING trial not created by this process is an orphan (one live driver per study there).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
+
+from mergesearch.errors import ConfigError, StudyError
+
+#: identifies this driver process in the trials it creates (user attr ``driver``)
+DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+ORPHAN_REASON = "orphaned (driver stopped)"
+HEARTBEAT_INTERVAL = 60  # seconds; RDB storages only
+
+_DIRECTIONS = ("minimize", "maximize")
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (``postgresql://u:***@host/db``)."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _password(url: str) -> str | None:
+    m = re.search(r"://[^/:@]*:([^@/]*)@", url)
+    return m.group(1) if m and m.group(1) else None
+
+
+def _make_storage(url: str, heartbeat_interval: int) -> BaseStorage:
+    if url == "memory://":
+        return optuna.storages.InMemoryStorage()
+    if url.startswith("journal://") or ("://" not in url and url.endswith(".log")):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = url[len("journal://") :] if url.startswith("journal://") else url
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise StudyError(f"cannot open storage {mask_url(url)}: directory {parent} does not exist")
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+
+
+def _objectives_str(names: Sequence[str], directions: Sequence[str]) -> str:
+    return "[" + ", ".join(f"{n} ({d})" for n, d in zip(names, directions, strict=False)) + "]"
+
+
+def open_study(
+    storage: str | None,
+    study_name: str,
+    objectives: list[tuple[str, str]],
+    *,
+    config_fingerprint: str | None = None,
+    create: bool = True,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+) -> optuna.Study:
+    """Open (or create) a study whose objectives must be exactly ``objectives``.
+
+    Args:
+        storage: storage URL (see the module docstring) or None for ``sqlite:///<study_name>.db``.
+        study_name: the study's name in the storage.
+        objectives: (name, direction) per objective, direction ``minimize`` or ``maximize``.
+        config_fingerprint: stored in the new study's user attrs (``config_fingerprint``).
+        create: create the study when absent (else StudyError).
+        heartbeat_interval: seconds between heartbeats on RDB storages (orphans are stale after twice this).
+
+    Returns:
+        The study; its sampler is a placeholder, set by :class:`~mergesearch.search.optimizers.Optimizer`.
+    """
+    if not objectives:
+        raise ConfigError("at least one objective is needed")
+    names = [n for n, _ in objectives]
+    directions = [d for _, d in objectives]
+    bad = [d for d in directions if d not in _DIRECTIONS]
+    if bad:
+        raise ConfigError(f"objective direction must be minimize or maximize, got {bad[0]!r}")
+    url = storage or f"sqlite:///{study_name}.db"
+    try:
+        st = _make_storage(url, heartbeat_interval)
+        existing = {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
+    except StudyError:
+        raise
+    except Exception as e:  # sqlalchemy / driver / OS errors: one line naming the URL, password masked
+        msg = str(e).splitlines()[0] if str(e) else ""
+        pw = _password(url)
+        if pw:
+            msg = msg.replace(pw, "***")
+        raise StudyError(f"cannot open storage {mask_url(url)}: {type(e).__name__}: {msg}") from None
+    sampler = optuna.samplers.RandomSampler()
+    if study_name in existing:
+        study = optuna.load_study(study_name=study_name, storage=st, sampler=sampler)
+        stored_dirs = [d.name.lower() for d in study.directions]
+        stored_names = study.user_attrs.get("objective_names") or study.metric_names or []
+        if stored_dirs != directions or list(stored_names) != names:
+            raise StudyError(
+                f"study {study_name!r} in {mask_url(url)} has objectives "
+                f"{_objectives_str(stored_names, stored_dirs)}, the config has {_objectives_str(names, directions)}"
+            )
+        return study
+    if not create:
+        known = ", ".join(sorted(existing)) or "none"
+        raise StudyError(f"no study {study_name!r} in {mask_url(url)}; studies there: {known}")
+    study = optuna.create_study(storage=st, study_name=study_name, directions=directions, sampler=sampler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
+    study.set_user_attr("objective_names", names)
+    study.set_user_attr("objective_directions", directions)
+    if config_fingerprint is not None:
+        study.set_user_attr("config_fingerprint", config_fingerprint)
+    return study
+
+
+def _heartbeat_enabled(study: optuna.Study) -> bool:
+    # RDBStorage (BaseHeartbeat) with heartbeat_interval set; journal and in-memory storages have none
+    get = getattr(study._storage, "get_heartbeat_interval", None)
+    return get is not None and get() is not None
+
+
+def _trial_id(study: optuna.Study, number: int) -> int:
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+
+
+def set_trial_attrs(study: optuna.Study, trial_number: int, attrs: Mapping[str, Any]) -> None:
+    """Set user attrs of a trial by number (the trial must not be finished yet)."""
+    tid = _trial_id(study, trial_number)
+    for key, value in attrs.items():
+        study._storage.set_trial_user_attr(tid, key, value)
+
+
+def record_heartbeat(study: optuna.Study, trial_number: int) -> None:
+    """Record a heartbeat for one trial if the storage supports heartbeats (RDB), else do nothing."""
+    if _heartbeat_enabled(study):
+        study._storage.record_heartbeat(_trial_id(study, trial_number))
+
+
+def record_trial(
+    study: optuna.Study, trial_number: int, *, plan: dict, worker: str, timings: dict, attempts: int
+) -> None:
+    """Store a trial's decoded plan, worker, timings (seconds by phase) and attempts; call before tell."""
+    set_trial_attrs(study, trial_number, {"plan": plan, "worker": worker, "timings": timings, "attempts": attempts})
+
+
+def count_complete(study: optuna.Study) -> int:
+    """Number of COMPLETE trials."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def recover_orphans(study: optuna.Study) -> int:
+    """Fail trials left RUNNING by a stopped driver and re-enqueue their params so they run again.
+
+    With heartbeats (RDB storages) only trials whose heartbeat is stale count; otherwise every RUNNING
+    trial not created by this process. Each orphan gets user attr ``fail_reason`` = ``ORPHAN_REASON``.
+
+    Returns:
+        The number of trials recovered.
+    """
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if _heartbeat_enabled(study):
+        # Optuna's own fail_stale_trials uses the same query; it is called directly because the
+        # reason must be written before the trial is finished (finished trials are read-only).
+        stale = set(study._storage._get_stale_trial_ids(study._study_id))
+        orphans = [t for t in running if t._trial_id in stale]
+    else:
+        orphans = [t for t in running if t.user_attrs.get("driver") != DRIVER_ID]
+    n = 0
+    for t in orphans:
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", ORPHAN_REASON)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # finished meanwhile (its driver was alive after all, or another recovery won)
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
+        n += 1
+    return n
+
+
+class Heartbeat:
+    """Background thread recording heartbeats for this driver's RUNNING trials (RDB storages only).
+
+    Use as a context manager or call :meth:`start` / :meth:`stop`. On storages without heartbeat support it
+    does nothing.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> int:
+        """Record one heartbeat per RUNNING trial of this driver; returns how many."""
+        n = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("driver") == DRIVER_ID:
+                self.study._storage.record_heartbeat(t._trial_id)
+                n += 1
+        return n
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+            except Exception:  # a transient storage error must not kill the thread; the next beat retries
+                optuna.logging.get_logger(__name__).warning("heartbeat failed; retrying", exc_info=True)
+
+    def start(self) -> Heartbeat:
+        if self._thread is None and _heartbeat_enabled(self.study):
+            interval = float(self.study._storage.get_heartbeat_interval())
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, args=(interval,), name="heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,406 @@
+"""MergeSpace: the searched parameters of a job and their decoding into a :class:`MergePlan`.
+
+Parameters (a flat, fixed, ordered dict of Optuna distributions, so NSGA-style samplers see one space):
+
+- ``method``: categorical over ``space.methods`` (absent when there is one method);
+- ``lambda``, ``t``, ``epsilon``: one scalar each, when a listed method reads it and its range is set;
+- ``weight.<i>[.<g>][.<filter>|.rest]`` and ``density.<i>...``: per expert ``i`` (0-based index into
+  ``models``), per layer group ``g`` (omitted for ``granularity: global``), per tensor-name filter plus a
+  catch-all ``rest`` (only when ``filters`` are set);
+- ``layer.<k>`` (categorical over ``layers.choices``) and ``layer_offset.<k>`` (int, when ``depth_offset > 0``)
+  per output slot ``k`` (only when ``space.layers`` is set).
+
+A trial's method reads only its own parameters (see ``methods.py``); the others stay in the vector, unused,
+and never reach the plan.
+
+Layer groups are written as mergekit gradients whose length equals the number of layers they span: a
+gradient of ``len == n`` over ``n`` layers puts layer ``j`` at ``s = j/(n-1)·(n-1) = j``, exactly on entry
+``j``, so the piecewise-constant group values are reproduced exactly by mergekit and by our engine, with no new
+slice boundaries (a global plan stays a ``models:`` plan that ``mergekit-yaml`` reads the same way). Constant
+gradients are written as scalars. mergekit plans embeddings, the final norm and lm_head with the first gradient
+entry, so those tensors take layer 0's group value (the ``rest`` value when filters are set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from mergesearch.config import Range, SpaceConfig
+from mergesearch.errors import ConfigError, ModelError
+from mergesearch.merging.plan import ConditionalValue, InputModel, InputSlice, MergePlan, OutputSlice, ParamValue
+from mergesearch.search import unit
+from mergesearch.spaces.layers import MERGED, SKIP, LayerPlan, Token, resolve_choice, runs
+from mergesearch.spaces.methods import FIXED_DEFAULTS, METHODS
+
+_PER_MODEL = ("weight", "density")
+_SHARED = ("lambda", "t", "epsilon")
+#: value of a parameter a params dict leaves out (clamped into its range): the methods' own defaults.
+_NEUTRAL = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "t": 0.5, "epsilon": 0.15}
+#: DELLA needs d - eps > 0; densities below this are raised to it.
+_DELLA_MIN_DENSITY = 0.01
+_SYMBOL = {"weight": "w", "density": "d", "lambda": "λ", "t": "t", "epsilon": "ε"}
+
+
+def _fmt(v: float) -> str:
+    s = f"{round(float(v), 2):g}"
+    return s.replace("0.", ".", 1) if s.startswith(("0.", "-0.")) else s
+
+
+def _clamp(dist: FloatDistribution, v: float) -> float:
+    return float(min(dist.high, max(dist.low, v)))
+
+
+def _contains(dist: BaseDistribution, v: Any) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return v in dist.choices
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    if isinstance(dist, IntDistribution) and float(v) != int(v):
+        return False
+    return dist.low <= v <= dist.high  # type: ignore[attr-defined]
+
+
+def _gradient(x: np.ndarray) -> float | list[float]:
+    """A scalar when constant, else the per-layer list (``len(x)`` entries over ``len(x)`` layers: exact)."""
+    return float(x[0]) if np.all(x == x[0]) else [float(v) for v in x]
+
+
+class MergeSpace:
+    """The search space of one job; build it with :func:`build_space`.
+
+    Attributes:
+        distributions: name -> Optuna distribution, in a fixed order.
+        methods: the merge methods searched.
+        layers: validated layer-choice settings, or ``None``.
+    """
+
+    def __init__(self, space: SpaceConfig, *, base_model: str, models: list[str], num_layers: int,
+                 dtype: str, seed: int) -> None:
+        _check(space, models, num_layers)
+        self.methods: tuple[str, ...] = tuple(space.methods)
+        self.base_model, self.models, self.num_layers = base_model, list(models), num_layers
+        self.dtype, self.seed = dtype, seed
+        self.layers = None if space.layers is None else LayerPlan.build(space.layers, self.models, num_layers)
+
+        g = space.granularity
+        size = 1 if g == "per_layer" else num_layers if g == "global" else int(g)
+        #: (L,) layer -> group index
+        self._group_of = np.arange(num_layers) // size
+        n_groups = int(self._group_of[-1]) + 1
+        self._filters: list[str | None] = [*space.filters, None] if space.filters else [None]
+
+        used = {p for m in self.methods for p in METHODS[m].per_model + METHODS[m].shared}
+        ranges: dict[str, Range | None] = {"weight": space.weight, "density": space.density,
+                                            "lambda": space.lambda_, "t": space.t, "epsilon": space.epsilon}
+        self.searched = {p for p, r in ranges.items() if r is not None and p in used}
+
+        d: dict[str, BaseDistribution] = {}
+        if len(self.methods) > 1:
+            d["method"] = CategoricalDistribution(list(self.methods))
+        for p in _SHARED:
+            if p in self.searched:
+                r = ranges[p]
+                d[p] = FloatDistribution(r.low, r.high, log=r.log)
+        #: param -> [model][group][filter] -> distribution name
+        self._names: dict[str, list[list[list[str]]]] = {}
+        for p in _PER_MODEL:
+            if p not in self.searched:
+                continue
+            r = ranges[p]
+            table = []
+            for i in range(len(self.models)):
+                rows = []
+                for gi in range(n_groups):
+                    stem = f"{p}.{i}" if g == "global" else f"{p}.{i}.{gi}"
+                    names = [stem if len(self._filters) == 1 else f"{stem}.{f or 'rest'}" for f in self._filters]
+                    for name in names:
+                        d[name] = FloatDistribution(r.low, r.high, log=r.log)
+                    rows.append(names)
+                table.append(rows)
+            self._names[p] = table
+        if self.layers is not None:
+            for k in range(self.layers.slots):
+                d[f"layer.{k}"] = CategoricalDistribution(list(self.layers.choices))
+            if self.layers.depth_offset > 0:
+                for k in range(self.layers.slots):
+                    d[f"layer_offset.{k}"] = IntDistribution(-self.layers.depth_offset, self.layers.depth_offset)
+        if not d:
+            raise ConfigError(f"space: nothing to search (methods {list(self.methods)} read no parameter whose "
+                              "range is set, and space.layers is not set)")
+        self.distributions: dict[str, BaseDistribution] = d
+
+    # ------------------------------------------------------------------ params
+    def complete(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a (possibly partial) params dict and fill the missing entries.
+
+        Missing parameters take their method default (weight 1, density 1, λ 1, t 0.5, ε 0.15, clamped into
+        the range; the first method; the fill choice for layer slots; offset 0), so a hand-written
+        ``search.initial`` point may name only what it cares about.
+
+        Raises:
+            ConfigError: an unknown parameter name or a value outside its distribution.
+        """
+        for name in params:
+            if name not in self.distributions:
+                raise ConfigError(f"params: unknown parameter '{name}' (space has: {', '.join(self.distributions)})")
+        out: dict[str, Any] = {}
+        for name, dist in self.distributions.items():
+            if name in params:
+                v = params[name]
+                if not _contains(dist, v):
+                    raise ConfigError(f"params: {name}={v!r} is outside {dist}")
+                out[name] = v
+            elif name == "method":
+                out[name] = self.methods[0]
+            elif name.startswith("layer."):
+                out[name] = self.layers.choices[self.layers.tokens.index(self.layers.fill)]
+            elif name.startswith("layer_offset."):
+                out[name] = 0
+            else:
+                out[name] = _clamp(dist, _NEUTRAL[name.split(".")[0]])
+        return out
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Draw every parameter from an ``optuna.Trial`` with the public ``suggest_*`` calls."""
+        out: dict[str, Any] = {}
+        for name, dist in self.distributions.items():
+            if isinstance(dist, CategoricalDistribution):
+                out[name] = trial.suggest_categorical(name, dist.choices)
+            elif isinstance(dist, IntDistribution):
+                out[name] = trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+            else:
+                out[name] = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        return out
+
+    def to_unit(self, params: Mapping[str, Any]) -> np.ndarray:
+        """``(d,)`` point of the unit cube for ``params`` (see :mod:`mergesearch.search.unit`)."""
+        return unit.to_unit(self.complete(params), self.distributions)
+
+    def from_unit(self, x: np.ndarray) -> dict[str, Any]:
+        """Params for a ``(d,)`` point of the unit cube."""
+        return unit.from_unit(x, self.distributions)
+
+    # ------------------------------------------------------------------ decode
+    def _per_layer(self, p: dict[str, Any], param: str, model: int) -> list[np.ndarray]:
+        """One ``(L,)`` array per filter key (filters, then the catch-all) of a per-model parameter."""
+        if param not in self.searched:
+            return [np.full(self.num_layers, FIXED_DEFAULTS[param]) for _ in self._filters]
+        table = self._names[param][model]
+        return [np.array([float(p[table[gi][fi]]) for gi in self._group_of]) for fi in range(len(self._filters))]
+
+    def _render(self, arrays: list[np.ndarray], a: int, b: int) -> ParamValue:
+        vals = [_gradient(x[a:b]) for x in arrays]
+        if len(self._filters) == 1:
+            return vals[0]
+        return [ConditionalValue(filter=f, value=v) for f, v in zip(self._filters, vals, strict=True)]
+
+    def _method_values(self, p: dict[str, Any], method: str) -> tuple[list[dict[str, list[np.ndarray]]],
+                                                                    dict[str, ParamValue]]:
+        """Per-expert per-layer arrays and the plan-level scalars the method reads."""
+        info = METHODS[method]
+        params = [p_ for p_ in info.per_model if p_ in self.searched or p_ in FIXED_DEFAULTS]
+        per_model = [{q: self._per_layer(p, q, i) for q in params} for i in range(len(self.models))]
+        shared: dict[str, ParamValue] = {}
+        for q in info.shared:
+            if q in self.searched:
+                shared[q] = float(p[q])
+            elif q in FIXED_DEFAULTS:
+                shared[q] = FIXED_DEFAULTS[q]
+        if method.startswith("della"):
+            # DELLA keeps entries with probability in [d - eps, d + eps], which must lie inside (0, 1);
+            # d = 1 means "no pruning" (mergekit returns the tensor unchanged), so it does not bound eps.
+            bound = 1.0
+            for arrays in per_model:
+                if "density" in arrays:
+                    for x in arrays["density"]:
+                        np.clip(x, _DELLA_MIN_DENSITY, 1.0, out=x)
+                        inner = x[x < 1.0]
+                        if inner.size:
+                            bound = min(bound, float(np.minimum(inner, 1.0 - inner).min()))
+            shared["epsilon"] = min(float(shared["epsilon"]), 0.99 * bound)
+        return per_model, shared
+
+    def decode(self, params: Mapping[str, Any]) -> MergePlan:
+        """The merge plan for one parameter vector (deterministic; see the module docstring).
+
+        Raises:
+            ConfigError: unknown parameter names or out-of-range values.
+        """
+        p = self.complete(params)
+        method = p.get("method", self.methods[0])
+        info = METHODS[method]
+        per_model, shared = self._method_values(p, method)
+        seed = self.seed if info.random else None
+        if self.layers is None:
+            models = [InputModel(model=m, parameters={q: self._render(x, 0, self.num_layers) for q, x in v.items()}
+                                 or None) for m, v in zip(self.models, per_model, strict=True)]
+            if method == "slerp":
+                models = [InputModel(model=self.base_model), InputModel(model=self.models[0])]
+            return MergePlan(merge_method=method, models=models, base_model=self.base_model if info.uses_base else None,
+                             parameters=shared or None, dtype=self.dtype, random_seed=seed)
+
+        merged_any = False
+        slices = []
+        for token, a, b in runs(self._kept(p, method)):
+            if token != MERGED:
+                src = self.base_model if token == -1 else self.models[token]
+                slices.append(OutputSlice(sources=[InputSlice(model=src, layer_range=(a, b))]))
+                continue
+            merged_any = True
+            experts = [InputSlice(model=m, layer_range=(a, b),
+                                  parameters={q: self._render(x, a, b) for q, x in v.items()} or None)
+                       for m, v in zip(self.models, per_model, strict=True)]
+            if method == "slerp":
+                experts = [InputSlice(model=e.model, layer_range=(a, b)) for e in experts]
+            base = [InputSlice(model=self.base_model, layer_range=(a, b))] if info.uses_base else []
+            slices.append(OutputSlice(sources=base + experts,
+                                      base_model=self.base_model if info.uses_base else None))
+        if not merged_any:  # only copies: mergekit's passthrough reads this plan the same way
+            return MergePlan(merge_method="passthrough", slices=slices, dtype=self.dtype)
+        return MergePlan(merge_method=method, slices=slices, base_model=self.base_model if info.uses_base else None,
+                         parameters=shared or None, dtype=self.dtype, random_seed=seed)
+
+    def _kept(self, p: dict[str, Any], method: str) -> list[tuple[Token, int]]:
+        """``(token, source_depth)`` of each kept slot after the min/max repair, in output order."""
+        lp = self.layers
+        tokens = lp.repair([resolve_choice(p[f"layer.{k}"], self.models) for k in range(lp.slots)])
+        out = []
+        for k, t in enumerate(tokens):
+            if t == SKIP:
+                continue
+            if method == "passthrough" and t == MERGED:
+                t = -1  # passthrough merges nothing: a "merged" slot copies the base
+            out.append((t, lp.depth(k, int(p.get(f"layer_offset.{k}", 0)))))
+        return out
+
+    # ------------------------------------------------------------------ presets / summary
+    def presets(self) -> dict[str, dict[str, Any]]:
+        """Named starting points (for ``search.initial``), one per recipe whose method is searched.
+
+        - ``uniform``: task arithmetic with weights 1/N and λ = 1 (base + mean task vector); linear with equal
+          weights if task_arithmetic is not searched;
+        - ``ties_default`` / ``dare_ties_default``: weight 1, density 0.5, λ = 1;
+        - ``della_default``: weight 1, density 0.5, ε = 0.15; ``slerp_mid``: t = 0.5; ``model_stock``.
+
+        Values are clamped into the space's ranges; unsearched parameters keep their neutral values and
+        layer slots take the fill choice (``merged`` when allowed) with offset 0.
+        """
+        n = len(self.models)
+        recipes: dict[str, tuple[str, dict[str, float]]] = {
+            "uniform": ("task_arithmetic", {"weight": 1.0 / n, "lambda": 1.0}),
+            "ties_default": ("ties", {"weight": 1.0, "density": 0.5, "lambda": 1.0}),
+            "dare_ties_default": ("dare_ties", {"weight": 1.0, "density": 0.5, "lambda": 1.0}),
+            "della_default": ("della", {"weight": 1.0, "density": 0.5, "epsilon": 0.15}),
+            "slerp_mid": ("slerp", {"t": 0.5}),
+            "model_stock": ("model_stock", {}),
+        }
+        if "task_arithmetic" not in self.methods:
+            recipes["uniform"] = ("linear", {"weight": 1.0 / n})
+        out = {}
+        for name, (method, values) in recipes.items():
+            if method not in self.methods:
+                continue
+            p = {"method": method} if "method" in self.distributions else {}
+            for key, dist in self.distributions.items():
+                q = key.split(".")[0]
+                if q in values:
+                    p[key] = _clamp(dist, values[q])
+            out[name] = self.complete(p)
+        return out
+
+    def summary(self, params: Mapping[str, Any]) -> str:
+        """One line for tables, e.g. ``ties w=[.8,.4] d=[.5,.6] λ=1 layers=3:MMb-`` (grouped values: means).
+
+        Layer codes per slot: ``M`` merged, ``b`` base, ``0``.. an expert, ``-`` skipped (after repair).
+        """
+        p = self.complete(params)
+        method = p.get("method", self.methods[0])
+        info = METHODS[method]
+        parts = [method]
+        for q in info.per_model:
+            if q in self.searched:
+                means = [np.mean([p[n] for row in self._names[q][i] for n in row]) for i in range(len(self.models))]
+                parts.append(f"{_SYMBOL[q]}=[{','.join(_fmt(v) for v in means)}]")
+        for q in info.shared:
+            if q in self.searched:
+                parts.append(f"{_SYMBOL[q]}={_fmt(p[q])}")
+        if self.layers is not None:
+            tokens = self.layers.repair([resolve_choice(p[f"layer.{k}"], self.models)
+                                         for k in range(self.layers.slots)])
+            code = "".join("M" if t == MERGED else "-" if t == SKIP else "b" if t == -1 else str(t) for t in tokens)
+            parts.append(f"layers={sum(t != SKIP for t in tokens)}:{code}")
+        return " ".join(parts)
+
+
+def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
+    """Validation that needs the models and the layer count (the YAML schema checks the rest)."""
+    if not models:
+        raise ConfigError("models: no models to merge")
+    if num_layers < 1:
+        raise ConfigError(f"base_model: has {num_layers} layers")
+    for m in space.methods:
+        if m not in METHODS:
+            raise ConfigError(f"space.methods: unknown method '{m}' (known: {', '.join(METHODS)})")
+    dup = sorted({m for m in space.methods if space.methods.count(m) > 1})
+    if dup:
+        raise ConfigError(f"space.methods: '{dup[0]}' listed twice")
+    if "slerp" in space.methods and len(models) != 1:
+        raise ConfigError(f"space.methods: slerp merges the base with exactly one model, got {len(models)} models")
+    if "model_stock" in space.methods and len(models) < 2:
+        raise ConfigError(f"space.methods: model_stock needs at least 2 models, got {len(models)}")
+    if "passthrough" in space.methods and space.layers is None:
+        raise ConfigError("space.methods: passthrough only copies layers; it needs space.layers")
+    if isinstance(space.granularity, int) and space.granularity < 1:
+        raise ConfigError(f"space.granularity: must be 'global', 'per_layer' or a positive int, "
+                          f"got {space.granularity}")
+    if space.density is not None and (space.density.low < 0 or space.density.high > 1):
+        raise ConfigError(f"space.density: must lie in [0, 1], got [{space.density.low}, {space.density.high}]")
+    if space.t is not None and (space.t.low < 0 or space.t.high > 1):
+        raise ConfigError(f"space.t: must lie in [0, 1], got [{space.t.low}, {space.t.high}]")
+    if space.epsilon is not None and space.epsilon.low < 0:
+        raise ConfigError(f"space.epsilon: must be >= 0, got {space.epsilon.low}")
+    for f in space.filters:
+        if not f or f in ("*", "rest"):
+            raise ConfigError(f"space.filters: '{f}' is not a tensor-name filter (the catch-all 'rest' is implicit)")
+        if space.filters.count(f) > 1:
+            raise ConfigError(f"space.filters: '{f}' listed twice")
+
+
+def build_space(space: SpaceConfig, *, base_model: str, models: list[str], num_layers: int,
+                dtype: str = "float32", seed: int = 0) -> MergeSpace:
+    """Build and validate the search space of a job.
+
+    Args:
+        space: the job's ``space:`` section.
+        base_model: the base checkpoint (path or hub id), as plans should name it.
+        models: the fine-tuned checkpoints, in order (expert ``i`` is ``models[i]``).
+        num_layers: the base's ``num_hidden_layers``.
+        dtype: the plans' ``dtype``.
+        seed: ``random_seed`` of DARE/DELLA plans, so a plan is reproducible.
+
+    Raises:
+        ConfigError: one line naming the offending ``space`` key.
+    """
+    return MergeSpace(space, base_model=base_model, models=models, num_layers=num_layers, dtype=dtype, seed=seed)
+
+
+def num_layers_of(model: str | Path) -> int:
+    """``num_hidden_layers`` of a local checkpoint or hub id (reads only its config)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(model))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"base_model: cannot read the config of {model} ({str(e).splitlines()[0]})") from None
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise ConfigError(f"base_model: {model} has no num_hidden_layers in its config")
+    return n
+
+
+__all__ = ["MergeSpace", "build_space", "num_layers_of"]
