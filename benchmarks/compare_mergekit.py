@@ -110,6 +110,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mergekit-python", default=os.environ.get("MERGEKIT_PYTHON", "/work/venv-mergekit/bin/python"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compare_mergekit.json")
+    ap.add_argument("--only", default="", help="run the cases whose name starts with this")
     args = ap.parse_args()
     if not Path(args.mergekit_python).is_file():
         print(f"skipped: no mergekit python at {args.mergekit_python}")
@@ -124,7 +125,7 @@ def main() -> int:
         base = make_tiny_llama(root / "base", seed=0, layers=4, hidden=64)
         for i, n in enumerate("abc"):
             make_tiny_llama(root / n, seed=i + 1, base=base, noise=0.02)
-        cases = configs(root)
+        cases = {k: v for k, v in configs(root).items() if not args.only or k.startswith(args.only)}
         argv = []
         for name, cfg in cases.items():
             (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))

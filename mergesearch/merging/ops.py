@@ -53,8 +53,9 @@ class TensorGroup:
     def magnitude_order(self, i: int) -> sp.MagnitudeOrder | None:
         return self.order(i) if self.order is not None else None
 
-    def rng(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def rng(self, i: int) -> torch.Generator:
+        """A generator for input i's random mask, seeded with ``seed + i``."""
+        return torch.Generator().manual_seed(self.seed + i)
 
     def uniform(self, i: int) -> torch.Tensor:
         """Seeded int16 uniform draws for input i's random mask (shape S)."""
@@ -182,7 +183,7 @@ def _sparsified(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVec
     """τi after a DELLA mask (and rescale), shape S — the one sparsifier applied to whole tensors."""
     tau = group.task_vector(i)
     d = float(p["density"])
-    mask = sp.della_mask(tau, d, float(p["epsilon"]), group.rng())
+    mask = sp.della_mask(tau, d, float(p["epsilon"]), group.rng(i))
     if mask is None:
         return tau
     masked = tau * mask
@@ -209,8 +210,8 @@ class _Input:
     keep_below: int = 0
     zero: bool = False
 
-    def kept(self, s: int, e: int, buf: torch.Tensor, absbuf: torch.Tensor, maskbuf: torch.Tensor) -> None:
-        """Write coef·mask·τ[s:e] into buf."""
+    def kept(self, s: int, e: int, buf: torch.Tensor, absbuf: torch.Tensor, fmask: torch.Tensor) -> None:
+        """Write coef·mask·τ[s:e] into buf. Masks are float 0/1: bool kernels are several times slower here."""
         tau = self.tau[s:e]
         if self.zero:
             buf.zero_()
@@ -220,19 +221,16 @@ class _Input:
             lo, hi = self.band
             torch.abs(tau, out=absbuf)
             if lo is not None:
-                torch.lt(absbuf, lo, out=maskbuf)
-                buf.masked_fill_(maskbuf, 0)
+                buf.mul_(torch.ge(absbuf, lo, out=fmask))
             if hi is not None:
-                torch.gt(absbuf, hi, out=maskbuf)
-                buf.masked_fill_(maskbuf, 0)
+                buf.mul_(torch.le(absbuf, hi, out=fmask))
         if self.draws is not None:
-            torch.ge(self.draws[s:e], self.keep_below, out=maskbuf)
-            buf.masked_fill_(maskbuf, 0)
+            buf.mul_(torch.lt(self.draws[s:e], self.keep_below, out=fmask))
 
     def kept_l1(self) -> float:
         """‖mask⊙τ‖₁, accumulated chunk by chunk in float64."""
         n = self.tau.numel()
-        buf, a, m = torch.empty(min(CHUNK, n)), torch.empty(min(CHUNK, n)), torch.empty(min(CHUNK, n), dtype=torch.bool)
+        buf, a, m = (torch.empty(min(CHUNK, n), dtype=self.tau.dtype) for _ in range(3))
         coef, self.coef = self.coef, 1.0
         total = 0.0
         for s in range(0, n, CHUNK):
@@ -308,38 +306,36 @@ def task_vector_merge(flags: TaskVectorFlags, group: TensorGroup, shared: Mappin
     inputs = [_prepare(group, i, per_input[i], flags, w, rescale) for i, w in zip(idx, weights, strict=True)]
     k, n = len(inputs), base.numel()
     c = min(CHUNK, n)
-    work = torch.empty(k, c, dtype=base.dtype)  # (N, chunk): coef·mask·τ per input
-    tmp = torch.empty(k, c, dtype=base.dtype)
-    absbuf, maskbuf = torch.empty(c, dtype=base.dtype), torch.empty(c, dtype=torch.bool)
-    total, pos_sum, neg_sum = (torch.empty(c, dtype=base.dtype) for _ in range(3))
-    majority = torch.empty(c, dtype=torch.bool)
-    wvec = torch.tensor(weights, dtype=base.dtype).unsqueeze(0)  # (1, N)
+    dt = base.dtype
+    work, tmp, agree = (torch.empty(k, c, dtype=dt) for _ in range(3))  # (N, chunk) scratch, stays in cache
+    absbuf, fmask, mixed_buf, sign_buf, zero_buf = (torch.empty(c, dtype=dt) for _ in range(5))
+    wvec = torch.tensor(weights, dtype=dt).unsqueeze(0)  # (1, N)
     div_nc = sum(weights) if normalize else 1.0
     div_nc = 1.0 if abs(div_nc) < 1e-8 else div_nc
     base_f, out_f = base.reshape(-1), out.reshape(-1)
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         m = e - s
-        w_, t_ = work[:, :m], tmp[:, :m]
+        w_, t_, mixed = work[:, :m], tmp[:, :m], mixed_buf[:m]
         for j, inp in enumerate(inputs):
-            inp.kept(s, e, w_[j], absbuf[:m], maskbuf[:m])
-        mixed = total[:m]
-        torch.sum(w_, 0, out=mixed)
+            inp.kept(s, e, w_[j], absbuf[:m], fmask[:m])
+        torch.add(w_[0], w_[1], out=mixed) if k > 1 else mixed.copy_(w_[0])
+        for j in range(2, k):
+            mixed.add_(w_[j])
         if flags.consensus:
-            maj = majority[:m]
-            torch.ge(mixed, 0, out=maj)  # majority sign of Σ wi·τi; 0 counts as +
-            # Σ of the agreeing entries = Σ of the positive (or negative) parts; pruned zeros never agree.
-            torch.clamp(w_, min=0, out=t_)
-            torch.sum(t_, 0, out=pos_sum[:m])
-            torch.clamp(w_, max=0, out=t_)
-            torch.sum(t_, 0, out=neg_sum[:m])
-            torch.where(maj, pos_sum[:m], neg_sum[:m], out=mixed)
+            sgn = torch.ge(mixed, 0, out=sign_buf[:m]).mul_(2).sub_(1)  # majority sign of Σ wi·τi; 0 counts +
+            torch.mul(w_, sgn, out=t_)  # > 0 exactly where an input agrees; pruned zeros never do
+            if normalize:
+                a_ = torch.gt(t_, 0, out=agree[:, :m])
+            t_.clamp_(min=0)
+            # Σ of agreeing entries = sign · Σ of their magnitudes (negation is exact, order kept).
+            torch.add(t_[0], t_[1], out=mixed) if k > 1 else mixed.copy_(t_[0])
+            for j in range(2, k):
+                mixed.add_(t_[j])
+            mixed.mul_(sgn)
             if normalize:  # divisor = Σ wi over agreeing inputs (0 -> 1)
-                torch.sign(w_, out=t_)
-                t_.mul_(maj.to(t_.dtype).mul_(2).sub_(1))  # +1 where the input agrees with the majority
-                t_.clamp_(min=0)
-                divisor = torch.matmul(wvec, t_).squeeze(0)
-                divisor.masked_fill_(divisor == 0, 1)
+                divisor = torch.matmul(wvec, a_).squeeze(0)
+                divisor.add_(torch.eq(divisor, 0, out=zero_buf[:m]))
                 mixed.div_(divisor)
         elif normalize:
             mixed.div_(div_nc)

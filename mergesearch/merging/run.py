@@ -188,7 +188,7 @@ def merge_config(config_path: str | Path, out_dir: str | Path, *, allow_pickle: 
 
 
 def save_model_dir(model: torch.nn.Module, out_dir: str | Path, *, tokenizer_source: str | Path,
-                   recipe: MergePlan, overwrite: bool = False) -> Path:
+                   recipe: MergePlan, overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> Path:
     """Save a resident (merged) model with its tokenizer and recipe as a HF directory, atomically.
 
     Args:
@@ -196,6 +196,7 @@ def save_model_dir(model: torch.nn.Module, out_dir: str | Path, *, tokenizer_sou
         out_dir: destination; refused if non-empty unless ``overwrite``.
         tokenizer_source: directory holding the tokenizer files to copy (e.g. ``merger.tokenizer_path``).
         recipe: the plan that produced the weights (written as mergekit_config.yml and recipe.yaml).
+        extra_files: more text files to write into the directory (name -> content), e.g. scores.json.
     """
     out_dir = Path(out_dir)
     src = Path(tokenizer_source)
@@ -206,6 +207,8 @@ def save_model_dir(model: torch.nn.Module, out_dir: str | Path, *, tokenizer_sou
         model.save_pretrained(tmp)  # type: ignore[operator]
         copy_tokenizer(src, tmp)
         write_recipe(recipe, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         return _commit(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

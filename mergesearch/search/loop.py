@@ -150,17 +150,14 @@ class SearchRun:
                 n = min(executor.idle(), self.target - complete - len(inflight))
                 if n > 0:
                     for trial in self.optimizer.ask(n):
-                        plan = self.space.decode(trial.params)
-                        trial.set_user_attr("plan", plan.to_dict())
-                        trial.set_user_attr("summary", self.space.summary(trial.params))
-                        executor.submit(trial.number, plan.to_dict())
-                        inflight[trial.number] = trial.params
+                        plan = self.space.decode(trial.params).to_dict()
+                        executor.submit(trial.number, plan)
+                        inflight[trial.number] = {"params": trial.params, "plan": plan}
                 for res in executor.completed(timeout=0.5):
-                    inflight.pop(res.trial, None)
-                    record_trial(self.study, res.trial, worker=res.worker, timings=res.timings,
-                                 attempts=res.attempts)
-                    if res.ok:
-                        assert res.values is not None
+                    job = inflight.pop(res.trial)
+                    record_trial(self.study, res.trial, plan=job["plan"], worker=res.worker, timings=res.timings,
+                                 attempts=res.attempts, summary=self.space.summary(job["params"]))
+                    if res.ok and res.values is not None:
                         self.optimizer.tell(res.trial, [res.values[n] for n, _ in self.objectives])
                         done_run += 1
                         streak = 0
@@ -178,9 +175,9 @@ class SearchRun:
         finally:
             heartbeat.stop()
             # In-flight trials are failed and re-enqueued so a resumed run evaluates them again.
-            for number, params in inflight.items():
+            for number, job in inflight.items():
                 self.optimizer.tell(number, None, error="interrupted (run stopped)")
-                self.optimizer.enqueue(params)
+                self.optimizer.enqueue(job["params"])
         return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
                          failed_this_run=failed_run, completed_this_run=done_run,
                          elapsed=time.perf_counter() - start, interrupted=interrupted,

@@ -115,8 +115,9 @@ def open_study(
     if study_name in existing:
         study = optuna.load_study(study_name=study_name, storage=st, sampler=sampler)
         stored_dirs = [d.name.lower() for d in study.directions]
-        stored_names = study.user_attrs.get("objective_names") or study.metric_names or []
-        if stored_dirs != directions or list(stored_names) != names:
+        # a study made by plain Optuna may have no names: then only the directions must match
+        stored_names = list(study.user_attrs.get("objective_names") or study.metric_names or names)
+        if stored_dirs != directions or stored_names != names:
             raise StudyError(
                 f"study {study_name!r} in {mask_url(url)} has objectives "
                 f"{_objectives_str(stored_names, stored_dirs)}, the config has {_objectives_str(names, directions)}"
@@ -160,10 +161,22 @@ def record_heartbeat(study: optuna.Study, trial_number: int) -> None:
 
 
 def record_trial(
-    study: optuna.Study, trial_number: int, *, plan: dict, worker: str, timings: dict, attempts: int
+    study: optuna.Study,
+    trial_number: int,
+    *,
+    plan: dict,
+    worker: str,
+    timings: dict,
+    attempts: int,
+    summary: str = "",
 ) -> None:
-    """Store a trial's decoded plan, worker, timings (seconds by phase) and attempts; call before tell."""
-    set_trial_attrs(study, trial_number, {"plan": plan, "worker": worker, "timings": timings, "attempts": attempts})
+    """Store a trial's decoded plan (and its one-line summary), worker, timings (seconds by phase) and attempts;
+    call before tell."""
+    set_trial_attrs(
+        study,
+        trial_number,
+        {"plan": plan, "summary": summary, "worker": worker, "timings": timings, "attempts": attempts},
+    )
 
 
 def count_complete(study: optuna.Study) -> int:

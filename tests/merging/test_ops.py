@@ -140,3 +140,12 @@ def test_registry_has_every_mergekit_method():
     names = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
              "della", "della_linear", "slerp", "model_stock", "passthrough"}
     assert names <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", ["dare_linear_invdensity", "della_linear"])
+def test_random_masks_are_independent_across_inputs(method):
+    base, a = torch.zeros(20_000), torch.randn(20_000)
+    p = {"weight": 1.0, "density": 0.5, "epsilon": 0.1}
+    out = merge(method, [base, a, a], [{}, p, p], {"rescale": False}, base_index=0, seed=4)
+    one_kept = torch.isclose(out, a) & (a.abs() > 1e-3)
+    assert 0.4 < one_kept.float().mean().item() < 0.6  # kept by exactly one of the two inputs

@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from mergesearch.errors import ConfigError
-from mergesearch.search.optimizers import OPTIMIZERS, Optimizer
+from mergesearch.search.optimizers import OPTIMIZERS, BatchSampler, Optimizer
 from mergesearch.search.study import open_study
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -92,6 +92,7 @@ def test_ask_tell_batches_failures_and_async(name):
         opt.tell(t.number, zdt1(t.params))
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.FAIL) == 2 and TrialState.RUNNING not in states
+    opt.tell(bad[0].number, [0.0, 0.0])  # a late report for a finished trial changes nothing
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     assert failed[0].user_attrs["fail_reason"] == "out of memory"
     assert "non-finite" in failed[1].user_attrs["fail_reason"]
@@ -142,6 +143,17 @@ def test_resume_from_sqlite(name, tmp_path):
     assert [t.number for t in trials] == [4, 5, 6]
     assert not done & {key(t.params) for t in trials}
     assert all(valid(t.params) for t in trials)
+
+
+def test_failed_proposal_falls_back_to_random():
+    class Broken(BatchSampler):
+        def propose(self, study, n):
+            raise RuntimeError("singular matrix")
+
+    _, opt = make("random")
+    opt.sampler = opt.study.sampler = Broken(SPACE, 0)
+    trials = opt.ask(2)
+    assert all(valid(t.params) for t in trials) and len({key(t.params) for t in trials}) == 2
 
 
 def test_unknown_optimizer_lists_known_names():

@@ -82,9 +82,10 @@ def _nsga2(c: _Context) -> optuna.samplers.BaseSampler:
 
 
 def _nsga3(c: _Context) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.NSGAIIISampler(
-        seed=c.seed, population_size=_int(c.options.get("pop_size", 20), "pop_size", 2)
-    )
+    pop_size = _int(c.options.get("pop_size", 20), "pop_size", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.NSGAIIISampler(seed=c.seed, population_size=pop_size)
 
 
 def _qnehvi(c: _Context) -> optuna.samplers.BaseSampler:
@@ -274,7 +275,10 @@ class Optimizer:
         if error is None:
             self.study.tell(trial_number, values, skip_if_finished=True)
             return
-        set_trial_attrs(self.study, trial_number, {"fail_reason": error})
+        try:
+            set_trial_attrs(self.study, trial_number, {"fail_reason": error})
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
         self.study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
 
     def enqueue(self, params: Mapping[str, Any]) -> None:

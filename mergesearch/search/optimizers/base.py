@@ -68,7 +68,12 @@ class BatchSampler(optuna.samplers.BaseSampler):
         if not search_space or "fixed_params" in trial.system_attrs:
             return {}  # an enqueued trial: its params are fixed, do not waste a proposal on it
         if not self._queue:
-            self._queue = list(self.propose(study, max(1, self.batch_hint)))
+            try:
+                self._queue = list(self.propose(study, max(1, self.batch_hint)))
+            except Exception:  # a numerical failure (e.g. a GP fit) must not stop a long search
+                optuna.logging.get_logger(__name__).warning(
+                    "%s: proposal failed, sampling at random for this trial", type(self).__name__, exc_info=True
+                )
             self._n_batches += 1
         return self._queue.pop(0) if self._queue else {}
 
