@@ -6,6 +6,7 @@ shows the traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,10 @@ _state = {"debug": False}
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
     _state["debug"] = debug
+    import optuna
+
+    # our own lines say what happened to the study; optuna's INFO lines would repeat them
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @app.command()
@@ -42,10 +47,24 @@ def merge(
 
 def _with_execution(config, workers: int | None, address: str | None, executor: str | None):
     """The config with CLI overrides of its execution section."""
+    from pydantic import ValidationError
+
+    from mergesearch.config import ExecutionConfig, format_validation_error
+    from mergesearch.errors import ConfigError
+
+    if executor == "local" and (address is not None or (workers or 1) > 1):
+        flag = "--address" if address is not None else "--workers"
+        raise ConfigError(f"conflicting options: {flag} needs --executor ray (got --executor local)")
     upd = {k: v for k, v in {"workers": workers, "address": address, "executor": executor}.items() if v is not None}
     if address is not None and executor is None:
         upd["executor"] = "ray"
-    return config.model_copy(update={"execution": config.execution.model_copy(update=upd)}) if upd else config
+    if not upd:
+        return config
+    try:
+        execution = ExecutionConfig.model_validate({**config.execution.model_dump(), **upd})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "command line").replace("execution.", "--")) from None
+    return config.model_copy(update={"execution": execution})
 
 
 def _run_search(config, *, storage, study, trials, optimizer, seed, workers, address, executor,
@@ -58,11 +77,13 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
     config = _with_execution(config, workers, address, executor)
     run = SearchRun(config, storage=storage, study_name=study, trials=trials, optimizer=optimizer, seed=seed)
     done = run.completed_count()
-    typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials complete"
-               + (f", {run.recovered} orphaned trial(s) re-queued" if run.recovered else ""), err=True)
     if done < run.target:
+        # workers start (and check the models) before the study is first written: a bad model leaves it unchanged
         pool = make_executor(config)
         try:
+            run.prepare()
+            typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials complete"
+                       + (f", {run.recovered} orphaned trial(s) re-queued" if run.recovered else ""), err=True)
             if progress:
                 with RunProgress(run) as bar:
                     report = run.run(pool, on_result=bar)
@@ -177,7 +198,7 @@ def front(
         raise ConfigError(f"--format: expected table, json or csv, got '{fmt}'")
     result = load_front(storage, study)
     if test:
-        from mergesearch.export import validate_front
+        from mergesearch.exporting import validate_front
 
         result = validate_front(storage, study, result)
     if plot is not None:
@@ -215,7 +236,7 @@ def pick(
     for line in choice.explanation:
         typer.echo(line)
     if out is not None:
-        from mergesearch.export import export_trial
+        from mergesearch.exporting import export_trial
 
         path = export_trial(storage, study, choice.trial.number, out, overwrite=overwrite,
                             absolute_paths=absolute_paths)
@@ -225,8 +246,15 @@ def pick(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning user errors into one line and an exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # transformers' per-load progress bars and info lines would drown our one-line messages
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # typer vendors click: its usage errors are typer._click exceptions, not click's
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except MergeSearchError as e:
         if debug:
             raise
@@ -235,17 +263,24 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ClickException as e:  # usage errors (unknown option, missing argument, bad value): one line, exit 2
+        if debug:
+            raise
+        typer.echo(f"error: {e.format_message()} (see --help)", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except OSError as e:  # the environment, not the input: disk full, permission denied, too many files
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"error: {e.strerror or type(e).__name__}{where}", err=True)
+        sys.exit(1)
+    if isinstance(code, int) and code:  # typer.Exit(n) in non-standalone mode comes back as a return value
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ class ResidentMerger:
         """DARE's uniform draws for one (tensor, input, plan seed), kept until a plan with another seed."""
         key = (seed, tuple(shape))
         if key not in self._draws:
-            self._draws[key] = uniform_draws(shape, seed)
+            self._draws[key] = uniform_draws(shape, seed).to(self.device)
         return self._draws[key]
 
     def tensor(self, model: str, name: str) -> torch.Tensor:

@@ -61,7 +61,8 @@ class TensorGroup:
         """Seeded int16 uniform draws for input i's random mask (shape S)."""
         if self.draws is not None:
             return self.draws(i, self.seed + i)
-        return sp.uniform_draws(self.tensor(i).shape, self.seed + i)
+        t = self.tensor(i)
+        return sp.uniform_draws(t.shape, self.seed + i).to(t.device)
 
 
 def group_of(name: str, tensors: Sequence[torch.Tensor], base_index: int | None = None,
@@ -230,15 +231,15 @@ class _Input:
     def kept_l1(self) -> float:
         """‖mask⊙τ‖₁, accumulated chunk by chunk in float64."""
         n = self.tau.numel()
-        buf, a, m = (torch.empty(min(CHUNK, n), dtype=self.tau.dtype) for _ in range(3))
+        buf, a, m = (torch.empty(min(CHUNK, n), dtype=self.tau.dtype, device=self.tau.device) for _ in range(3))
         coef, self.coef = self.coef, 1.0
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.tau.device)  # no host sync per chunk
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             self.kept(s, e, buf[: e - s], a[: e - s], m[: e - s])
-            total += buf[: e - s].abs().sum(dtype=torch.float64).item()
+            total += buf[: e - s].abs().sum(dtype=torch.float64)
         self.coef = coef
-        return total
+        return total.item()
 
 
 def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVectorFlags, weight: float,
@@ -307,9 +308,10 @@ def task_vector_merge(flags: TaskVectorFlags, group: TensorGroup, shared: Mappin
     k, n = len(inputs), base.numel()
     c = min(CHUNK, n)
     dt = base.dtype
-    work, tmp, agree = (torch.empty(k, c, dtype=dt) for _ in range(3))  # (N, chunk) scratch, stays in cache
-    absbuf, fmask, mixed_buf, sign_buf, zero_buf = (torch.empty(c, dtype=dt) for _ in range(5))
-    wvec = torch.tensor(weights, dtype=dt).unsqueeze(0)  # (1, N)
+    dev = base.device
+    work, tmp, agree = (torch.empty(k, c, dtype=dt, device=dev) for _ in range(3))  # (N, chunk) scratch, stays in cache
+    absbuf, fmask, mixed_buf, sign_buf, zero_buf = (torch.empty(c, dtype=dt, device=dev) for _ in range(5))
+    wvec = torch.tensor(weights, dtype=dt, device=dev).unsqueeze(0)  # (1, N)
     div_nc = sum(weights) if normalize else 1.0
     div_nc = 1.0 if abs(div_nc) < 1e-8 else div_nc
     base_f, out_f = base.reshape(-1), out.reshape(-1)

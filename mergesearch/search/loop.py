@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,14 +74,97 @@ def make_executor(config: JobConfig, workers: int | None = None, address: str | 
                        num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries)
 
 
+LEASE_ATTR = "driver_lease"
+LEASE_INTERVAL = 5.0  # seconds between refreshes of a running driver's lease
+LEASE_STALE = 60.0  # a lease not refreshed for this long belongs to a driver that is gone
+
+
+class DriverLease:
+    """One driver per study: the study user attr ``driver_lease`` = ``{"owner": DRIVER_ID, "time": unix s}``.
+
+    :meth:`acquire` refuses a study whose lease another driver refreshed less than ``stale_after`` seconds ago
+    (unless that driver ran on this host and its process is gone: a killed driver is taken over at once). While
+    the run works, a thread refreshes the lease every ``interval`` seconds and notes in :attr:`lost` the new
+    owner if another driver took it over (two drivers started in the same instant: the last writer wins,
+    the other stops).
+    """
+
+    def __init__(self, study: Any, *, interval: float = LEASE_INTERVAL, stale_after: float = LEASE_STALE) -> None:
+        self.study = study
+        self.interval = interval
+        self.stale_after = stale_after
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict[str, Any]:
+        from optuna.storages import BaseStorage
+
+        storage: BaseStorage = self.study._storage
+        return storage.get_study_user_attrs(self.study._study_id).get(LEASE_ATTR) or {}
+
+    def _write(self, released: bool = False) -> None:
+        from mergesearch.search.study import DRIVER_ID
+
+        self.study.set_user_attr(LEASE_ATTR, {"owner": DRIVER_ID, "time": time.time(), "released": released})
+
+    def acquire(self) -> None:
+        """Take the lease, or raise StudyError naming the live driver that holds it."""
+        from mergesearch.search.study import DRIVER_ID, _driver_gone
+
+        lease = self._read()
+        owner, age = lease.get("owner"), time.time() - float(lease.get("time", 0.0))
+        if owner and owner != DRIVER_ID and not lease.get("released") and age < self.stale_after \
+                and not _driver_gone(owner):
+            raise StudyError(f"study '{self.study.study_name}' is being run by another driver "
+                             f"({owner.rsplit(':', 1)[0]}, seen "
+                             f"{age:.0f}s ago); stop it first, or wait {self.stale_after:.0f}s if it was killed")
+        self._write()
+
+    def _run(self) -> None:
+        from mergesearch.search.study import DRIVER_ID
+
+        while not self._stop.wait(self.interval):
+            try:
+                owner = self._read().get("owner")
+                if owner != DRIVER_ID:
+                    self.lost = str(owner)
+                    return
+                self._write()
+            except Exception:  # a transient storage error must not kill the thread; the next refresh retries
+                continue
+
+    def start(self) -> None:
+        """Refresh the lease in a background thread until :meth:`stop`."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="driver-lease", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def release(self) -> None:
+        """Mark the lease free (a clean stop); a lease lost to another driver is left alone."""
+        from mergesearch.search.study import DRIVER_ID
+
+        try:
+            if self.lost is None and self._read().get("owner") == DRIVER_ID:
+                self._write(released=True)
+        except Exception:  # the study stays usable: a stale lease is taken over after stale_after seconds
+            pass
+
+
 class SearchRun:
     """One invocation of ``mergesearch run``: open (or resume) the study and drive it to ``trials`` completed."""
 
     def __init__(self, config: JobConfig, *, storage: str | None = None, study_name: str | None = None,
                  trials: int | None = None, optimizer: str | None = None, seed: int | None = None) -> None:
-        from mergesearch.export import store_config
-        from mergesearch.search.optimizers import Optimizer
-        from mergesearch.search.study import open_study, recover_orphans
+        from mergesearch.search.optimizers import OPTIMIZERS, Optimizer
+        from mergesearch.search.study import open_study
         from mergesearch.spaces import build_space, num_layers_of
 
         self.config = config
@@ -91,21 +175,46 @@ class SearchRun:
         self.space = build_space(config.space, base_model=config.base_model, models=list(config.models),
                                  num_layers=num_layers_of(config.base_model),
                                  dtype=config.dtype, seed=config.search.seed if seed is None else seed)
-        self.study = open_study(self.storage, self.study_name, self.objectives,
-                                config_fingerprint=fingerprint(config))
-        store_config(self.study, config)
-        self.recovered = recover_orphans(self.study)
         ref = config.search.reference_point
-        self.reference = [ref[n] for n, _ in self.objectives] if ref else None
         if ref and set(ref) != {n for n, _ in self.objectives}:
             from mergesearch.errors import ConfigError
 
             raise ConfigError(f"search.reference_point must name every objective: {[n for n, _ in self.objectives]}")
+        self.reference = [ref[n] for n, _ in self.objectives] if ref else None
+        if (optimizer or config.search.optimizer) not in OPTIMIZERS:  # checked before a new study is created
+            from mergesearch.errors import ConfigError
+
+            raise ConfigError(f"unknown optimizer {optimizer or config.search.optimizer!r}; "
+                              f"known: {', '.join(OPTIMIZERS)}")
+        self.study = open_study(self.storage, self.study_name, self.objectives,
+                                config_fingerprint=fingerprint(config))
         self.optimizer = Optimizer(self.study, self.space.distributions, name=optimizer or config.search.optimizer,
                                    seed=config.search.seed if seed is None else seed,
                                    options=dict(config.search.options), reference_point=self.reference)
+        self.lease = DriverLease(self.study)
+        self.recovered = 0
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """Take the study's driver lease, recover orphaned trials, store the config and enqueue initial points.
+
+        The constructor only validates and reads (so a bad input leaves an existing study untouched); this is
+        the first write. :meth:`run` calls it when needed; call it earlier to know :attr:`recovered`.
+
+        Raises:
+            StudyError: another live driver holds the study's lease.
+        """
+        from mergesearch.exporting import store_config
+        from mergesearch.search.study import recover_orphans
+
+        if self._prepared:
+            return
+        self.lease.acquire()
+        self.recovered = recover_orphans(self.study, exclusive=True)
+        store_config(self.study, self.config)
         if not self.study.trials:
             self._enqueue_initial()
+        self._prepared = True
 
     def _enqueue_initial(self) -> None:
         presets = self.space.presets()
@@ -135,6 +244,7 @@ class SearchRun:
         """
         from mergesearch.search.study import Heartbeat, record_trial
 
+        self.prepare()
         start = time.perf_counter()
         inflight: dict[int, dict[str, Any]] = {}
         done_run = failed_run = streak = 0
@@ -142,8 +252,12 @@ class SearchRun:
         interrupted = False
         heartbeat = Heartbeat(self.study)
         heartbeat.start()
+        self.lease.start()
         try:
             while True:
+                if self.lease.lost is not None:
+                    raise StudyError(f"study '{self.study_name}' was taken over by another driver "
+                                     f"({self.lease.lost}); this run stopped")
                 complete = self.completed_count()
                 if complete >= self.target and not inflight:
                     break
@@ -174,10 +288,12 @@ class SearchRun:
             interrupted = True
         finally:
             heartbeat.stop()
+            self.lease.stop()
             # In-flight trials are failed and re-enqueued so a resumed run evaluates them again.
             for number, job in inflight.items():
                 self.optimizer.tell(number, None, error="interrupted (run stopped)")
                 self.optimizer.enqueue(job["params"])
+            self.lease.release()
         return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
                          failed_this_run=failed_run, completed_this_run=done_run,
                          elapsed=time.perf_counter() - start, interrupted=interrupted,

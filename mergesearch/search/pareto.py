@@ -350,7 +350,8 @@ def front_to_json(front: Front) -> dict[str, Any]:
     return {
         "objectives": [{"name": n, "direction": d} for n, d in front.objectives],
         "hypervolume": front.hypervolume,
-        "front": [{"trial": t.number, "values": dict(t.values)} for t in front.trials],
+        "front": [{"trial": t.number, "values": dict(t.values),
+                   **({"test_values": dict(t.test_values)} if t.test_values else {})} for t in front.trials],
         "summary": {str(t.number): t.summary for t in front.trials},
         "counts": dict(front.counts),
         "reference_point": dict(front.reference_point),

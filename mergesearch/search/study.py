@@ -8,10 +8,12 @@ Storage URLs: None → ``sqlite:///<study_name>.db`` in the working directory; a
 Orphans. Trials created by :class:`~mergesearch.search.optimizers.Optimizer` carry the user attr ``driver``
 (this process's :data:`DRIVER_ID`). On RDB storages a :class:`Heartbeat` thread records Optuna heartbeats for
 this driver's RUNNING trials (the first one at ask time); :func:`recover_orphans` then fails only trials whose
-heartbeat is older than the grace period, so a second live driver's trials are never stolen — and a crashed
-driver's trials become recoverable once the grace period (default 2 × 60 s) has passed, so a driver loop
-should call it at start-up and again now and then. Journal and in-memory storages have no heartbeat: every
-RUNNING trial not created by this process is an orphan (one live driver per study there).
+heartbeat is older than the grace period (default 2 × 60 s), or whose driver ran on this host under a pid that
+no longer exists (a crash followed by an immediate restart on the same machine is recovered at once), so a
+second live driver's trials are never stolen. A crashed driver on another host is detected only after the
+grace period: a driver loop should call it at start-up and again now and then. Journal and in-memory
+storages have no heartbeat: every RUNNING trial not created by this process is an orphan (one live driver
+per study there).
 """
 
 from __future__ import annotations
@@ -184,21 +186,42 @@ def count_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def recover_orphans(study: optuna.Study) -> int:
+def _driver_gone(driver: str | None) -> bool:
+    """True if ``driver`` (a DRIVER_ID) ran on this host and its process no longer exists."""
+    if not driver or driver == DRIVER_ID:
+        return False
+    parts = driver.rsplit(":", 2)  # host:pid:random
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False  # alive under another user, or not a pid: leave it to the heartbeat
+    return False
+
+
+def recover_orphans(study: optuna.Study, *, exclusive: bool = False) -> int:
     """Fail trials left RUNNING by a stopped driver and re-enqueue their params so they run again.
 
-    With heartbeats (RDB storages) only trials whose heartbeat is stale count; otherwise every RUNNING
-    trial not created by this process. Each orphan gets user attr ``fail_reason`` = ``ORPHAN_REASON``.
+    With heartbeats (RDB storages) only trials whose heartbeat is stale or whose driver process on this host
+    is gone count; otherwise every RUNNING trial not created by this process. Each orphan gets user attr
+    ``fail_reason`` = ``ORPHAN_REASON``.
+
+    Args:
+        exclusive: this driver holds the study's driver lease (no other driver is live), so every RUNNING
+            trial not created by this process is an orphan, heartbeat or not.
 
     Returns:
         The number of trials recovered.
     """
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if _heartbeat_enabled(study):
+    if _heartbeat_enabled(study) and not exclusive:
         # Optuna's own fail_stale_trials uses the same query; it is called directly because the
         # reason must be written before the trial is finished (finished trials are read-only).
         stale = set(study._storage._get_stale_trial_ids(study._study_id))
-        orphans = [t for t in running if t._trial_id in stale]
+        orphans = [t for t in running if t._trial_id in stale or _driver_gone(t.user_attrs.get("driver"))]
     else:
         orphans = [t for t in running if t.user_attrs.get("driver") != DRIVER_ID]
     n = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import subprocess
 import time
 import warnings
 
@@ -140,14 +142,19 @@ def test_orphans_without_heartbeat_are_failed_and_rerun(tmp_path):
 def test_heartbeat_protects_live_trials(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = open_study(url, "s", OBJ, heartbeat_interval=1)  # stale after 2 s
-    live, dead = Optimizer(study, SPACE, name="random", seed=0, options={}).ask(2)
+    live, dead, local = Optimizer(study, SPACE, name="random", seed=0, options={}).ask(3)
     dead.set_user_attr("driver", "another-host:1:dead")  # its driver stopped: nobody beats it
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid on this host that no longer exists: a driver killed just before a restart
+    local.set_user_attr("driver", f"{socket.gethostname()}:{gone.pid}:x")
     with Heartbeat(study):
-        assert recover_orphans(study) == 0  # both heartbeats are fresh
+        assert recover_orphans(study) == 1  # heartbeats all fresh, but the local driver's process is gone
         time.sleep(3.2)
-        assert recover_orphans(study) == 1
+        assert recover_orphans(study) == 1  # the other host's heartbeat is stale now
+        assert recover_orphans(study) == 0
     trials = study.get_trials(deepcopy=False)
     assert trials[live.number].state == TrialState.RUNNING
-    assert trials[dead.number].user_attrs["fail_reason"] == ORPHAN_REASON
+    for t in (dead, local):
+        assert trials[t.number].user_attrs["fail_reason"] == ORPHAN_REASON
     assert trials[-1].state == TrialState.WAITING and trials[-1].params == {}  # re-enqueued, not yet asked
     assert trials[-1].system_attrs["fixed_params"] == dead.params

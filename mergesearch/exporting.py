@@ -82,6 +82,11 @@ def export_trial(storage: Any, study_name: str | None, trial_number: int, out_di
     from mergesearch.merging.run import save_model_dir
     from mergesearch.search.pareto import objectives_of, open_existing_study
 
+    out = Path(out_dir).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        from mergesearch.errors import ConfigError
+
+        raise ConfigError(f"output directory {out} exists and is not empty (use --overwrite)")
     study = open_existing_study(storage, study_name)
     trial = _complete_trial(study, trial_number)
     config = stored_config(study)
@@ -89,7 +94,6 @@ def export_trial(storage: Any, study_name: str | None, trial_number: int, out_di
     merger = ResidentMerger(config.base_model, list(config.models), dtype=config.dtype,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
     model = merger.apply(plan)
-    out = Path(out_dir).resolve()
     recipe = plan if absolute_paths else portable_plan(plan, out)
     names = [name for name, _ in objectives_of(study)]
     scores = {"study": study.study_name, "trial": trial.number, "values": dict(zip(names, trial.values, strict=True))}

@@ -1,0 +1,353 @@
+"""Search quality on the demo: hypervolume versus number of evaluations, per optimizer, against hand-tuned merges.
+
+Every optimizer searches the same space (``--space weights``: the demo's per-model task-arithmetic weights in
+[0, 1]; ``--space ties``: task arithmetic or TIES, per-model weights and densities, and λ) for 3 exact-match objectives
+(reverse, swap, sort; maximised) and the L1 distance from the base (minimised), over ``--seeds`` seeds each.
+Studies live in memory and one resident worker (models loaded once) evaluates every trial of every run.
+
+Hypervolumes use ONE reference point, fixed before any search: accuracy 0 on every task and l1 = 1.1 x the l1
+of the largest-weight plan (task arithmetic, every weight 1). They are reported normalised by the volume of the
+box [0, 1]^3 x [0, l1_ref] (1.0 = a perfect model at zero cost). Baselines: uniform task arithmetic
+(every weight = λ, λ = 0.1..1.0) and TIES (weight 1, density 0.5, λ = 0.1..1.0; λ = 1 is the default recipe).
+
+    OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--seeds 3] [--budget 180] [--optimizers a,b]
+        [--budget-for qnehvi=120] [--space weights|ties] [--quick]
+
+Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+RESULTS = Path(__file__).parent / "results"
+DEMO_DIR = Path("/tmp/h2demo/full")
+ALL_OPTIMIZERS = ["random", "cmaes-sum", "tpe", "nsga2", "nsga3", "pymoo-nsga3", "pymoo-smsemoa", "gp", "qnehvi"]
+#: single-objective or unguided: excluded when picking "the best multi-objective optimizer"
+REFERENCE_OPTIMIZERS = ("random", "cmaes-sum")
+AT = 60  # the evaluation budget the targets are checked at
+LAMBDAS = [round(0.1 * k, 1) for k in range(1, 11)]
+
+
+def space_config(kind: str) -> Any:
+    """The searched space: ``weights`` (the demo's) or ``ties`` (task arithmetic | TIES with densities)."""
+    from mergesearch.config import Range, SpaceConfig
+
+    if kind == "weights":
+        return SpaceConfig(methods=["task_arithmetic"], granularity="global", weight=Range(low=0.0, high=1.0))
+    # λ is searched too: TIES normalises its weights, so only λ scales its task vector (and its cost)
+    return SpaceConfig(methods=["task_arithmetic", "ties"], granularity="global", weight=Range(low=0.0, high=1.0),
+                       density=Range(low=0.1, high=1.0), lambda_=Range(low=0.0, high=1.0))
+
+
+def demo_config(demo_dir: Path, kind: str) -> Any:
+    """The demo job (built or reused under ``demo_dir``) with the benchmark's space and a local executor."""
+    from mergesearch.config import load_config
+    from mergesearch.demo.build import build_demo
+
+    build_demo(demo_dir, progress=lambda m: print(m, file=sys.stderr))
+    config = load_config(demo_dir / "demo.yaml")
+    return config.model_copy(update={"space": space_config(kind),
+                                     "execution": config.execution.model_copy(update={"executor": "local"})})
+
+
+def baseline_params(config: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """A decoding space holding both hand-tuned families, and their params by baseline name."""
+    from mergesearch.config import Range, SpaceConfig
+    from mergesearch.spaces import build_space, num_layers_of
+
+    space = build_space(SpaceConfig(methods=["task_arithmetic", "ties"], weight=Range(low=0.0, high=1.0),
+                                    density=Range(low=0.0, high=1.0), lambda_=Range(low=0.0, high=1.0)),
+                        base_model=config.base_model, models=list(config.models),
+                        num_layers=num_layers_of(config.base_model), dtype=config.dtype)
+    n = len(config.models)
+    out = {}
+    for lam in LAMBDAS:
+        out[f"task_arithmetic w={lam}"] = {"method": "task_arithmetic", "lambda": 1.0,
+                                           **{f"weight.{i}": lam for i in range(n)}}
+    for lam in LAMBDAS:
+        out[f"ties d=0.5 λ={lam}"] = {"method": "ties", "lambda": lam, **{f"weight.{i}": 1.0 for i in range(n)},
+                                     **{f"density.{i}": 0.5 for i in range(n)}}
+    return space, out
+
+
+def evaluate_baselines(config: Any, worker: Any, names: list[str]) -> dict[str, list[float]]:
+    """Objective values (in ``names`` order) of every hand-tuned baseline."""
+    space, params = baseline_params(config)
+    return {b: [worker.evaluate(space.decode(p).to_dict())[0][n] for n in names] for b, p in params.items()}
+
+
+def signs(directions: list[str]) -> np.ndarray:
+    """+1 for minimised, -1 for maximised objectives."""
+    return np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+
+
+def weakly_dominated(point: np.ndarray, front: np.ndarray, directions: list[str]) -> bool:
+    """True if some row of ``front`` (``(n, m)``) is at least as good as ``point`` (``(m,)``) everywhere."""
+    s = signs(directions)
+    return bool(len(front)) and bool(np.all(front * s <= point * s, axis=1).any())
+
+
+def history(values: np.ndarray, directions: list[str], ref: np.ndarray, scale: float) -> list[float]:
+    """Normalised hypervolume of the first k rows of ``values`` (``(n, m)``), k = 1..n (NaN rows = failed)."""
+    from mergesearch.search.pareto import hypervolume, non_dominated
+
+    out, front, hv = [], np.zeros((0, values.shape[1])), 0.0
+    for row in values:
+        if np.all(np.isfinite(row)) and not weakly_dominated(row, front, directions):
+            front = np.vstack([front, row])
+            front = front[non_dominated(front, directions)]
+            hv = hypervolume(front, directions, ref) / scale
+        out.append(hv)
+    return out
+
+
+def run_one(config: Any, worker: Any, optimizer: str, seed: int, budget: int) -> dict[str, Any]:
+    """One search of ``budget`` completed trials on an in-memory study; values in trial order (NaN = failed)."""
+    import optuna
+
+    from mergesearch.execution.local import LocalExecutor
+    from mergesearch.search.loop import SearchRun
+
+    run = SearchRun(config, storage="memory://", study_name=f"{optimizer}-s{seed}", trials=budget,
+                    optimizer=optimizer, seed=seed)
+    start = time.perf_counter()
+    run.run(LocalExecutor(lambda: worker))  # the same resident worker for every run: models load once
+    elapsed = time.perf_counter() - start
+    trials = sorted(run.study.get_trials(deepcopy=False), key=lambda t: t.number)
+    done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
+    m = len(run.objectives)
+    values = [list(t.values) if t.state == optuna.trial.TrialState.COMPLETE else [float("nan")] * m for t in done]
+    worker_time = sum(float(t.user_attrs.get("timings", {}).get(k, 0.0)) for t in done for k in ("merge", "eval"))
+    errors = sorted({str(t.user_attrs.get("fail_reason")) for t in done if t.state == optuna.trial.TrialState.FAIL})
+    return {"seed": seed, "values": values, "elapsed": elapsed, "optimizer_seconds": elapsed - worker_time,
+            "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in done), "errors": errors}
+
+
+def first_reaching(curve: list[float], target: float) -> int | None:
+    """1-based number of evaluations at which ``curve`` first reaches ``target`` (None: never)."""
+    hit = np.nonzero(np.asarray(curve) >= target - 1e-12)[0]
+    return int(hit[0]) + 1 if len(hit) else None
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], baselines: dict[str, list[float]], directions: list[str],
+              ref: np.ndarray, scale: float, at: int = AT) -> dict[str, Any]:
+    """Curves (mean, sd over seeds), baseline hypervolumes, and the two targets checked at ``at`` evaluations:
+    ``random`` needs >= 3 x ``at`` evaluations for the best multi-objective optimizer's HV at ``at``, and that
+    optimizer's front at ``at`` weakly dominates every baseline point (per seed)."""
+    from mergesearch.search.pareto import hypervolume
+
+    def mean_curve(opt: str) -> list[float]:
+        hs = [r["hv"] for r in runs[opt]]
+        n = min(len(h) for h in hs)
+        return list(np.mean([h[:n] for h in hs], axis=0))
+
+    stats: dict[str, Any] = {}
+    for opt, rs in runs.items():
+        n = min(len(r["hv"]) for r in rs)
+        curves = np.array([r["hv"][:n] for r in rs])
+        stats[opt] = {"mean": curves.mean(axis=0).tolist(), "sd": curves.std(axis=0, ddof=1).tolist()
+                      if len(rs) > 1 else [0.0] * n, "seeds": len(rs)}
+    base_arr = {b: np.array(v) for b, v in baselines.items()}
+    base_hv = {"task_arithmetic λ-grid": [b for b in baselines if b.startswith("task_arithmetic")],
+               "ties d=0.5 λ-grid": [b for b in baselines if b.startswith("ties")],
+               "ties default (w=1, d=0.5, λ=1)": ["ties d=0.5 λ=1.0"]}
+    base_hv = {k: hypervolume(np.array([base_arr[b] for b in v]), directions, ref) / scale for k, v in base_hv.items()}
+    single = {b: hypervolume(v[None], directions, ref) / scale for b, v in base_arr.items()}
+    top = max(single, key=single.__getitem__)
+    base_hv[f"best single ({top})"] = single[top]
+
+    mo = [o for o in runs if o not in REFERENCE_OPTIMIZERS and len(stats[o]["mean"]) >= at]
+    out: dict[str, Any] = {"curves": stats, "baseline_hypervolume": base_hv}
+    if not mo:
+        return out
+    best = max(mo, key=lambda o: stats[o]["mean"][at - 1])
+    target = stats[best]["mean"][at - 1]
+    out["best_multi_objective"] = {"optimizer": best, "at": at, "hv": target}
+    if "random" in runs:
+        curve = mean_curve("random")
+        need = first_reaching(curve, target)
+        out["random_evals_to_reach"] = {"evaluations": need, "random_budget": len(curve),
+                                        "needed": 3 * at, "target_met": need is None or need >= 3 * at}
+    per_baseline = {}
+    for b, point in base_arr.items():
+        hits = []
+        for r in runs[best]:
+            vals = np.array(r["values"][:at], dtype=float)
+            vals = vals[np.all(np.isfinite(vals), axis=1)]
+            hits.append(weakly_dominated(point, vals, directions))
+        per_baseline[b] = {"dominated_in_seeds": int(sum(hits)), "seeds": len(hits), "values": baselines[b]}
+    out["baseline_dominance"] = {"optimizer": best, "at": at, "per_baseline": per_baseline,
+                                 "target_met": all(v["dominated_in_seeds"] == v["seeds"]
+                                                   for v in per_baseline.values())}
+    return out
+
+
+def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
+    """The optimizer x budget table (mean ± sd of the normalised hypervolume) plus baselines and targets."""
+    curves = summary["curves"]
+    w = max(len(o) for o in curves) + 5
+    lines = ["normalised hypervolume by evaluations, mean ± sd over seeds (seeds in brackets)",
+             "optimizer".ljust(w) + "".join(f"{c:>16}" for c in checkpoints)]
+    for opt, s in curves.items():
+        cells = [f"{s['mean'][c - 1]:.4f} ± {s['sd'][c - 1]:.4f}" if c <= len(s["mean"]) else "—"
+                 for c in checkpoints]
+        lines.append(f"{opt} ({s['seeds']})".ljust(w) + "".join(f"{x:>16}" for x in cells))
+    lines.append("baselines: " + "; ".join(f"{k} {v:.4f}" for k, v in summary["baseline_hypervolume"].items()))
+    if "best_multi_objective" in summary:
+        b = summary["best_multi_objective"]
+        lines.append(f"best multi-objective optimizer at {b['at']} evaluations: {b['optimizer']} (HV {b['hv']:.4f})")
+    if "random_evals_to_reach" in summary:
+        r = summary["random_evals_to_reach"]
+        need = r["evaluations"] if r["evaluations"] is not None else f"> {r['random_budget']}"
+        lines.append(f"evaluations random needs to reach it (mean curve): {need} -> target (>= {r['needed']}) "
+                     f"{'MET' if r['target_met'] else 'NOT met'}")
+    if "baseline_dominance" in summary:
+        d = summary["baseline_dominance"]
+        lines.append(f"baselines weakly dominated by {d['optimizer']}'s front at {d['at']} evaluations (seeds):")
+        for b, v in d["per_baseline"].items():
+            vals = ", ".join(f"{x:.3g}" for x in v["values"])
+            lines.append(f"  {b:<24} {v['dominated_in_seeds']}/{v['seeds']}   ({vals})")
+        lines.append(f"  -> target {'MET' if d['target_met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path, title: str) -> None:
+    """HV vs evaluations: mean over seeds per optimizer (± sd band), baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for opt, s in summary["curves"].items():
+        x, m, sd = np.arange(1, len(s["mean"]) + 1), np.array(s["mean"]), np.array(s["sd"])
+        style = {"lw": 2.4, "ls": "--"} if opt in REFERENCE_OPTIMIZERS else {"lw": 1.6}
+        (line,) = ax.plot(x, m, label=opt, **style)
+        ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.12)
+    colors = plt.get_cmap("Greys")(np.linspace(0.45, 0.9, len(summary["baseline_hypervolume"])))
+    for (name, hv), c in zip(summary["baseline_hypervolume"].items(), colors, strict=True):
+        ax.axhline(hv, color=c, ls=":", lw=1.4, label=f"baseline: {name}")
+    ax.axvline(summary.get("best_multi_objective", {}).get("at", AT), color="black", lw=0.6, alpha=0.4)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("hypervolume (normalised)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget", type=int, default=180, help="evaluations per run")
+    p.add_argument("--budget-for", action="append", default=[], metavar="NAME=N",
+                   help="another budget for one optimizer (e.g. qnehvi=120); repeatable")
+    p.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
+    p.add_argument("--space", choices=["weights", "ties"], default="weights")
+    p.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--quick", action="store_true", help="1 seed, budget 30, random/tpe/cmaes-sum (smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budget, args.optimizers = 1, 30, "random,tpe,cmaes-sum"
+    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    budgets = {o: args.budget for o in args.optimizers}
+    for item in args.budget_for:
+        name, _, n = item.partition("=")
+        if name not in budgets or not n.isdigit():
+            p.error(f"--budget-for {item!r}: expected NAME=N with NAME one of {', '.join(args.optimizers)}")
+        budgets[name] = int(n)
+    args.budgets = budgets
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import optuna
+    import torch
+
+    from mergesearch.execution.worker import MergeWorker
+    from mergesearch.search.loop import objective_specs
+
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    config = demo_config(args.demo_dir, args.space)
+    worker = MergeWorker(config)  # built once, shared by the baselines and every run
+    objectives = objective_specs(config)
+    names, directions = [n for n, _ in objectives], [d for _, d in objectives]
+
+    baselines = evaluate_baselines(config, worker, names)
+    largest = baselines["task_arithmetic w=1.0"]  # the largest-weight plan of the space: every weight 1
+    ref = np.array([0.0 if d == "maximize" else 1.1 * largest[i] for i, d in enumerate(directions)])
+    worst_baseline = max(v[names.index("l1")] for v in baselines.values())
+    if worst_baseline >= ref[names.index("l1")]:
+        print(f"warning: a baseline's l1 ({worst_baseline:.4g}) is beyond the reference point", file=sys.stderr)
+    scale = float(np.prod(np.where(signs(directions) < 0, 1.0 - ref, ref)))  # volume of [0,1]^3 x [0, l1_ref]
+    config = config.model_copy(update={"search": config.search.model_copy(update={
+        "reference_point": dict(zip(names, map(float, ref), strict=True)), "initial": []})})
+
+    out = args.out
+    record: dict[str, Any] = {
+        "space": args.space, "space_config": config.space.model_dump(mode="json", by_alias=True),
+        "objectives": objectives, "reference_point": dict(zip(names, map(float, ref), strict=True)),
+        "hv_normaliser": scale, "seeds": args.seeds, "budgets": args.budgets, "baselines": baselines,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
+                    "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+        "runs": {}, "errors": {},
+    }
+    runs: dict[str, list[dict[str, Any]]] = {}
+    at = min(AT, args.budget)
+    t0 = time.perf_counter()
+    for opt in args.optimizers:
+        for seed in range(args.seeds):
+            try:
+                r = run_one(config, worker, opt, seed, args.budgets[opt])
+            except Exception as e:  # one optimizer crashing must not lose the others' results
+                import traceback
+
+                record["errors"][f"{opt}/seed{seed}"] = traceback.format_exc()
+                print(f"{opt} seed {seed}: CRASHED {type(e).__name__}: {e}", file=sys.stderr)
+                break
+            r["hv"] = history(np.array(r["values"], dtype=float), directions, ref, scale)
+            runs.setdefault(opt, []).append(r)
+            print(f"[{time.perf_counter() - t0:7.0f} s] {opt:14} seed {seed}: {len(r['values'])} evals in "
+                  f"{r['elapsed']:.0f} s (optimizer {r['optimizer_seconds']:.0f} s, failed {r['failed']}), "
+                  f"HV@{min(at, len(r['hv']))} {r['hv'][min(at, len(r['hv'])) - 1]:.4f}, "
+                  f"final {r['hv'][-1]:.4f}", file=sys.stderr, flush=True)
+            record["runs"] = runs
+            record["summary"] = summarize(runs, baselines, directions, ref, scale, at)
+            record["elapsed"] = time.perf_counter() - t0
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")  # partial results too
+
+    summary = record["summary"] = summarize(runs, baselines, directions, ref, scale, at)
+    longest = max(args.budgets.values())
+    checkpoints = sorted({*range(20, longest + 1, 20), at, longest})
+    text = table(summary, checkpoints)
+    record["table"] = text
+    (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")
+    plot(summary, out / "search_quality.png", f"demo ({args.space} space): HV vs evaluations, mean ± sd over "
+         f"{args.seeds} seed(s); ref {', '.join(f'{n}={v:.4g}' for n, v in record['reference_point'].items())}")
+    print(text)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Smoke test of benchmarks/search_quality.py on a tiny demo build, plus closed-form checks of its helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mergesearch.demo.build import Recipe, build_demo
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "search_quality.py"
+TINY = Recipe(length=4, layers=1, hidden=16, base_steps=3, base_warmup=1, expert_steps=2, expert_warmup=1)
+DIRS = ["maximize", "maximize", "maximize", "minimize"]
+
+
+@pytest.fixture(scope="module")
+def sq():
+    spec = importlib.util.spec_from_file_location("search_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_history_is_the_running_hypervolume(sq) -> None:
+    ref = np.array([0.0, 0.0, 0.0, 10.0])
+    values = np.array([[0.5, 0.5, 0.5, 5.0], [np.nan] * 4, [0.4, 0.4, 0.4, 6.0], [1.0, 1.0, 1.0, 0.0]])
+    h = sq.history(values, DIRS, ref, scale=10.0)
+    # box volumes: .5^3 * 5 / 10; a failed and a dominated trial change nothing; then the whole box
+    assert h == pytest.approx([0.0625, 0.0625, 0.0625, 1.0])
+    assert sq.first_reaching(h, 0.0625) == 1
+    assert sq.first_reaching(h, 0.5) == 4
+    assert sq.first_reaching(h, 1.5) is None
+
+
+def test_weak_dominance(sq) -> None:
+    front = np.array([[0.8, 0.5, 0.9, 200.0]])
+    assert sq.weakly_dominated(np.array([0.8, 0.5, 0.9, 200.0]), front, DIRS)  # equal counts
+    assert sq.weakly_dominated(np.array([0.7, 0.5, 0.9, 250.0]), front, DIRS)
+    assert not sq.weakly_dominated(np.array([0.7, 0.5, 0.9, 150.0]), front, DIRS)  # cheaper baseline
+    assert not sq.weakly_dominated(np.array([0.7, 0.6, 0.9, 250.0]), front, DIRS)
+    assert not sq.weakly_dominated(np.array([0.0, 0.0, 0.0, 0.0]), np.zeros((0, 4)), DIRS)
+
+
+def test_bad_budget_flag(sq) -> None:
+    with pytest.raises(SystemExit):
+        sq.parse_args(["--optimizers", "random", "--budget-for", "tpe=5"])
+    assert sq.parse_args(["--optimizers", "random,tpe", "--budget-for", "tpe=5"]).budgets == {"random": 180,
+                                                                                             "tpe": 5}
+
+
+def test_tiny_run_writes_results(sq, tmp_path) -> None:
+    threads = torch.get_num_threads()
+    demo = tmp_path / "demo"
+    build_demo(demo, seed=0, recipe=TINY)
+    try:
+        record = sq.main(["--demo-dir", str(demo), "--out", str(tmp_path / "out"), "--seeds", "2", "--budget", "6",
+                          "--optimizers", "random,tpe"])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "out" / "search_quality.json").read_text())
+    assert (tmp_path / "out" / "search_quality.png").stat().st_size > 1000
+    assert saved["reference_point"]["l1"] == pytest.approx(1.1 * saved["baselines"]["task_arithmetic w=1.0"][3])
+    assert set(saved["runs"]) == {"random", "tpe"} and not saved["errors"]
+    for runs in record["runs"].values():
+        assert len(runs) == 2
+        for r in runs:
+            assert len(r["hv"]) == 6 and np.all(np.diff(r["hv"]) >= 0) and 0 <= r["hv"][-1] <= 1
+    assert saved["summary"]["best_multi_objective"]["optimizer"] == "tpe"
+    assert len(saved["summary"]["baseline_dominance"]["per_baseline"]) == 20

@@ -1,0 +1,106 @@
+"""`mergesearch run`: studies in storage that resume, failures recorded, mismatches refused."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mergesearch.cli import main
+from mergesearch.config import load_config
+from mergesearch.execution.local import LocalExecutor
+from mergesearch.execution.worker import MergeWorkerFactory
+from mergesearch.search.loop import SearchRun
+
+from tests.conftest import write_job
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _states(url: str, name: str) -> dict[str, int]:
+    study = optuna.load_study(study_name=name, storage=url)
+    out: dict[str, int] = {}
+    for t in study.trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def test_trials_is_a_target_and_rerun_resumes(tiny_job: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    args = ["run", str(tiny_job), "--storage", url, "--study", "s", "--no-progress"]
+    assert _run([*args, "--trials", "3"]) == 0
+    assert _states(url, "s") == {"COMPLETE": 3}
+    # the same command again: the study is complete, nothing new is evaluated
+    assert _run([*args, "--trials", "3"]) == 0
+    assert _states(url, "s") == {"COMPLETE": 3}
+    # a larger target continues the same study
+    assert _run([*args, "--trials", "5"]) == 0
+    study = optuna.load_study(study_name="s", storage=url)  # plain optuna (and optuna-dashboard) reads it
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert study.metric_names == ["reverse", "sort_ll", "l1"]
+    assert all("plan" in t.user_attrs and "worker" in t.user_attrs for t in study.trials)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == 5  # the resumed optimizer did not replay its start-up points
+
+
+def test_initial_presets_run_first_and_plans_are_stored(tiny_models, tmp_path: Path) -> None:
+    job = write_job(tmp_path, tiny_models, extra="")
+    text = job.read_text().replace("seed: 0}", "seed: 0, initial: [uniform, ties_default]}")
+    job.write_text(text)
+    run = SearchRun(load_config(job), storage=f"sqlite:///{tmp_path / 'i.db'}", study_name="i", trials=3)
+    pool = LocalExecutor(MergeWorkerFactory(run.config))
+    report = run.run(pool)
+    assert report.completed == 3
+    first, second = run.study.trials[:2]
+    assert first.user_attrs["plan"]["merge_method"] == "task_arithmetic"
+    weights = [m["parameters"]["weight"] for m in first.user_attrs["plan"]["models"]]
+    assert weights == pytest.approx([0.5, 0.5])
+    assert second.user_attrs["plan"]["merge_method"] == "ties"
+
+
+def test_failing_candidates_are_stored_with_reasons(tiny_models, tmp_path: Path, monkeypatch) -> None:
+    from tests.support import objective_fns
+
+    objectives = (
+        "  - {type: python, name: emb, target: 'tests.support.objective_fns:nan_for_heavy'}\n"
+        "  - {type: l1_from_base, name: l1}\n"
+    )
+    job = write_job(tmp_path, tiny_models, objectives=objectives)
+    monkeypatch.setattr(objective_fns.nan_for_heavy, "threshold", 0.0)  # every candidate is NaN
+    run = SearchRun(load_config(job), storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="f", trials=2)
+    from mergesearch.errors import StudyError
+
+    with pytest.raises(StudyError, match="failed in a row"):
+        run.run(LocalExecutor(MergeWorkerFactory(run.config)), max_consecutive_failures=3)
+    failed = run.study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 3
+    assert all("emb" in t.user_attrs["fail_reason"] and "nan" in t.user_attrs["fail_reason"] for t in failed)
+    # the study still resumes: with a finite objective the same study completes
+    monkeypatch.setattr(objective_fns.nan_for_heavy, "threshold", math.inf)
+    run2 = SearchRun(load_config(job), storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="f", trials=2)
+    assert run2.run(LocalExecutor(MergeWorkerFactory(run2.config))).completed == 2
+    assert _states(f"sqlite:///{tmp_path / 'f.db'}", "f") == {"FAIL": 3, "COMPLETE": 2}
+
+
+def test_changed_objectives_are_refused_and_study_unchanged(tiny_models, tmp_path: Path, capsys) -> None:
+    db = tmp_path / "m.db"
+    url = f"sqlite:///{db}"
+    job = write_job(tmp_path, tiny_models)
+    assert _run(["run", str(job), "--storage", url, "--study", "m", "--trials", "2", "--no-progress"]) == 0
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    capsys.readouterr()
+    other = write_job(tmp_path / "other", tiny_models, objectives="  - {type: l1_from_base, name: l1}\n")
+    code = _run(["run", str(other), "--storage", url, "--study", "m", "--trials", "3", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and "objectives" in err[0]
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
