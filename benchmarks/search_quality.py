@@ -11,7 +11,7 @@ box [0, 1]^3 x [0, l1_ref] (1.0 = a perfect model at zero cost). Baselines: unif
 (every weight = λ, λ = 0.1..1.0) and TIES (weight 1, density 0.5, λ = 0.1..1.0; λ = 1 is the default recipe).
 
     OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--seeds 3] [--budget 180] [--optimizers a,b]
-        [--budget-for qnehvi=120] [--space weights|ties] [--quick]
+        [--budget-for qnehvi=120] [--space weights|ties] [--resume] [--quick]
 
 Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table.
 """
@@ -53,11 +53,12 @@ def space_config(kind: str) -> Any:
 
 
 def demo_config(demo_dir: Path, kind: str) -> Any:
-    """The demo job (built or reused under ``demo_dir``) with the benchmark's space and a local executor."""
+    """The demo job under ``demo_dir`` (built first if absent) with the benchmark's space and a local executor."""
     from mergesearch.config import load_config
     from mergesearch.demo.build import build_demo
 
-    build_demo(demo_dir, progress=lambda m: print(m, file=sys.stderr))
+    if not (demo_dir / "demo.yaml").is_file():  # an existing build (any recipe) is used as it is
+        build_demo(demo_dir, progress=lambda m: print(m, file=sys.stderr))
     config = load_config(demo_dir / "demo.yaml")
     return config.model_copy(update={"space": space_config(kind),
                                      "execution": config.execution.model_copy(update={"executor": "local"})})
@@ -237,9 +238,10 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         style = {"lw": 2.4, "ls": "--"} if opt in REFERENCE_OPTIMIZERS else {"lw": 1.6}
         (line,) = ax.plot(x, m, label=opt, **style)
         ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.12)
-    colors = plt.get_cmap("Greys")(np.linspace(0.45, 0.9, len(summary["baseline_hypervolume"])))
-    for (name, hv), c in zip(summary["baseline_hypervolume"].items(), colors, strict=True):
-        ax.axhline(hv, color=c, ls=":", lw=1.4, label=f"baseline: {name}")
+    styles = [("black", ":"), ("dimgray", "-."), ("saddlebrown", ":"), ("purple", "-.")]
+    for i, (name, hv) in enumerate(summary["baseline_hypervolume"].items()):
+        color, ls = styles[i % len(styles)]
+        ax.axhline(hv, color=color, ls=ls, lw=1.3, label=f"baseline: {name}")
     ax.axvline(summary.get("best_multi_objective", {}).get("at", AT), color="black", lw=0.6, alpha=0.4)
     ax.set_xlabel("evaluations")
     ax.set_ylabel("hypervolume (normalised)")
@@ -252,6 +254,17 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def previous_runs(path: Path, record: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], float]:
+    """Runs (and seconds spent) stored by an earlier invocation; they must share space and reference point."""
+    old = json.loads(path.read_text())
+    same_ref = old.get("reference_point", {}).keys() == record["reference_point"].keys() and np.allclose(
+        list(old["reference_point"].values()), list(record["reference_point"].values()), rtol=1e-6)
+    if old.get("space_config") != record["space_config"] or not same_ref:
+        raise SystemExit(f"--resume: {path} holds runs of another space or reference point; use another --out")
+    record["errors"].update(old.get("errors", {}))
+    return old.get("runs", {}), float(old.get("elapsed", 0.0))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -262,6 +275,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--space", choices=["weights", "ties"], default="weights")
     p.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in OUT/search_quality.json (same space and reference point); "
+                        "run only the missing optimizer/seed pairs")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 30, random/tpe/cmaes-sum (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -313,10 +329,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": {}, "errors": {},
     }
     runs: dict[str, list[dict[str, Any]]] = {}
+    done_before = 0.0
+    if args.resume and (out / "search_quality.json").is_file():
+        runs, done_before = previous_runs(out / "search_quality.json", record)
     at = min(AT, args.budget)
     t0 = time.perf_counter()
     for opt in args.optimizers:
         for seed in range(args.seeds):
+            if any(r["seed"] == seed for r in runs.get(opt, [])):
+                continue
             try:
                 r = run_one(config, worker, opt, seed, args.budgets[opt])
             except Exception as e:  # one optimizer crashing must not lose the others' results
@@ -333,12 +354,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"final {r['hv'][-1]:.4f}", file=sys.stderr, flush=True)
             record["runs"] = runs
             record["summary"] = summarize(runs, baselines, directions, ref, scale, at)
-            record["elapsed"] = time.perf_counter() - t0
+            record["elapsed"] = done_before + time.perf_counter() - t0
+            record["budgets"] = {o: max(len(r["values"]) for r in rs) for o, rs in runs.items()}
             out.mkdir(parents=True, exist_ok=True)
             (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")  # partial results too
 
     summary = record["summary"] = summarize(runs, baselines, directions, ref, scale, at)
-    longest = max(args.budgets.values())
+    longest = max([len(r["values"]) for rs in runs.values() for r in rs] or [args.budget])
     checkpoints = sorted({*range(20, longest + 1, 20), at, longest})
     text = table(summary, checkpoints)
     record["table"] = text

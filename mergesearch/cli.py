@@ -165,6 +165,10 @@ def eval_(
     from mergesearch.config import load_config
     from mergesearch.objectives import evaluate_model_dir
 
+    if split not in ("search", "test"):
+        from mergesearch.errors import ConfigError
+
+        raise ConfigError(f"--split: expected search or test, got '{split}'")
     cfg = load_config(config)
     scores = evaluate_model_dir(model, cfg.objectives, split=split, base_model=cfg.base_model, device=device)
     if as_json:

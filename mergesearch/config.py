@@ -218,13 +218,17 @@ def _members(annotation: Any) -> list[Any]:
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line naming the file, the key path and the problem of the first validation error."""
-    first = err.errors()[0]
+    errors = err.errors()
+    # a misspelt key also shows up as a missing required one: name the misspelling, it is the cause
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     path = ".".join(str(p) for p in loc) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{path}'{_suggest(str(loc[-1]), _model_at(loc))}"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {path}: {msg}"
+    value = first.get("input")
+    got = f" (got {value!r})" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+    return f"{source}: {path}: {msg}{got}"
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -233,9 +237,11 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (bad byte at offset {e.start})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

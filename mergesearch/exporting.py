@@ -97,8 +97,17 @@ def export_trial(storage: Any, study_name: str | None, trial_number: int, out_di
     recipe = plan if absolute_paths else portable_plan(plan, out)
     names = [name for name, _ in objectives_of(study)]
     scores = {"study": study.study_name, "trial": trial.number, "values": dict(zip(names, trial.values, strict=True))}
-    return save_model_dir(model, out, tokenizer_source=merger.tokenizer_path, recipe=recipe, overwrite=overwrite,
-                          extra_files={"scores.json": json.dumps(scores, indent=2) + "\n"})
+    from safetensors import SafetensorError
+
+    try:
+        return save_model_dir(model, out, tokenizer_source=merger.tokenizer_path, recipe=recipe,
+                              overwrite=overwrite, extra_files={"scores.json": json.dumps(scores, indent=2) + "\n"})
+    except (OSError, SafetensorError) as e:  # a full disk, no permission (safetensors raises its own type)
+        from mergesearch.errors import ModelError
+
+        reason = (f"{e.strerror}: {e.filename}" if e.filename else e.strerror) if isinstance(e, OSError) and \
+            e.strerror else (str(e).splitlines() or [""])[0]
+        raise ModelError(f"cannot write {out} (nothing was exported): {reason}") from None
 
 
 def validate_front(storage: Any, study_name: str | None, front: Any) -> Any:

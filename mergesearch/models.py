@@ -113,10 +113,14 @@ class Checkpoint:
         for f in files:
             if not f.is_file():
                 raise ModelError(f"model {self.ref!r}: shard {f.name} listed in the index is missing")
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    self._files[name] = f
-                    self.shapes[name] = tuple(st.get_slice(name).get_shape())
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        self._files[name] = f
+                        self.shapes[name] = tuple(st.get_slice(name).get_shape())
+            except Exception as e:  # SafetensorError (truncated or corrupt header) or OSError
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ModelError(f"model {self.ref!r}: cannot read {f} ({reason})") from None
         return bool(files)
 
     def _open_pickle(self, allow_pickle: bool) -> None:

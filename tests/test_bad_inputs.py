@@ -30,6 +30,14 @@ from tests.conftest import make_tiny_llama, write_job
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _quiet_transformers() -> None:
+    """The CLI silences transformers' progress bars by env var at start-up; in-process it is imported already."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def cli(argv: list[str], capsys) -> tuple[int, list[str]]:
     """Run the CLI in-process; returns (exit code, non-empty stderr lines)."""
     capsys.readouterr()
@@ -128,12 +136,14 @@ def _broken_models(root: Path, models: dict[str, Path]) -> dict[str, Path]:
 def env(tiny_models, tmp_path_factory) -> Env:
     root = tmp_path_factory.mktemp("bad")
     job = write_job(root, tiny_models)
-    e = Env(root=root, job=job, db=root / "stored.db", models={**tiny_models, **_broken_models(root / "m", tiny_models)})
+    broken = _broken_models(root / "m", tiny_models)
+    e = Env(root=root, job=job, db=root / "stored.db", models={**tiny_models, **broken})
     # the stored study every storage-touching case must leave unchanged
     try:
         main(["run", str(job), "--storage", e.url, "--study", "s", "--trials", "2", "--no-progress"])
     except SystemExit as exc:
         assert not exc.code, exc.code
+    shutil.copy(e.db, root / "stored.orig.db")
     # a study made by plain Optuna (another tool), with other objectives, in its own file
     other = optuna.create_study(storage=f"sqlite:///{root / 'other.db'}", study_name="s", directions=["minimize"])
     other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
@@ -177,7 +187,8 @@ CASES = [
          ("mal.yaml", "line", "malformed YAML")),
     Case("yaml-top-list", lambda e: e.run(e.write("list.yaml", "- a\n- b\n")), ("list.yaml", "mapping")),
     Case("yaml-empty", lambda e: e.run(e.write("empty.yaml", "")), ("empty.yaml", "mapping")),
-    Case("yaml-python-tag", lambda e: e.run(e.write("tag.yaml", "base_model: !!python/object/apply:os.system [echo]\n")),
+    Case("yaml-python-tag",
+         lambda e: e.run(e.write("tag.yaml", "base_model: !!python/object/apply:os.system [echo]\n")),
          ("tag.yaml", "python/object")),
     Case("unknown-top-key", lambda e: e.run(e.variant("k1", "models:", "modles:")),
          ("unknown key 'modles'", "did you mean 'models'")),
@@ -185,7 +196,8 @@ CASES = [
          ("search.optimiser", "did you mean 'optimizer'")),
     Case("unknown-execution-key", lambda e: e.run(e.variant("k3", "workers: 1", "wokers: 1")),
          ("execution.wokers", "did you mean 'workers'")),
-    Case("unknown-objective-option", lambda e: e.run(e.variant("k4", "name: reverse,", "name: reverse, max_new_tokns: 3,")),
+    Case("unknown-objective-option",
+         lambda e: e.run(e.variant("k4", "name: reverse,", "name: reverse, max_new_tokns: 3,")),
          ("max_new_tokns", "did you mean 'max_new_tokens'")),
     Case("wrong-type", lambda e: e.run(e.variant("t1", "trials: 4", "trials: many")), ("search.trials", "integer")),
     Case("out-of-range", lambda e: e.run(e.variant("t2", "trials: 4", "trials: 0")), ("search.trials", "greater")),
@@ -193,7 +205,8 @@ CASES = [
          ("space.weight", "low (1.0) > high (0.0)")),
     Case("range-length", lambda e: e.run(e.variant("t4", "weight: [0, 1]", "weight: [0, 1, 2]")),
          ("space.weight", "[low, high]")),
-    Case("granularity-zero", lambda e: e.run(e.variant("t5", "density: [0.2, 1]}", "density: [0.2, 1], granularity: 0}")),
+    Case("granularity-zero",
+         lambda e: e.run(e.variant("t5", "density: [0.2, 1]}", "density: [0.2, 1], granularity: 0}")),
          ("granularity",)),
     Case("bad-dtype", lambda e: e.run(e.variant("t6", "models:", "dtype: float8\nmodels:")), ("dtype", "float8")),
     Case("unknown-method", lambda e: e.run(e.variant("t7", "methods: [task_arithmetic, ties]", "methods: [tiez]")),
@@ -230,7 +243,8 @@ CASES = [
     Case("data-missing", lambda e: e.run(e.variant("d1", "data/reverse_search", "data/nothere")), ("nothere.jsonl",)),
     Case("jsonl-bad-line", lambda e: e.run(_data(e, "badline", '{"prompt": "a", "answer": "b"}\n{"prompt": oops}\n')),
          ("badline.jsonl:2", "malformed JSON")),
-    Case("jsonl-missing-field", lambda e: e.run(_data(e, "nofield", '{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n')),
+    Case("jsonl-missing-field",
+         lambda e: e.run(_data(e, "nofield", '{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n')),
          ("nofield.jsonl:2", "answer")),
     Case("jsonl-not-object", lambda e: e.run(_data(e, "notobj", '[1, 2]\n')), ("notobj.jsonl:1", "object")),
     Case("jsonl-empty", lambda e: e.run(_data(e, "empty", "\n\n")), ("empty.jsonl", "no examples")),
@@ -242,12 +256,12 @@ CASES = [
     Case("storage-password-masked", lambda e: e.run(e.job, url="postgresql://user:s3cr3t@127.0.0.1:1/db"),
          ("cannot open storage", "postgresql://user:***@127.0.0.1:1/db"), guard=None),
     Case("storage-read-only", lambda e: e.run(e.job, url=f"sqlite:///file:{e.db}?mode=ro&uri=true"),
-         ("read", "stored.db")),
+         ("readonly database", "stored.db")),
     Case("study-locked-by-live-driver", lambda e: e.run(e.job, url=f"sqlite:///{e.root / 'leased.db'}"),
          ("being run by another driver", ":1,"), guard="leased.db"),
     Case("front-storage-missing", lambda e: ["front", "--storage", f"sqlite:///{e.root / 'none.db'}", "--study", "s"],
          ("none.db", "not found"), guard=None),
-    Case("front-study-missing", lambda e: ["front", "--storage", e.url, "--study", "nope"], ("nope", "'s'")),
+    Case("front-study-missing", lambda e: ["front", "--storage", e.url, "--study", "nope"], ("nope", "available: s")),
     Case("front-bad-format", lambda e: ["front", "--storage", e.url, "--study", "s", "--format", "xml"], ("xml",)),
     Case("front-bad-plot", lambda e: ["front", "--storage", e.url, "--study", "s", "--plot", str(e.root / "p.gif")],
          ("p.gif",)),
@@ -278,13 +292,15 @@ CASES = [
          ("conflicting", "--address", "--executor")),
     Case("eval-bad-split", lambda e: ["eval", str(e.job), "--model", str(e.models["a"]), "--split", "train"],
          ("train",), guard=None),
-    Case("eval-model-missing", lambda e: ["eval", str(e.job), "--model", str(e.root / "ghost")], ("ghost",), guard=None),
+    Case("eval-model-missing", lambda e: ["eval", str(e.job), "--model", str(e.root / "ghost")], ("ghost",),
+         guard=None),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, env: Env, capsys) -> None:
     argv = case.argv(env)
+    shutil.copy(env.root / "stored.orig.db", env.db)  # a case that wrongly writes must not affect the next
     guard = env.root / case.guard if case.guard else None
     before = sha(guard) if guard else None
     code, err = cli(argv, capsys)
@@ -302,14 +318,6 @@ def test_bad_input(case: Case, env: Env, capsys) -> None:
 
 def test_at_least_thirty_distinct_cases() -> None:
     assert len({c.id for c in CASES}) == len(CASES) >= 30
-
-
-def test_password_never_printed_in_banner(env: Env, capsys, tmp_path) -> None:
-    """A good run on a URL with a password-like part: the banner masks it (sqlite ignores the 'password')."""
-    code, err = cli(["run", str(env.job), "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--study", "b",
-                     "--trials", "1", "--no-progress"], capsys)
-    assert code == 0, err
-    assert any("study 'b'" in line for line in err)
 
 
 def _sub(args: list[str], **kw) -> subprocess.CompletedProcess:

@@ -50,8 +50,8 @@ def test_front_json_is_the_non_dominated_set(study_url, capsys) -> None:
     sign = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in study.directions]
 
     def dominates(a, b) -> bool:
-        a, b = [s * x for s, x in zip(sign, a)], [s * x for s, x in zip(sign, b)]
-        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+        a, b = [s * x for s, x in zip(sign, a, strict=True)], [s * x for s, x in zip(sign, b, strict=True)]
+        return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
 
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     front = {e["trial"] for e in data["front"]}
@@ -130,7 +130,7 @@ def test_pick_bad_input(study_url, capsys, argv: list[str], needle: str) -> None
 def test_front_of_missing_or_empty_study(study_url, tmp_path: Path, capsys) -> None:
     url, _ = study_url
     code, _, err = _cli(["front", "--storage", url, "--study", "nope"], capsys)
-    assert code != 0 and "nope" in err and "'s'" in err or "s" in err
+    assert code != 0 and "nope" in err and "s" in err.split("nope", 1)[1]  # names the available study
     empty = f"sqlite:///{tmp_path / 'e.db'}"
     optuna.create_study(study_name="e", storage=empty, directions=["maximize", "minimize"])
     code, _, err = _cli(["pick", "--storage", empty, "--study", "e"], capsys)

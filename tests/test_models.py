@@ -51,7 +51,7 @@ def test_hub_id_offline_is_model_error(monkeypatch):
 
 
 def test_mismatched_shapes_name_model_and_tensor(tmp_path, tiny_models):
-    from conftest import make_tiny_llama
+    from tests.conftest import make_tiny_llama
 
     other = make_tiny_llama(tmp_path / "wide", seed=5, hidden=48)
     with pytest.raises(ModelError, match=r"model '.*wide'.*tensor 'lm_head.weight'"):

@@ -14,7 +14,6 @@ from mergesearch.config import load_config
 from mergesearch.execution.local import LocalExecutor
 from mergesearch.execution.worker import MergeWorkerFactory
 from mergesearch.search.loop import SearchRun
-
 from tests.conftest import write_job
 
 

@@ -29,9 +29,15 @@ class MergeWorker:
             config.base_model, list(config.models), dtype=config.dtype, device=ex.device,
             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code,
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            config.base_model, trust_remote_code=config.trust_remote_code
-        )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                config.base_model, trust_remote_code=config.trust_remote_code
+            )
+        except Exception as e:  # missing or broken tokenizer files: transformers raises OSError or ValueError
+            from mergesearch.errors import ModelError
+
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ModelError(f"model {config.base_model!r}: cannot load its tokenizer ({reason})") from None
         context = ObjectiveContext(base_state=self.merger.base_state, device=ex.device, split="search")
         self.objectives = build_objectives(config.objectives, context)
 

@@ -20,7 +20,7 @@ from mergesearch.errors import ConfigError
 from mergesearch.merging.engine import run_job
 from mergesearch.merging.plan import MergePlan
 from mergesearch.merging.resolve import plan_models, resolve
-from mergesearch.merging.sparsify import MagnitudeOrder, uniform_draws
+from mergesearch.merging.sparsify import MagnitudeOrder, della_rank_norm, uniform_draws
 from mergesearch.models import Checkpoint, check_compatible, layer_key, to_dtype
 
 
@@ -65,6 +65,7 @@ class ResidentMerger:
         self._raw: dict[tuple[str, str], torch.Tensor] = {}
         self._draws: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._draws_seed: int | None = None
+        self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._tokenizer: Any = None
         self.model = AutoModelForCausalLM.from_pretrained(ck.path, dtype=self.dtype,
                                                           trust_remote_code=trust_remote_code).to(device).eval()
@@ -87,6 +88,13 @@ class ResidentMerger:
         if key not in self._orders:
             self._orders[key] = MagnitudeOrder(self._deltas[key])
         return self._orders[key]
+
+    def ranks(self, model: str, name: str) -> torch.Tensor:
+        """DELLA's normalized row ranks of |τ| (computed on first use)."""
+        key = (model, name)
+        if key not in self._ranks:
+            self._ranks[key] = della_rank_norm(self._deltas[key])
+        return self._ranks[key]
 
     def draws(self, shape: torch.Size, seed: int) -> torch.Tensor:
         """DARE's uniform draws for one (tensor, input, plan seed), kept until a plan with another seed."""

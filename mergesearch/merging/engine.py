@@ -24,6 +24,8 @@ class TaskVectorCache(Protocol):
 
     def draws(self, shape: torch.Size, seed: int) -> torch.Tensor: ...
 
+    def ranks(self, model: str, name: str) -> torch.Tensor: ...
+
 
 def job_seed(seed: int | None, name: str) -> int:
     """Seed of a tensor's random sparsifier: depends on the plan's seed and the tensor name only, so the
@@ -61,10 +63,13 @@ def run_job(job: TensorJob, tensor: Callable[[str, str], torch.Tensor], *, seed:
     def order(i: int) -> MagnitudeOrder | None:
         return cache.order(*job.inputs[i]) if cached(i) else None  # type: ignore[union-attr]
 
+    def ranks(i: int) -> torch.Tensor | None:
+        return cache.ranks(*job.inputs[i]) if cached(i) else None  # type: ignore[union-attr]
+
     shape = tensor(*job.inputs[0]).shape
     draws = (lambda i, s: cache.draws(shape, s)) if cache is not None else None  # type: ignore[union-attr]
     group = TensorGroup(job.name, len(job.inputs), b, lambda i: tensor(*job.inputs[i]), delta=delta, order=order,
-                        seed=job_seed(seed, job.name), draws=draws, out=out)
+                        seed=job_seed(seed, job.name), draws=draws, ranks=ranks, out=out)
     result = method.merge(group, job.shared, job.per_input)
     if out is not None and result is not out:
         out.copy_(result)

@@ -31,6 +31,7 @@ class TensorGroup:
         n: number of inputs; ``base_index`` is the base's position among them (None: no base).
         seed: seed of the random sparsifiers (input i draws with ``seed + i``).
         draws: optional ``(i, seed) -> int16 draws`` of input i (a cache of :func:`sparsify.uniform_draws`).
+        ranks: optional ``i -> della_rank_norm(τi)`` (cached row ranks).
         out: optional destination tensor of shape S (the resident model's parameter).
     """
 
@@ -42,6 +43,7 @@ class TensorGroup:
     order: Callable[[int], sp.MagnitudeOrder | None] | None = None
     seed: int = 0
     draws: Callable[[int, int], torch.Tensor] | None = None
+    ranks: Callable[[int], torch.Tensor | None] | None = None
     out: torch.Tensor | None = None
 
     def task_vector(self, i: int) -> torch.Tensor:
@@ -184,7 +186,7 @@ def _sparsified(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVec
     """τi after a DELLA mask (and rescale), shape S — the one sparsifier applied to whole tensors."""
     tau = group.task_vector(i)
     d = float(p["density"])
-    mask = sp.della_mask(tau, d, float(p["epsilon"]), group.rng(i))
+    mask = sp.della_mask(tau, d, float(p["epsilon"]), group.rng(i), group.ranks(i) if group.ranks else None)
     if mask is None:
         return tau
     masked = tau * mask

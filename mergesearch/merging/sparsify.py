@@ -116,29 +116,39 @@ def random_mask(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor | 
     return uniform_draws(tau.shape, seed) < keep_below(density)
 
 
-def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def della_rank_norm(tau: torch.Tensor) -> torch.Tensor:
+    """Rank of |τ| within its row scaled to [0, 1] (float32, ``tau``'s shape; a 1-D tensor is one row).
+
+    Independent of density and epsilon, so a resident merger computes it once per tensor.
+    """
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    ranks = rows.abs().float().argsort(dim=1).argsort(dim=1).float()
+    width = rows.shape[1] - 1
+    return (ranks / width if width > 0 else torch.zeros_like(ranks)).reshape(tau.shape)
+
+
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float,
+                        rank_norm: torch.Tensor | None = None) -> torch.Tensor:
     """DELLA keep probabilities: per row, linear in the rank of |τ| from density−ε (smallest) to density+ε.
 
     Returns:
-        float32 tensor of ``tau``'s shape (1-D tensors are one row).
+        float32 tensor of ``tau``'s shape.
     """
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ConfigError(f"della: density ± epsilon must lie strictly inside (0, 1), got density={density}, "
                           f"epsilon={epsilon}")
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
-    ranks = rows.abs().float().argsort(dim=1).argsort(dim=1).float()
-    width = rows.shape[1] - 1
-    rank_norm = ranks / width if width > 0 else torch.zeros_like(ranks)
-    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(tau.shape)
+    rank_norm = della_rank_norm(tau) if rank_norm is None else rank_norm
+    return (density - epsilon) + rank_norm * (2 * epsilon)
 
 
-def della_mask(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor | None:
+def della_mask(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+               rank_norm: torch.Tensor | None = None) -> torch.Tensor | None:
     """DELLA (MagPrune): Bernoulli mask with rank-dependent keep probabilities per row."""
     if density >= 1:
         return None
     if density <= 0:
         return torch.zeros_like(tau, dtype=torch.bool)
-    return torch.bernoulli(della_probabilities(tau, density, epsilon), generator=generator).bool()
+    return torch.bernoulli(della_probabilities(tau, density, epsilon, rank_norm), generator=generator).bool()
 
 
 def l1_rescale_factor(tau: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> float:

@@ -108,17 +108,21 @@ class DriverLease:
 
         self.study.set_user_attr(LEASE_ATTR, {"owner": DRIVER_ID, "time": time.time(), "released": released})
 
-    def acquire(self) -> None:
-        """Take the lease, or raise StudyError naming the live driver that holds it."""
+    def check(self) -> None:
+        """Raise StudyError naming the live driver that holds the lease, if another one does (reads only)."""
         from mergesearch.search.study import DRIVER_ID, _driver_gone
 
         lease = self._read()
-        owner, age = lease.get("owner"), time.time() - float(lease.get("time", 0.0))
+        owner, age = lease.get("owner"), max(0.0, time.time() - float(lease.get("time", 0.0)))
         if owner and owner != DRIVER_ID and not lease.get("released") and age < self.stale_after \
                 and not _driver_gone(owner):
             raise StudyError(f"study '{self.study.study_name}' is being run by another driver "
-                             f"({owner.rsplit(':', 1)[0]}, seen "
-                             f"{age:.0f}s ago); stop it first, or wait {self.stale_after:.0f}s if it was killed")
+                             f"({owner.rsplit(':', 1)[0]}, seen {age:.0f}s ago); stop it first, or wait "
+                             f"{self.stale_after:.0f}s if it was killed")
+
+    def acquire(self) -> None:
+        """Take the lease, or raise StudyError naming the live driver that holds it."""
+        self.check()
         self._write()
 
     def _run(self) -> None:
@@ -191,7 +195,9 @@ class SearchRun:
         self.optimizer = Optimizer(self.study, self.space.distributions, name=optimizer or config.search.optimizer,
                                    seed=config.search.seed if seed is None else seed,
                                    options=dict(config.search.options), reference_point=self.reference)
+        self._initial = self._initial_points()
         self.lease = DriverLease(self.study)
+        self.lease.check()  # refuse a study another driver runs before loading any model
         self.recovered = 0
         self._prepared = False
 
@@ -209,24 +215,35 @@ class SearchRun:
 
         if self._prepared:
             return
-        self.lease.acquire()
+        try:
+            self.lease.acquire()
+        except StudyError:
+            raise
+        except Exception as e:  # the first write: a read-only file or database, a full disk, a lost server
+            from mergesearch.search.study import mask_url
+
+            while e.__cause__ or e.__context__:  # optuna wraps the database's own (telling) error
+                e = e.__cause__ or e.__context__
+            raise StudyError(f"cannot write to storage {mask_url(self.storage)}: {type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}") from None
         self.recovered = recover_orphans(self.study, exclusive=True)
         store_config(self.study, self.config)
         if not self.study.trials:
-            self._enqueue_initial()
+            for point in self._initial:
+                self.optimizer.enqueue(point)
         self._prepared = True
 
-    def _enqueue_initial(self) -> None:
+    def _initial_points(self) -> list[dict[str, Any]]:
+        """``search.initial`` as parameter dicts (presets by name); checked before anything is written."""
         presets = self.space.presets()
+        points = []
         for item in self.config.search.initial:
-            if isinstance(item, str):
-                if item not in presets:
-                    from mergesearch.errors import ConfigError
+            if isinstance(item, str) and item not in presets:
+                from mergesearch.errors import ConfigError
 
-                    raise ConfigError(f"search.initial: unknown preset '{item}' (known: {', '.join(presets)})")
-                self.optimizer.enqueue(presets[item])
-            else:
-                self.optimizer.enqueue(item)
+                raise ConfigError(f"search.initial: unknown preset '{item}' (known: {', '.join(presets)})")
+            points.append(presets[item] if isinstance(item, str) else item)
+        return points
 
     def completed_count(self) -> int:
         from mergesearch.search.study import count_complete

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_llama  # tests/conftest.py (pytest puts tests/ on sys.path)
+from tests.conftest import make_tiny_llama
 
 from mergesearch.config import ObjectiveConfig
 
