@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from tests.conftest import make_tiny_llama
 
 from mergesearch.config import ObjectiveConfig
+from tests.conftest import make_tiny_llama
 
 # Output row of "0" swapped with EOS's: this random model then emits EOS after 2-7 tokens on ~2/3 of prompts
 # (found by trying every token), which gives exact-match data with real right and wrong multi-token answers.
