@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     done_before = 0.0
     if args.resume and (out / "search_quality.json").is_file():
         runs, done_before = previous_runs(out / "search_quality.json", record)
-    at = min(AT, args.budget)
+    at = min(AT, max([args.budget] + [len(r["values"]) for rs in runs.values() for r in rs]))
     t0 = time.perf_counter()
     for opt in args.optimizers:
         for seed in range(args.seeds):

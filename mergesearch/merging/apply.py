@@ -3,8 +3,11 @@
 ``ResidentMerger`` reads the base and the sources once, keeps τi = θi − θ0 for every source tensor, and writes
 each plan's merged weights straight into the parameters of one ``AutoModelForCausalLM`` (no reload, no disk).
 Magnitude sparsifiers (TIES, breadcrumbs) sort |τ| of a tensor once, the first time it is needed, so merging at
-a new density is an index lookup plus one masked pass. Plans that change the layer count (``slices``) draw
-decoder layers from a pool of modules. ``apply(plan)`` gives the same weights as ``merge_config`` for the plan.
+a new density is an index lookup plus one fused pass. DARE keeps its int16 draws and, per (tensor, input), the
+cumulative ‖τ‖₁ by draw value, so its L1 rescale at any density is a lookup too; both are reused while the
+plan's ``random_seed`` stays the same (the search fixes it per study). DELLA keeps its per-row ranks.
+Plans that change the layer count (``slices``) draw decoder layers from a pool of modules. ``apply(plan)``
+gives the same weights as ``merge_config`` for the plan.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from mergesearch.errors import ConfigError
 from mergesearch.merging.engine import run_job
 from mergesearch.merging.plan import MergePlan
 from mergesearch.merging.resolve import plan_models, resolve
-from mergesearch.merging.sparsify import MagnitudeOrder, della_rank_norm, uniform_draws
+from mergesearch.merging.sparsify import MagnitudeOrder, della_rank_norm, l1_by_draw, uniform_draws
 from mergesearch.models import Checkpoint, check_compatible, layer_key, to_dtype
 
 
@@ -66,6 +69,7 @@ class ResidentMerger:
         self._draws: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._draws_seed: int | None = None
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
+        self._l1: dict[tuple[str, str, int], torch.Tensor] = {}
         self._tokenizer: Any = None
         self.model = AutoModelForCausalLM.from_pretrained(ck.path, dtype=self.dtype,
                                                           trust_remote_code=trust_remote_code).to(device).eval()
@@ -103,6 +107,14 @@ class ResidentMerger:
             self._draws[key] = uniform_draws(shape, seed).to(self.device)
         return self._draws[key]
 
+    def l1_table(self, model: str, name: str, seed: int) -> torch.Tensor:
+        """DARE's cumulative ‖τ‖₁ by draw (:func:`l1_by_draw`), kept like the draws until the plan seed changes."""
+        key = (model, name, seed)
+        if key not in self._l1:
+            delta = self._deltas[(model, name)]
+            self._l1[key] = l1_by_draw(delta, self.draws(delta.shape, seed))
+        return self._l1[key]
+
     def tensor(self, model: str, name: str) -> torch.Tensor:
         """θ_model[name] in the working dtype (sources are read from disk on first use, then kept)."""
         if model == self.base:
@@ -139,6 +151,7 @@ class ResidentMerger:
         resolved = resolve(plan, self.checkpoints, self.base)
         if plan.random_seed != self._draws_seed:  # draws are only reused within one plan seed
             self._draws.clear()
+            self._l1.clear()
             self._draws_seed = plan.random_seed
         self._set_layers([src_layer for _, src_layer in resolved.layer_map])
         with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 
 from mergesearch.merging.ops import TensorGroup, get_method
 from mergesearch.merging.resolve import TensorJob
-from mergesearch.merging.sparsify import MagnitudeOrder
+from mergesearch.merging.sparsify import MagnitudeOrder, l1_by_draw, uniform_draws
 
 
 class TaskVectorCache(Protocol):
@@ -25,6 +25,8 @@ class TaskVectorCache(Protocol):
     def draws(self, shape: torch.Size, seed: int) -> torch.Tensor: ...
 
     def ranks(self, model: str, name: str) -> torch.Tensor: ...
+
+    def l1_table(self, model: str, name: str, seed: int) -> torch.Tensor: ...
 
 
 def job_seed(seed: int | None, name: str) -> int:
@@ -68,8 +70,15 @@ def run_job(job: TensorJob, tensor: Callable[[str, str], torch.Tensor], *, seed:
 
     shape = tensor(*job.inputs[0]).shape
     draws = (lambda i, s: cache.draws(shape, s)) if cache is not None else None  # type: ignore[union-attr]
+    tseed = job_seed(seed, job.name)
+
+    def l1_table(i: int) -> torch.Tensor:
+        if cached(i):
+            return cache.l1_table(*job.inputs[i], tseed + i)  # type: ignore[union-attr]
+        return l1_by_draw(delta(i), draws(i, tseed + i) if draws else uniform_draws(shape, tseed + i))
+
     group = TensorGroup(job.name, len(job.inputs), b, lambda i: tensor(*job.inputs[i]), delta=delta, order=order,
-                        seed=job_seed(seed, job.name), draws=draws, ranks=ranks, out=out)
+                        seed=tseed, draws=draws, l1_table=l1_table, ranks=ranks, out=out)
     result = method.merge(group, job.shared, job.per_input)
     if out is not None and result is not out:
         out.copy_(result)

@@ -31,6 +31,7 @@ class TensorGroup:
         n: number of inputs; ``base_index`` is the base's position among them (None: no base).
         seed: seed of the random sparsifiers (input i draws with ``seed + i``).
         draws: optional ``(i, seed) -> int16 draws`` of input i (a cache of :func:`sparsify.uniform_draws`).
+        l1_table: optional ``i -> sparsify.l1_by_draw(τi, draws of input i)`` (cached DARE rescale sums).
         ranks: optional ``i -> della_rank_norm(τi)`` (cached row ranks).
         out: optional destination tensor of shape S (the resident model's parameter).
     """
@@ -43,6 +44,7 @@ class TensorGroup:
     order: Callable[[int], sp.MagnitudeOrder | None] | None = None
     seed: int = 0
     draws: Callable[[int, int], torch.Tensor] | None = None
+    l1_table: Callable[[int], torch.Tensor] | None = None
     ranks: Callable[[int], torch.Tensor | None] | None = None
     out: torch.Tensor | None = None
 
@@ -197,51 +199,68 @@ def _sparsified(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVec
     return masked * sp.l1_rescale_factor(tau, masked)
 
 
-#: elements per chunk of the fused task-vector loop: its scratch buffers stay in cache, so a merge costs a few
-#: streaming passes over the inputs instead of one pass per elementwise operation.
+#: elements per chunk of the fused task-vector loop: its (N, chunk) scratch buffers stay in the last-level cache,
+#: so a merge costs one streaming pass over the inputs plus cheap in-cache passes; large enough that the ~5 µs
+#: overhead of each of the ~20 tensor ops per chunk stays small.
 CHUNK = 1 << 16
+_BIG = torch.finfo(torch.float32).max
 
 
 @dataclass
 class _Input:
-    """One non-base input of the chunked loop: τ (flat), its keep rule, and its coefficient wi·rescale."""
+    """One non-base input of the chunked loop: τ (flat), its keep rule, and its coefficient wi·rescale.
+
+    The keep rule is a magnitude band lo <= |τ| <= hi (a bound None is open) or DARE draws < keep_below.
+    For float32 a band is applied with ``hardshrink`` (one op: keeps |τ| > λ with λ the float just below lo),
+    which gives the same entries as the comparison and avoids bool kernels (several times slower here).
+    """
 
     tau: torch.Tensor
     coef: float
-    band: tuple[torch.Tensor | None, torch.Tensor | None] | None = None  # keep lo <= |τ| <= hi
+    band: tuple[float | None, float | None] | None = None
     draws: torch.Tensor | None = None  # int16 uniforms; keep where draws < keep_below
     keep_below: int = 0
     zero: bool = False
 
-    def kept(self, s: int, e: int, buf: torch.Tensor, absbuf: torch.Tensor, fmask: torch.Tensor) -> None:
-        """Write coef·mask·τ[s:e] into buf. Masks are float 0/1: bool kernels are several times slower here."""
-        tau = self.tau[s:e]
-        if self.zero:
-            buf.zero_()
-            return
-        torch.mul(tau, self.coef, out=buf)
-        if self.band is not None:
-            lo, hi = self.band
-            torch.abs(tau, out=absbuf)
-            if lo is not None:
-                buf.mul_(torch.ge(absbuf, lo, out=fmask))
-            if hi is not None:
-                buf.mul_(torch.le(absbuf, hi, out=fmask))
-        if self.draws is not None:
-            buf.mul_(torch.lt(self.draws[s:e], self.keep_below, out=fmask))
+    def chunks(self) -> None:
+        """Split τ (and draws) into CHUNK-sized views once, and fix the per-chunk op."""
+        self.tau_c = self.tau.split(CHUNK)
+        self.draws_c = self.draws.split(CHUNK) if self.draws is not None else ()
+        lo = self.band[0] if self.band is not None else None
+        self.fast_band = self.band is not None and self.tau.dtype == torch.float32
+        self.lam = _below(lo) if lo is not None else None
 
-    def kept_l1(self) -> float:
-        """‖mask⊙τ‖₁, accumulated chunk by chunk in float64."""
-        n = self.tau.numel()
-        buf, a, m = (torch.empty(min(CHUNK, n), dtype=self.tau.dtype, device=self.tau.device) for _ in range(3))
-        coef, self.coef = self.coef, 1.0
-        total = torch.zeros((), dtype=torch.float64, device=self.tau.device)  # no host sync per chunk
-        for s in range(0, n, CHUNK):
-            e = min(n, s + CHUNK)
-            self.kept(s, e, buf[: e - s], a[: e - s], m[: e - s])
-            total += buf[: e - s].abs().sum(dtype=torch.float64)
-        self.coef = coef
-        return total.item()
+    def kept(self, ci: int, buf: torch.Tensor, scratch: torch.Tensor, fmask: torch.Tensor) -> torch.Tensor:
+        """mask⊙τ of chunk ``ci`` (unscaled), in ``buf`` or a view of τ when everything is kept."""
+        tau = self.tau_c[ci]
+        if self.zero:
+            return buf.zero_()
+        if self.fast_band:
+            hi = self.band[1]  # type: ignore[index]
+            if self.lam is None:
+                buf.copy_(tau)
+            else:
+                torch.ops.aten.hardshrink.out(tau, self.lam, out=buf)
+            if hi is not None:  # drop |τ| > hi: subtracting those entries is exact (x − x = 0)
+                buf.sub_(torch.ops.aten.hardshrink.out(tau, hi, out=scratch))
+            return buf
+        if self.band is not None:  # other dtypes: compare |τ| in float32, like the thresholds (and mergekit)
+            lo, hi = self.band
+            a = tau.abs().float()
+            buf.copy_(tau)
+            if lo is not None:
+                buf.mul_(a >= lo)
+            if hi is not None:
+                buf.mul_(a <= hi)
+            return buf
+        if self.draws is not None:
+            return torch.mul(tau, torch.lt(self.draws_c[ci], self.keep_below, out=fmask), out=buf)
+        return tau
+
+
+def _below(x: float) -> float:
+    """The largest float32 below ``x`` (x >= 0): |τ| > _below(lo) ⟺ |τ| >= lo for float32 τ."""
+    return torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(-1.0)).item() if x > 0 else -1.0
 
 
 def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVectorFlags, weight: float,
@@ -253,30 +272,30 @@ def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVector
     flat = tau.reshape(-1)
     d = float(p["density"])
     inp = _Input(flat, weight)
-    if flags.sparsifier is None or d >= 1:
-        return inp
+    if flags.sparsifier is None or d >= 1 or (flags.sparsifier == "random" and sp.keep_below(d) > 32767):
+        return inp  # keeps everything (a DARE mask above 1 − 2^-17 keeps every int16 draw)
     n = flat.numel()
     if d <= 0 or n == 0:
         inp.zero = True
         return inp
     order = group.magnitude_order(i)
     if flags.sparsifier == "magnitude":
-        inp.band = (sp.order_value(tau, n - max(1, int(d * n)), order), None)
+        inp.band = (sp.order_value(tau, n - max(1, int(d * n)), order).item(), None)
     elif flags.sparsifier == "magnitude_outliers":
         lo, hi = sp.outliers_band(tau, d, float(p["gamma"]), order)
         inp.zero = lo is None
-        inp.band = (lo, hi)
+        inp.band = (None if lo is None else lo.item(), None if hi is None else hi.item())
     else:
-        inp.draws = group.uniform(i).reshape(-1)
+        draws = group.uniform(i)
+        inp.draws = draws.reshape(-1)
         inp.keep_below = sp.keep_below(d)
-    if rescale and not inp.zero:
-        if flags.rescale_variant == "inverse_density":
-            inp.coef = weight / d
-        else:
-            before = flat.abs().sum(dtype=torch.float64).item()
-            after = inp.kept_l1()
+        if rescale and flags.rescale_variant == "l1":
+            table = group.l1_table(i) if group.l1_table is not None else sp.l1_by_draw(tau, draws)
+            before, after = table[-1].item(), table[inp.keep_below + 32768].item()
             if before >= 1e-7 and after >= 1e-7:
                 inp.coef = weight * (before / after)
+        elif rescale:
+            inp.coef = weight / d
     return inp
 
 
@@ -307,46 +326,86 @@ def task_vector_merge(flags: TaskVectorFlags, group: TensorGroup, shared: Mappin
             out.add_(group.task_vector(i), alpha=w * lam / div)
         return _emit(group, out)
     inputs = [_prepare(group, i, per_input[i], flags, w, rescale) for i, w in zip(idx, weights, strict=True)]
+    _fused_loop(inputs, base, out, weights, lam, normalize, flags.consensus)
+    return _emit(group, out)
+
+
+def _fused_loop(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, weights: list[float], lam: float,
+                normalize: bool, consensus: bool) -> None:
+    """out = base + λ·mix(coef_i·kept_i) chunk by chunk; every op writes into a preallocated cache-sized buffer.
+
+    Sign consensus without sign vectors: with g = [Σ u ≥ 0] (0 counts as +), the agreeing part of each
+    u_i = coef_i·kept_i is clamp(u_i, L, H) with (L, H) = (0, BIG) where g else (−BIG, 0) — i.e. relu(u_i) or
+    min(u_i, 0), the same values and summation order as mergekit's masked sum, in one op over (N, chunk).
+    The divisor Σ wi·[i agrees] is |Σ wi·sign(agreeing u_i)| for positive weights (all agreeing signs are equal).
+    """
     k, n = len(inputs), base.numel()
     c = min(CHUNK, n)
-    dt = base.dtype
-    dev = base.device
-    work, tmp, agree = (torch.empty(k, c, dtype=dt, device=dev) for _ in range(3))  # (N, chunk) scratch, stays in cache
-    absbuf, fmask, mixed_buf, sign_buf, zero_buf = (torch.empty(c, dtype=dt, device=dev) for _ in range(5))
+    dt, dev = base.dtype, base.device
+    work = torch.empty(k, c, dtype=dt, device=dev)  # u_i of one chunk, (N, chunk)
+    scratch, fmask, mixed_buf, lo_buf, hi_buf = (torch.empty(c, dtype=dt, device=dev) for _ in range(5))
+    cvec = torch.tensor([inp.coef for inp in inputs], dtype=dt, device=dev).unsqueeze(1)  # (N, 1)
     wvec = torch.tensor(weights, dtype=dt, device=dev).unsqueeze(0)  # (1, N)
+    # divisor = Σ wi over agreeing inputs, 0 -> 1. With positive weights a nonzero divisor is >= min wi, and a
+    # zero one comes with a zero numerator, so clamping at min wi gives the same quotient in one op.
+    positive = min(weights) > 0
     div_nc = sum(weights) if normalize else 1.0
     div_nc = 1.0 if abs(div_nc) < 1e-8 else div_nc
-    base_f, out_f = base.reshape(-1), out.reshape(-1)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        m = e - s
-        w_, t_, mixed = work[:, :m], tmp[:, :m], mixed_buf[:m]
-        for j, inp in enumerate(inputs):
-            inp.kept(s, e, w_[j], absbuf[:m], fmask[:m])
-        torch.add(w_[0], w_[1], out=mixed) if k > 1 else mixed.copy_(w_[0])
-        for j in range(2, k):
-            mixed.add_(w_[j])
-        if flags.consensus:
-            sgn = torch.ge(mixed, 0, out=sign_buf[:m]).mul_(2).sub_(1)  # majority sign of Σ wi·τi; 0 counts +
-            torch.mul(w_, sgn, out=t_)  # > 0 exactly where an input agrees; pruned zeros never do
-            if normalize:
-                a_ = torch.gt(t_, 0, out=agree[:, :m])
-            t_.clamp_(min=0)
-            # Σ of agreeing entries = sign · Σ of their magnitudes (negation is exact, order kept).
-            torch.add(t_[0], t_[1], out=mixed) if k > 1 else mixed.copy_(t_[0])
-            for j in range(2, k):
-                mixed.add_(t_[j])
-            mixed.mul_(sgn)
-            if normalize:  # divisor = Σ wi over agreeing inputs (0 -> 1)
-                divisor = torch.matmul(wvec, a_).squeeze(0)
-                divisor.add_(torch.eq(divisor, 0, out=zero_buf[:m]))
+    # Views are made once (split) rather than per chunk: each view op costs as much as a small kernel.
+    base_c, out_c = base.reshape(-1).split(CHUNK), out.reshape(-1).split(CHUNK)
+    for inp in inputs:
+        inp.chunks()
+    all_draws = all(inp.draws is not None and not inp.zero for inp in inputs)
+    full = (work, work.unbind(0), mixed_buf, scratch, fmask, lo_buf, hi_buf)
+    for ci in range(len(base_c)):
+        m = base_c[ci].numel()
+        if m == c:
+            w_, rows, mixed, scr, fm, lo_b, hi_b = full
+        else:
+            w_ = work[:, :m]
+            rows, mixed, scr, fm, lo_b, hi_b = w_.unbind(0), *(b[:m] for b in (mixed_buf, scratch, fmask, lo_buf,
+                                                                                 hi_buf))
+        if not consensus and all_draws:  # mixed = Σ (coef·τ)·mask in one addcmul per input (no FMA: exact)
+            mixed.zero_()
+            for inp in inputs:
+                torch.lt(inp.draws_c[ci], inp.keep_below, out=fm)
+                mixed.addcmul_(inp.tau_c[ci], fm, value=inp.coef)
+        else:
+            for inp, row in zip(inputs, rows, strict=True):
+                kept = inp.kept(ci, row, scr, fm)
+                if kept is not row:
+                    row.copy_(kept)
+            w_.mul_(cvec)
+            _sum_rows(rows, mixed)
+        if consensus:
+            hi = torch.ge(mixed, 0, out=hi_b).mul_(_BIG)
+            w_.clamp_(min=torch.sub(hi, _BIG, out=lo_b), max=hi)
+            _sum_rows(rows, mixed)
+            if normalize:  # w_ is free now: reuse it for the agreement indicators
+                if positive:
+                    divisor = torch.matmul(wvec, torch.sign(w_, out=w_)).squeeze(0).abs_().clamp_(min=min(weights))
+                else:
+                    divisor = torch.matmul(wvec, torch.ne(w_, 0, out=w_)).squeeze(0)
+                    divisor.add_(torch.eq(divisor, 0, out=fm))
+                if lam == 1:  # base + 1·(mixed / divisor) in one op: the same two roundings
+                    torch.addcdiv(base_c[ci], mixed, divisor, out=out_c[ci])
+                    continue
                 mixed.div_(divisor)
         elif normalize:
             mixed.div_(div_nc)
         if lam != 1:
             mixed.mul_(lam)
-        torch.add(base_f[s:e], mixed, out=out_f[s:e])
-    return _emit(group, out)
+        torch.add(base_c[ci], mixed, out=out_c[ci])
+
+
+def _sum_rows(rows: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """out = rows[0] + rows[1] + … in that order."""
+    if len(rows) == 1:
+        out.copy_(rows[0])
+        return
+    torch.add(rows[0], rows[1], out=out)
+    for r in rows[2:]:
+        out.add_(r)
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -3,7 +3,8 @@
 A magnitude mask keeps entries whose |τ| lies between two order statistics of |τ| over the whole tensor. The
 order statistics come from :class:`MagnitudeOrder` (|τ| sorted once, then an index lookup per density — what
 the resident merger uses to re-merge at new densities without sorting again) or, without a cache, from
-``torch.kthvalue`` (O(n), used by one-shot merges). Both give the same values, hence identical merges.
+:func:`select_abs` (an exact O(n) selection, used by one-shot merges). Both give the same values, hence
+identical merges.
 Entries tied in magnitude with the threshold are all kept (mergekit keeps an arbitrary subset of them); with
 real-valued weights such ties are vanishingly rare, and tied zeros contribute nothing either way.
 """
@@ -20,10 +21,15 @@ RESCALE_VARIANTS = ("l1", "inverse_density")
 
 
 class MagnitudeOrder:
-    """|τ| of one tensor sorted ascending (float32, flattened), so order statistics are index lookups."""
+    """|τ| of one tensor sorted ascending (float32, flattened), so order statistics are index lookups.
+
+    Sorted as the int32 bit patterns of the float32 magnitudes: for non-negative floats that order is the
+    numeric order, and torch sorts int32 with a radix sort, ~5x faster than a float sort.
+    """
 
     def __init__(self, tau: torch.Tensor):
-        self.sorted = tau.detach().abs().reshape(-1).float().sort().values
+        bits = _abs_f32(tau).view(torch.int32)
+        self.sorted = bits.sort().values.view(torch.float32)
         self.numel = self.sorted.numel()
 
     def value(self, rank: int) -> torch.Tensor:
@@ -31,11 +37,44 @@ class MagnitudeOrder:
         return self.sorted[rank]
 
 
+def _abs_f32(tau: torch.Tensor) -> torch.Tensor:
+    """|τ| flattened as a fresh float32 tensor (abs maps −0 to +0, so bit patterns order like values)."""
+    flat = tau.detach().reshape(-1)
+    return flat.abs() if flat.dtype == torch.float32 else flat.float().abs_()
+
+
+#: below this size, order statistics come straight from kthvalue
+_SELECT_SAMPLE = 1 << 16
+
+
+def select_abs(tau: torch.Tensor, rank: int) -> torch.Tensor:
+    """The |τ| of ascending rank ``rank`` without sorting: exact, O(n), ~4x faster than ``kthvalue``.
+
+    A seeded sample brackets the rank's value; one pass counts the entries below the bracket and gathers those
+    inside, and ``kthvalue`` runs on that small set. If the bracket misses (rare), plain ``kthvalue`` answers.
+    """
+    a = _abs_f32(tau)
+    n = a.numel()
+    if n <= _SELECT_SAMPLE:
+        return a.kthvalue(rank + 1).values
+    m = 4096
+    gen = torch.Generator().manual_seed(n)
+    sample = a[torch.randint(n, (m,), generator=gen).to(a.device)].sort().values
+    q = rank / (n - 1)
+    lo = sample[max(0, int((q - 0.03) * (m - 1)))]
+    hi = sample[min(m - 1, int((q + 0.03) * (m - 1)) + 1)]
+    below = int(torch.lt(a, lo).sum().item())
+    inside = a[torch.ge(a, lo).logical_and_(torch.le(a, hi))]
+    if below <= rank < below + inside.numel():
+        return inside.kthvalue(rank - below + 1).values
+    return a.kthvalue(rank + 1).values
+
+
 def order_value(tau: torch.Tensor, rank: int, order: MagnitudeOrder | None) -> torch.Tensor:
     """The |τ| of ascending rank ``rank``, from the cache or by selection."""
     if order is not None:
         return order.value(rank)
-    return tau.detach().abs().reshape(-1).float().kthvalue(rank + 1).values
+    return select_abs(tau, rank)
 
 
 def _band_mask(tau: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
@@ -109,9 +148,25 @@ def keep_below(density: float) -> int:
     return -32768 + round(density * 65536)
 
 
+def l1_by_draw(tau: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Cumulative ‖τ‖₁ by draw value, for DARE's L1 rescale at any density without a pass over τ.
+
+    Args:
+        tau: task vector, shape S.
+        draws: its int16 draws (:func:`uniform_draws`), shape S.
+
+    Returns:
+        float64 tensor of 65537 entries: entry j = Σ |τ| over draws < j − 32768, so the kept norm at a density
+        is ``table[keep_below(density) + 32768]`` and ‖τ‖₁ is ``table[-1]``.
+    """
+    hist = torch.zeros(65537, dtype=torch.float64, device=tau.device)
+    hist.index_add_(0, draws.reshape(-1).int().add_(32769), tau.detach().reshape(-1).abs().double())
+    return hist.cumsum_(0)
+
+
 def random_mask(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor | None:
     """DARE: keep each entry independently with probability ``density`` (Bernoulli, seeded)."""
-    if density >= 1:
+    if keep_below(density) > 32767:  # every int16 draw is kept (and 32768 would wrap around in int16)
         return None
     return uniform_draws(tau.shape, seed) < keep_below(density)
 
