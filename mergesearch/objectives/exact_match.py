@@ -8,12 +8,11 @@ answers that must be parsed out of free text.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field as PydField
 
-from mergesearch.objectives.data import Field, field_str
 from mergesearch.objectives.scoring import (
     batches_by_length,
     model_device,
@@ -21,7 +20,7 @@ from mergesearch.objectives.scoring import (
     pad_id,
     score_continuations,
 )
-from mergesearch.objectives.task import PromptTask, TaskParams
+from mergesearch.objectives.task import PromptAnswerTask, TaskParams
 
 
 class ExactMatchParams(TaskParams):
@@ -34,22 +33,10 @@ class ExactMatchParams(TaskParams):
     stop: tuple[str, ...] = ()
 
 
-class ExactMatch(PromptTask):
+class ExactMatch(PromptAnswerTask):
     """Fraction of examples whose greedy continuation is exactly the answer."""
 
     Params = ExactMatchParams
-    fields: ClassVar[tuple[Field, ...]] = ("prompt", "answer")
-
-    def check_examples(self) -> None:
-        super().check_examples()
-        for ex in self.examples:
-            field_str(ex, ("answer",), self.path)
-
-    def encode(self, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-        return [
-            (self.prompt_ids(tokenizer, ex), self.answer_ids(tokenizer, ex, ex["answer"], self.params.eos))
-            for ex in self.examples
-        ]
 
     def __call__(self, model: Any, tokenizer: Any) -> float:
         if self.params.mode == "generate":

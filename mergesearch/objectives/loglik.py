@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from mergesearch.objectives.base import Direction
-from mergesearch.objectives.data import Field, field_str
 from mergesearch.objectives.scoring import pad_id, score_continuations
-from mergesearch.objectives.task import PromptTask, TaskParams
+from mergesearch.objectives.task import PromptAnswerTask, TaskParams
 
 
 class LogLikParams(TaskParams):
@@ -19,26 +18,14 @@ class LogLikParams(TaskParams):
     eos: bool = False
 
 
-class LogLik(PromptTask):
+class LogLik(PromptAnswerTask):
     """Mean log-likelihood (or NLL) of answers, per example or per token."""
 
     Params = LogLikParams
-    fields: ClassVar[tuple[Field, ...]] = ("prompt", "answer")
 
     @classmethod
     def direction_for(cls, params: Any) -> Direction:
         return "minimize" if params.nll else "maximize"
-
-    def check_examples(self) -> None:
-        super().check_examples()
-        for ex in self.examples:
-            field_str(ex, ("answer",), self.path)
-
-    def encode(self, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-        return [
-            (self.prompt_ids(tokenizer, ex), self.answer_ids(tokenizer, ex, ex["answer"], self.params.eos))
-            for ex in self.examples
-        ]
 
     def __call__(self, model: Any, tokenizer: Any) -> float:
         scores = score_continuations(

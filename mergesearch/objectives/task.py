@@ -62,3 +62,20 @@ class PromptTask(ObjectiveBase):
             self._encoded = self.encode(tokenizer)
             self._tokenizer = tokenizer
         return self._encoded
+
+
+class PromptAnswerTask(PromptTask):
+    """A task on ``{"prompt", "answer"}`` examples, each scored as answer (+ EOS if ``params.eos``) after prompt."""
+
+    fields: ClassVar[Sequence[Field]] = ("prompt", "answer")
+
+    def check_examples(self) -> None:
+        super().check_examples()
+        for ex in self.examples:
+            field_str(ex, ("answer",), self.path)
+
+    def encode(self, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+        return [
+            (self.prompt_ids(tokenizer, ex), self.answer_ids(tokenizer, ex, ex["answer"], self.params.eos))
+            for ex in self.examples
+        ]
