@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,101 +73,13 @@ def make_executor(config: JobConfig, workers: int | None = None, address: str | 
                        num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries)
 
 
-LEASE_ATTR = "driver_lease"
-LEASE_INTERVAL = 5.0  # seconds between refreshes of a running driver's lease
-LEASE_STALE = 60.0  # a lease not refreshed for this long belongs to a driver that is gone
-
-
-class DriverLease:
-    """One driver per study: the study user attr ``driver_lease`` = ``{"owner": DRIVER_ID, "time": unix s}``.
-
-    :meth:`acquire` refuses a study whose lease another driver refreshed less than ``stale_after`` seconds ago
-    (unless that driver ran on this host and its process is gone: a killed driver is taken over at once). While
-    the run works, a thread refreshes the lease every ``interval`` seconds and notes in :attr:`lost` the new
-    owner if another driver took it over (two drivers started in the same instant: the last writer wins,
-    the other stops).
-    """
-
-    def __init__(self, study: Any, *, interval: float = LEASE_INTERVAL, stale_after: float = LEASE_STALE) -> None:
-        self.study = study
-        self.interval = interval
-        self.stale_after = stale_after
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _read(self) -> dict[str, Any]:
-        from optuna.storages import BaseStorage
-
-        storage: BaseStorage = self.study._storage
-        return storage.get_study_user_attrs(self.study._study_id).get(LEASE_ATTR) or {}
-
-    def _write(self, released: bool = False) -> None:
-        from mergesearch.search.study import DRIVER_ID
-
-        self.study.set_user_attr(LEASE_ATTR, {"owner": DRIVER_ID, "time": time.time(), "released": released})
-
-    def check(self) -> None:
-        """Raise StudyError naming the live driver that holds the lease, if another one does (reads only)."""
-        from mergesearch.search.study import DRIVER_ID, _driver_gone
-
-        lease = self._read()
-        owner, age = lease.get("owner"), max(0.0, time.time() - float(lease.get("time", 0.0)))
-        if owner and owner != DRIVER_ID and not lease.get("released") and age < self.stale_after \
-                and not _driver_gone(owner):
-            raise StudyError(f"study '{self.study.study_name}' is being run by another driver "
-                             f"({owner.rsplit(':', 1)[0]}, seen {age:.0f}s ago); stop it first, or wait "
-                             f"{self.stale_after:.0f}s if it was killed")
-
-    def acquire(self) -> None:
-        """Take the lease, or raise StudyError naming the live driver that holds it."""
-        self.check()
-        self._write()
-
-    def _run(self) -> None:
-        from mergesearch.search.study import DRIVER_ID
-
-        while not self._stop.wait(self.interval):
-            try:
-                owner = self._read().get("owner")
-                if owner != DRIVER_ID:
-                    self.lost = str(owner)
-                    return
-                self._write()
-            except Exception:  # a transient storage error must not kill the thread; the next refresh retries
-                continue
-
-    def start(self) -> None:
-        """Refresh the lease in a background thread until :meth:`stop`."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="driver-lease", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-
-    def release(self) -> None:
-        """Mark the lease free (a clean stop); a lease lost to another driver is left alone."""
-        from mergesearch.search.study import DRIVER_ID
-
-        try:
-            if self.lost is None and self._read().get("owner") == DRIVER_ID:
-                self._write(released=True)
-        except Exception:  # the study stays usable: a stale lease is taken over after stale_after seconds
-            pass
-
-
 class SearchRun:
     """One invocation of ``mergesearch run``: open (or resume) the study and drive it to ``trials`` completed."""
 
     def __init__(self, config: JobConfig, *, storage: str | None = None, study_name: str | None = None,
                  trials: int | None = None, optimizer: str | None = None, seed: int | None = None) -> None:
         from mergesearch.search.optimizers import OPTIMIZERS, Optimizer
-        from mergesearch.search.study import open_study
+        from mergesearch.search.study import DriverLease, open_study
         from mergesearch.spaces import build_space, num_layers_of
 
         self.config = config

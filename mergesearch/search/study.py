@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -236,7 +237,42 @@ def recover_orphans(study: optuna.Study, *, exclusive: bool = False) -> int:
     return n
 
 
-class Heartbeat:
+class _Periodic:
+    """A daemon thread calling :meth:`tick` every ``interval`` seconds between :meth:`start` and :meth:`stop`."""
+
+    interval: float
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> bool:
+        """One period's work; return False to end the thread."""
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self.tick() is False:
+                    return
+            except Exception:  # a transient storage error must not kill the thread; the next tick retries
+                optuna.logging.get_logger(__name__).warning("%s failed; retrying", type(self).__name__)
+
+    def start(self) -> _Periodic:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+
+class Heartbeat(_Periodic):
     """Background thread recording heartbeats for this driver's RUNNING trials (RDB storages only).
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. On storages without heartbeat support it
@@ -244,9 +280,8 @@ class Heartbeat:
     """
 
     def __init__(self, study: optuna.Study) -> None:
+        super().__init__()
         self.study = study
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def beat(self) -> int:
         """Record one heartbeat per RUNNING trial of this driver; returns how many."""
@@ -257,29 +292,79 @@ class Heartbeat:
                 n += 1
         return n
 
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.beat()
-            except Exception:  # a transient storage error must not kill the thread; the next beat retries
-                optuna.logging.get_logger(__name__).warning("heartbeat failed; retrying", exc_info=True)
+    def tick(self) -> bool:
+        self.beat()
+        return True
 
     def start(self) -> Heartbeat:
-        if self._thread is None and _heartbeat_enabled(self.study):
-            interval = float(self.study._storage.get_heartbeat_interval())
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, args=(interval,), name="heartbeat", daemon=True)
-            self._thread.start()
+        if _heartbeat_enabled(self.study):
+            self.interval = float(self.study._storage.get_heartbeat_interval())
+            super().start()
         return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
 
     def __enter__(self) -> Heartbeat:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+LEASE_ATTR = "driver_lease"
+LEASE_INTERVAL = 5.0  # seconds between refreshes of a running driver's lease
+LEASE_STALE = 60.0  # a lease not refreshed for this long belongs to a driver that is gone
+
+
+class DriverLease(_Periodic):
+    """One driver per study: the study user attr ``driver_lease`` = ``{"owner": DRIVER_ID, "time": unix s}``.
+
+    :meth:`acquire` refuses a study whose lease another driver refreshed less than ``stale_after`` seconds ago
+    (unless that driver ran on this host and its process is gone: a killed driver is taken over at once). While
+    the run works, a thread refreshes the lease every ``interval`` seconds and notes in :attr:`lost` the new
+    owner if another driver took it over (two drivers started in the same instant: the last writer wins,
+    the other stops).
+    """
+
+    def __init__(self, study: Any, *, interval: float = LEASE_INTERVAL, stale_after: float = LEASE_STALE) -> None:
+        super().__init__()
+        self.study = study
+        self.interval = interval
+        self.stale_after = stale_after
+        self.lost: str | None = None
+
+    def _read(self) -> dict[str, Any]:
+        return self.study._storage.get_study_user_attrs(self.study._study_id).get(LEASE_ATTR) or {}
+
+    def _write(self, released: bool = False) -> None:
+        self.study.set_user_attr(LEASE_ATTR, {"owner": DRIVER_ID, "time": time.time(), "released": released})
+
+    def check(self) -> None:
+        """Raise StudyError naming the live driver that holds the lease, if another one does (reads only)."""
+        lease = self._read()
+        owner, age = lease.get("owner"), max(0.0, time.time() - float(lease.get("time", 0.0)))
+        if owner and owner != DRIVER_ID and not lease.get("released") and age < self.stale_after \
+                and not _driver_gone(owner):
+            raise StudyError(f"study '{self.study.study_name}' is being run by another driver "
+                             f"({owner.rsplit(':', 1)[0]}, seen {age:.0f}s ago); stop it first, or wait "
+                             f"{self.stale_after:.0f}s if it was killed")
+
+    def acquire(self) -> None:
+        """Take the lease, or raise StudyError naming the live driver that holds it."""
+        self.check()
+        self._write()
+
+    def tick(self) -> bool:
+        """Refresh the lease; note in :attr:`lost` (and stop) when another driver took it over."""
+        owner = self._read().get("owner")
+        if owner != DRIVER_ID:
+            self.lost = str(owner)
+            return False
+        self._write()
+        return True
+
+    def release(self) -> None:
+        """Mark the lease free (a clean stop); a lease lost to another driver is left alone."""
+        try:
+            if self.lost is None and self._read().get("owner") == DRIVER_ID:
+                self._write(released=True)
+        except Exception:  # the study stays usable: a stale lease is taken over after stale_after seconds
+            pass
