@@ -160,6 +160,10 @@ class ExecutionConfig(_Frozen):
     threads: int = Field(default=1, ge=1)
     max_retries: int = Field(default=2, ge=0)
     device: str = "cpu"
+    #: keep task vectors in CPU memory (pinned) and stream them to ``device`` tensor by tensor while merging.
+    offload_task_vectors: bool = False
+    #: Ray: compute task vectors once in the driver; the workers of a node share one read-only object-store copy.
+    share_task_vectors: bool = False
 
 
 class JobConfig(_Frozen):

@@ -26,6 +26,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,8 @@ class RayExecutor:
         max_retries: re-runs of a trial whose worker process died before it is recorded failed.
         env: environment variables for the worker processes (e.g. ``{"OMP_NUM_THREADS": "1"}``).
         startup_timeout: seconds to wait for every worker to build its Worker (model loading included).
+        share: called once in the driver when Ray is up, returns the factory the actors get (e.g. one holding
+            ObjectRefs of tensors shared through the object store, like ``worker.share_task_vectors``).
 
     Raises:
         ExecutionError: unreachable address, resources the cluster does not have, or a factory that fails in
@@ -117,6 +120,7 @@ class RayExecutor:
         max_retries: int = 2,
         env: dict[str, str] | None = None,
         startup_timeout: float = 300.0,
+        share: Callable[[WorkerFactory], WorkerFactory] | None = None,
     ) -> None:
         if workers < 1:
             raise ExecutionError(f"workers must be at least 1, got {workers}")
@@ -130,6 +134,8 @@ class RayExecutor:
         self._owns_ray = _connect(address, math.ceil(workers * num_cpus))
         try:
             _check_resources(workers, num_cpus, num_gpus)
+            if share is not None:  # the actors' factory holds the refs; the driver keeps them alive with it
+                factory = self._factory = share(factory)
             self._actor_class = ray.remote(_TrialActor).options(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,

@@ -2,21 +2,33 @@
 
 A worker loads the base, the experts and the task vectors once (in its own process: Ray actors build it in
 their constructor, from safetensors on that node's disk), then per trial applies a plan in place and scores it.
+
+Memory options (``execution`` in the job config): ``offload_task_vectors`` keeps the task vectors in CPU memory and
+streams them to the device tensor by tensor; ``share_task_vectors`` has the driver compute them once and put them in
+Ray's object store (:func:`share_task_vectors`), so all the workers of a node map ONE read-only copy instead of
+each holding its own. The copy is kept in the working dtype: float32 and float16 as such, bfloat16 as its int16
+bits (numpy has no bfloat16), so workers use it without conversion and merges are bit-identical.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from mergesearch.config import JobConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MergeWorker:
     """Applies plans to one resident model and evaluates the job's objectives on it."""
 
-    def __init__(self, config: JobConfig) -> None:
+    def __init__(self, config: JobConfig,
+                 shared_deltas: Mapping[tuple[str, str], torch.Tensor] | None = None) -> None:
+        """Load everything; ``shared_deltas``: ``(model, tensor name) -> τ`` given to the ResidentMerger."""
         import torch
         from transformers import AutoTokenizer
 
@@ -28,6 +40,7 @@ class MergeWorker:
         self.merger = ResidentMerger(
             config.base_model, list(config.models), dtype=config.dtype, device=ex.device,
             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code,
+            offload=ex.offload_task_vectors, shared_deltas=shared_deltas,
         )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
@@ -56,9 +69,59 @@ class MergeWorker:
 
 @dataclass(frozen=True)
 class MergeWorkerFactory:
-    """Picklable recipe for a :class:`MergeWorker`; called inside the worker process."""
+    """Picklable recipe for a :class:`MergeWorker`; called inside the worker process.
+
+    Attributes:
+        config: the job.
+        shared: ``(model, ObjectRef)`` pairs, each ref to ``{tensor name: numpy array}`` of that model's task
+            vectors (see :func:`share_task_vectors`). The refs travel inside this small object and are resolved
+            by ``ray.get`` in the actor, so a restarted actor resolves them again (no big constructor argument in
+            the object store, ray#53727); the driver keeps them alive while the executor holds the factory.
+    """
 
     config: JobConfig
+    shared: tuple[tuple[str, Any], ...] = ()
 
     def __call__(self) -> MergeWorker:
-        return MergeWorker(self.config)
+        if not self.shared:
+            return MergeWorker(self.config)
+        import ray
+
+        from mergesearch.merging.apply import from_numpy_bits
+        from mergesearch.models import to_dtype
+
+        dtype = to_dtype(self.config.dtype)
+        deltas = {}
+        for model, ref in self.shared:  # read-only numpy views of the node's object store: no copy
+            deltas.update({(model, name): from_numpy_bits(a, dtype) for name, a in ray.get(ref).items()})
+        return MergeWorker(self.config, shared_deltas=deltas)
+
+
+def share_task_vectors(factory: MergeWorkerFactory) -> MergeWorkerFactory:
+    """Compute the job's task vectors once, here (the driver, Ray running), and put them in the object store.
+
+    One object per source model, so the driver holds one model's task vectors at a time. Every node running
+    workers fetches each object once; its workers share that copy. The driver needs the models at the job's paths.
+
+    Returns:
+        ``factory`` with ``shared`` set.
+
+    Raises:
+        ModelError: a model the driver cannot read, or incompatible with the base.
+    """
+    import ray
+
+    from mergesearch.merging.apply import task_vectors, to_numpy_bits
+    from mergesearch.models import Checkpoint, check_compatible, to_dtype
+
+    config = factory.config
+    base = Checkpoint(config.base_model, allow_pickle=config.allow_pickle)
+    refs = []
+    for model in dict.fromkeys(config.models):
+        if model == config.base_model:
+            continue
+        ck = Checkpoint(model, allow_pickle=config.allow_pickle)
+        check_compatible(base, ck)
+        tv = task_vectors(base, ck, to_dtype(config.dtype))
+        refs.append((model, ray.put({name: to_numpy_bits(t) for name, t in tv.items()})))
+    return replace(factory, shared=tuple(refs))

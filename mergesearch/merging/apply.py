@@ -6,6 +6,12 @@ Magnitude sparsifiers (TIES, breadcrumbs) sort |τ| of a tensor once, the first 
 a new density is an index lookup plus one fused pass. DARE keeps its int16 draws and, per (tensor, input), the
 cumulative ‖τ‖₁ by draw value, so its L1 rescale at any density is a lookup too; both are reused while the
 plan's ``random_seed`` stays the same (the search fixes it per study). DELLA keeps its per-row ranks.
+
+Memory: with ``offload=True`` the task vectors and the per-tensor caches derived from them live in CPU memory
+(pinned when merging on CUDA) and each tensor's entries are copied to the device only while that tensor is merged,
+so the device holds the resident model, the base tensors and one tensor's worth of task vectors. With
+``shared_deltas`` the task vectors are not computed but taken as given, e.g. zero-copy views of one read-only copy
+in Ray's object store shared by every worker of a node (see :func:`task_vectors`); they are never written to.
 Plans that change the layer count (``slices``) draw decoder layers from a pool of modules. ``apply(plan)``
 gives the same weights as ``merge_config`` for the plan.
 """
@@ -13,18 +19,44 @@ gives the same weights as ``merge_config`` for the plan.
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from mergesearch.errors import ConfigError
+from mergesearch.errors import ConfigError, ModelError
 from mergesearch.merging.engine import run_job
 from mergesearch.merging.plan import MergePlan
 from mergesearch.merging.resolve import plan_models, resolve
 from mergesearch.merging.sparsify import MagnitudeOrder, della_rank_norm, l1_by_draw, uniform_draws
 from mergesearch.models import Checkpoint, check_compatible, layer_key, to_dtype
+
+#: numpy dtype holding a working dtype's bits (numpy has no bfloat16: its bits travel as int16).
+_NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+
+
+def task_vectors(base: Checkpoint, model: Checkpoint, dtype: torch.dtype, device: str = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """τ = θ_model − θ_base of every tensor of ``base``, in ``dtype`` (shapes as in the checkpoints)."""
+    with torch.no_grad():
+        return {n: model.get(n, dtype, device) - base.get(n, dtype, device) for n in base.shapes}
+
+
+def to_numpy_bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array of the same bits (float32, float16, or int16 for bfloat16), zero-copy."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_numpy_bits(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`to_numpy_bits`, zero-copy; ``a`` may be read-only (the tensor must never be written)."""
+    with warnings.catch_warnings():  # torch warns on read-only arrays; nothing here writes to task vectors
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.view(dtype) if t.dtype != dtype else t
 
 
 class ResidentMerger:
@@ -34,8 +66,14 @@ class ResidentMerger:
         base: the base model (path or hub id); plans must name models by the same strings.
         models: the source (fine-tuned) models.
         dtype: working and model dtype.
-        device: where the model and caches live.
+        device: where the model and the base tensors live (and the caches, unless ``offload``).
         allow_pickle, trust_remote_code: as for loading any checkpoint.
+        offload: keep task vectors, magnitude orders, DARE draws and L1 tables, DELLA ranks and raw source
+            tensors in CPU memory (pinned when ``device`` is CUDA) and stream each tensor's share to ``device``
+            while that tensor is merged. Merges are bit-identical to ``offload=False``.
+        shared_deltas: ``(model, tensor name) -> τ`` (CPU, shape of the tensor, working dtype) for every source
+            and tensor, used instead of computing them — e.g. zero-copy read-only views of Ray's object store.
+            Kept as given (no copy) when the caches live in CPU memory; never written to.
 
     Attributes:
         model: the resident ``PreTrainedModel``; ``apply`` returns it.
@@ -43,16 +81,25 @@ class ResidentMerger:
         num_layers: the base's layer count.
         tensor_names: the base's tensor names, in checkpoint order.
         tokenizer_path: directory of the base's tokenizer files.
+
+    Raises:
+        ModelError: incompatible checkpoints, or ``shared_deltas`` missing a tensor or of the wrong shape/dtype.
     """
 
     def __init__(self, base: str, models: list[str], *, dtype: str = "float32", device: str = "cpu",
-                 allow_pickle: bool = False, trust_remote_code: bool = False):
+                 allow_pickle: bool = False, trust_remote_code: bool = False, offload: bool = False,
+                 shared_deltas: Mapping[tuple[str, str], torch.Tensor] | None = None):
         from transformers import AutoModelForCausalLM
 
         self.base = base
         self.models = [m for m in dict.fromkeys(models) if m != base]
         self.dtype = to_dtype(dtype)
         self.device = device
+        self.offload = offload
+        # Where the caches live: the device, or CPU memory under offload (pinned so device copies can overlap).
+        self._home = "cpu" if offload else device
+        self._pin = offload and torch.device(device).type == "cuda" and torch.cuda.is_available()
+        self._staged: dict[tuple[str, Any], torch.Tensor] = {}  # this tensor job's device copies (offload)
         self.checkpoints = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in [base, *self.models]}
         for m in self.models:
             check_compatible(self.checkpoints[base], self.checkpoints[m])
@@ -62,9 +109,15 @@ class ResidentMerger:
         self.tokenizer_path: Path = ck.path
         with torch.no_grad():
             self.base_state = {n: ck.get(n, self.dtype, device) for n in self.tensor_names}
-            self._deltas = {(m, n): self.checkpoints[m].get(n, self.dtype, device) - self.base_state[n]
-                            for m in self.models for n in self.tensor_names}
-        self._orders: dict[tuple[str, str], MagnitudeOrder] = {}
+        self._deltas: dict[tuple[str, str], torch.Tensor] = {}
+        for m in self.models:
+            if shared_deltas is None:
+                found = task_vectors(ck, self.checkpoints[m], self.dtype, self._home)
+            else:
+                found = {n: self._shared(shared_deltas, m, n) for n in self.tensor_names}
+            # shared task vectors are not pinned: that would copy them out of the shared buffer
+            self._deltas.update({(m, n): self._store(t, pin=shared_deltas is None) for n, t in found.items()})
+        self._orders: dict[tuple[str, str], torch.Tensor] = {}  # sorted |τ| (MagnitudeOrder.sorted)
         self._raw: dict[tuple[str, str], torch.Tensor] = {}
         self._draws: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._draws_seed: int | None = None
@@ -80,52 +133,78 @@ class ResidentMerger:
             else self.model.config
         self._layer_types = list(getattr(cfg, "layer_types", None) or [])
 
-    # -- caches the engine reads (TaskVectorCache protocol) ------------------------------------------------
+    def _shared(self, shared: Mapping[tuple[str, str], torch.Tensor], model: str, name: str) -> torch.Tensor:
+        t = shared.get((model, name))
+        shape = tuple(self.checkpoints[self.base].shapes[name])
+        if t is None or tuple(t.shape) != shape or t.dtype != self.dtype:
+            got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            raise ModelError(f"shared task vector of {model!r} tensor {name!r}: expected {shape} {self.dtype}, "
+                             f"got {got}")
+        return t
+
+    def _store(self, t: torch.Tensor, pin: bool = True) -> torch.Tensor:
+        """A cache entry in its home: as is on the device, or in (pinned) CPU memory under offload."""
+        if pin and self._pin and not t.is_pinned():  # one copy straight into page-locked memory
+            return torch.empty_like(t, device="cpu", pin_memory=True).copy_(t)
+        return t if t.device == torch.device(self._home) else t.to(self._home)
+
+    def _fetch(self, kind: str, key: Any, value: torch.Tensor) -> torch.Tensor:
+        """``value`` on the merge device; under offload a copy kept only until the next tensor job."""
+        if not self.offload:
+            return value
+        staged = self._staged.get((kind, key))
+        if staged is None:
+            staged = self._staged[(kind, key)] = value.to(self.device, non_blocking=True)
+        return staged
+
+    def _cached(self, kind: str, store: dict, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``store[key]`` on the merge device, computed there on first use (then kept in its home)."""
+        if key not in store:
+            value = compute()
+            if self.offload:
+                self._staged[(kind, key)] = value
+            store[key] = self._store(value)
+        return self._fetch(kind, key, store[key])
+
+    # -- caches the engine reads (TaskVectorCache protocol); tensors returned are on ``device`` -------------
 
     def delta(self, model: str, name: str) -> torch.Tensor:
         """τ = θ_model[name] − θ_base[name] (cached)."""
-        return self._deltas[(model, name)]
+        return self._fetch("delta", (model, name), self._deltas[(model, name)])
 
     def order(self, model: str, name: str) -> MagnitudeOrder:
         """Sorted |τ| of one tensor, computed on first use."""
         key = (model, name)
-        if key not in self._orders:
-            self._orders[key] = MagnitudeOrder(self._deltas[key])
-        return self._orders[key]
+        return _Sorted(self._cached("order", self._orders, key, lambda: MagnitudeOrder(self.delta(*key)).sorted))
 
     def ranks(self, model: str, name: str) -> torch.Tensor:
         """DELLA's normalized row ranks of |τ| (computed on first use)."""
         key = (model, name)
-        if key not in self._ranks:
-            self._ranks[key] = della_rank_norm(self._deltas[key])
-        return self._ranks[key]
+        return self._cached("ranks", self._ranks, key, lambda: della_rank_norm(self.delta(*key)))
 
     def draws(self, shape: torch.Size, seed: int) -> torch.Tensor:
         """DARE's uniform draws for one (tensor, input, plan seed), kept until a plan with another seed."""
         key = (seed, tuple(shape))
-        if key not in self._draws:
-            self._draws[key] = uniform_draws(shape, seed).to(self.device)
-        return self._draws[key]
+        return self._cached("draws", self._draws, key, lambda: uniform_draws(shape, seed).to(self.device))
 
     def l1_table(self, model: str, name: str, seed: int) -> torch.Tensor:
         """DARE's cumulative ‖τ‖₁ by draw (:func:`l1_by_draw`), kept like the draws until the plan seed changes."""
-        key = (model, name, seed)
-        if key not in self._l1:
-            delta = self._deltas[(model, name)]
-            self._l1[key] = l1_by_draw(delta, self.draws(delta.shape, seed))
-        return self._l1[key]
+
+        def compute() -> torch.Tensor:
+            delta = self.delta(model, name)
+            return l1_by_draw(delta, self.draws(delta.shape, seed))
+
+        return self._cached("l1", self._l1, (model, name, seed), compute)
 
     def tensor(self, model: str, name: str) -> torch.Tensor:
         """θ_model[name] in the working dtype (sources are read from disk on first use, then kept)."""
         if model == self.base:
             return self.base_state[name]
-        key = (model, name)
-        if key not in self._raw:
-            if model not in self.checkpoints:
-                raise ConfigError(f"model {model!r} in the plan was not loaded by this merger "
-                                  f"(loaded: {[self.base, *self.models]})")
-            self._raw[key] = self.checkpoints[model].get(name, self.dtype, self.device)
-        return self._raw[key]
+        if model not in self.checkpoints:
+            raise ConfigError(f"model {model!r} in the plan was not loaded by this merger "
+                              f"(loaded: {[self.base, *self.models]})")
+        return self._cached("raw", self._raw, (model, name),
+                            lambda: self.checkpoints[model].get(name, self.dtype, self.device))
 
     @property
     def tokenizer(self) -> Any:
@@ -154,9 +233,13 @@ class ResidentMerger:
             self._l1.clear()
             self._draws_seed = plan.random_seed
         self._set_layers([src_layer for _, src_layer in resolved.layer_map])
-        with torch.no_grad():
-            for job in resolved.jobs:
-                run_job(job, self.tensor, seed=plan.random_seed, cache=self, out=self._target(job.name))
+        try:
+            with torch.no_grad():
+                for job in resolved.jobs:
+                    self._staged.clear()  # under offload: the device holds one tensor's caches at a time
+                    run_job(job, self.tensor, seed=plan.random_seed, cache=self, out=self._target(job.name))
+        finally:
+            self._staged.clear()
         return self.model
 
     def _find_layers_path(self) -> str | None:
@@ -198,3 +281,11 @@ class ResidentMerger:
         cfg.num_hidden_layers = n
         if self._layer_types:
             cfg.layer_types = [self._layer_types[min(s, len(self._layer_types) - 1)] for s in source_layers]
+
+
+class _Sorted(MagnitudeOrder):
+    """A :class:`MagnitudeOrder` around an already sorted |τ| (the merger caches the sorted tensor itself)."""
+
+    def __init__(self, sorted_abs: torch.Tensor):  # no super().__init__: nothing to sort
+        self.sorted = sorted_abs
+        self.numel = sorted_abs.numel()

@@ -68,9 +68,11 @@ def make_executor(config: JobConfig, workers: int | None = None, address: str | 
 
         return LocalExecutor(factory)
     from mergesearch.execution.ray_pool import RayExecutor
+    from mergesearch.execution.worker import share_task_vectors
 
     return RayExecutor(factory, workers=workers or ex.workers, address=address or ex.address,
-                       num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries)
+                       num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries,
+                       share=share_task_vectors if ex.share_task_vectors else None)
 
 
 class SearchRun:

@@ -9,7 +9,7 @@ samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, stea
 
 - random: none · tpe, gp: ``n_startup`` (10) · nsga2, nsga3: ``pop_size`` (20)
 - qnehvi: ``n_startup`` (10), ``fit_maxiter`` (100), ``num_restarts`` (2), ``raw_samples`` (64),
-  ``mc_samples`` (64)
+  ``mc_samples`` (64), ``alpha`` (box-decomposition approximation; default exact up to 3 objectives, 1e-2 above)
 - pymoo-nsga3: ``pop_size`` (20), ``n_partitions`` (auto) · pymoo-smsemoa: ``pop_size`` (20)
 - cmaes-sum: ``weights`` (equal), ``popsize`` (cma default), ``sigma0`` (0.25)
 """
@@ -101,6 +101,7 @@ def _qnehvi(c: _Context) -> optuna.samplers.BaseSampler:
         num_restarts=_int(o.get("num_restarts", 2), "num_restarts"),
         raw_samples=_int(o.get("raw_samples", 64), "raw_samples"),
         mc_samples=_int(o.get("mc_samples", 64), "mc_samples"),
+        alpha=None if o.get("alpha") is None else float(o["alpha"]),
     )
 
 
@@ -151,7 +152,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[_Context], optuna.samplers.BaseSampler], f
     "gp": (_gp, frozenset({"n_startup"})),
     "nsga2": (_nsga2, frozenset({"pop_size"})),
     "nsga3": (_nsga3, frozenset({"pop_size"})),
-    "qnehvi": (_qnehvi, frozenset({"n_startup", "fit_maxiter", "num_restarts", "raw_samples", "mc_samples"})),
+    "qnehvi": (_qnehvi, frozenset({"n_startup", "fit_maxiter", "num_restarts", "raw_samples", "mc_samples", "alpha"})),
     "pymoo-nsga3": (_pymoo("nsga3"), frozenset({"pop_size", "n_partitions"})),
     "pymoo-smsemoa": (_pymoo("smsemoa"), frozenset({"pop_size"})),
     "cmaes-sum": (_cmaes_sum, frozenset({"weights", "popsize", "sigma0"})),
