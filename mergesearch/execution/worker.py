@@ -75,8 +75,9 @@ class MergeWorkerFactory:
         config: the job.
         shared: ``(model, ObjectRef)`` pairs, each ref to ``{tensor name: numpy array}`` of that model's task
             vectors (see :func:`share_task_vectors`). The refs travel inside this small object and are resolved
-            by ``ray.get`` in the actor, so a restarted actor resolves them again (no big constructor argument in
-            the object store, ray#53727); the driver keeps them alive while the executor holds the factory.
+            by ``ray.get`` in the actor, so a restarted actor resolves them again. Ray still logs its ray#53727
+            warning ("constructor arguments in the object store"): harmless here, since these are ``ray.put``
+            objects owned by the driver, pinned while the executor holds this factory (no lineage to lose).
     """
 
     config: JobConfig
