@@ -128,7 +128,7 @@ def demo_models(
     """Build the tiny demo base model and experts (cached)."""
     from mergesearch.demo.build import build_demo
 
-    paths = build_demo(out, seed=seed, fast=fast)
+    paths = build_demo(out, seed=seed, fast=fast, progress=lambda msg: typer.echo(msg, err=True))
     typer.echo(f"demo models in {paths.root}")
 
 
@@ -145,7 +145,7 @@ def demo(
     from mergesearch.config import load_config
     from mergesearch.demo.build import build_demo, write_demo_config
 
-    build_demo(out, seed=seed)
+    build_demo(out, seed=seed, progress=lambda msg: typer.echo(msg, err=True))
     config = load_config(write_demo_config(out))
     _run_search(config, storage=f"sqlite:///{(out / 'demo.db').resolve()}", study="demo", trials=trials,
                 optimizer=optimizer, seed=seed, workers=workers, address=None, executor=executor, progress=True)
