@@ -16,12 +16,11 @@ from mergesearch.errors import MergeSearchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-objective search over merge recipes for fine-tuned transformer models.")
-_state = {"debug": False}
 
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
-    _state["debug"] = debug
+    # --debug is acted on by main() (it decides how errors are printed); declared here so it parses
     import optuna
 
     # our own lines say what happened to the study; optuna's INFO lines would repeat them

@@ -183,12 +183,13 @@ class SearchRun:
         heartbeat = Heartbeat(self.study)
         heartbeat.start()
         self.lease.start()
+        # counted once, then kept here: the lease makes this driver the only writer of the study
+        complete = self.completed_count()
         try:
             while True:
                 if self.lease.lost is not None:
                     raise StudyError(f"study '{self.study_name}' was taken over by another driver "
                                      f"({self.lease.lost}); this run stopped")
-                complete = self.completed_count()
                 if complete >= self.target and not inflight:
                     break
                 n = min(executor.idle(), self.target - complete - len(inflight))
@@ -203,6 +204,7 @@ class SearchRun:
                                  attempts=res.attempts, summary=self.space.summary(job["params"]))
                     if res.ok and res.values is not None:
                         self.optimizer.tell(res.trial, [res.values[n] for n, _ in self.objectives])
+                        complete += 1
                         done_run += 1
                         streak = 0
                     else:

@@ -29,6 +29,9 @@ class RunProgress:
         )
         self.task = self.progress.add_task(run.study_name, total=run.target,
                                            completed=min(run.completed_count(), run.target), stats="")
+        # read from storage once; each result then updates it (no per-trial scan of all stored trials)
+        self.best = run.best()
+        self.directions = dict(run.objectives)
 
     def __enter__(self) -> RunProgress:
         self.progress.start()
@@ -38,12 +41,16 @@ class RunProgress:
         self.progress.stop()
 
     def __call__(self, result: TrialResult) -> None:
-        if not result.ok:
+        if result.ok and result.values is not None:
+            self.progress.advance(self.task)
+            for name, value in result.values.items():
+                pick = max if self.directions[name] == "maximize" else min
+                self.best[name] = pick(self.best.get(name, value), value)
+        else:
             self.failed += 1
         now = time.monotonic()
         if now - self._hv_at > self.hv_every:  # hypervolume is recomputed at most every few seconds
             self._hv, self._hv_at = self.run.hypervolume(), now
-        best = " ".join(f"{k}={v:.3g}" for k, v in self.run.best().items())
+        best = " ".join(f"{k}={v:.3g}" for k, v in self.best.items())
         hv = f"hv={self._hv:.4g} " if self._hv is not None else ""
-        self.progress.update(self.task, completed=min(self.run.completed_count(), self.run.target),
-                             stats=f"failed={self.failed} {hv}{best}")
+        self.progress.update(self.task, stats=f"failed={self.failed} {hv}{best}")
