@@ -137,9 +137,44 @@ def end_to_end(m: dict[str, Path], root: Path, mergekit_yaml: str | None, thread
 
     a, b = load(root / "ours"), load(root / "theirs")
     diff = max((a[k] - b[k]).abs().max().item() for k in a) if set(a) == set(b) else float("nan")
-    res.update(mergekit_yaml_s=round(theirs, 2), speedup=round(theirs / ours, 2), max_abs_diff=diff)
+    res.update(mergekit_yaml_s=round(theirs, 2), speedup=round(theirs / ours, 2), max_abs_diff=diff,
+               **tie_check(a, b, m, plan))
     print(json.dumps(res), flush=True)
     return res
+
+
+def tie_check(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], m: dict[str, Path],
+              plan: dict) -> dict:
+    """Where the two TIES outputs differ, is some expert's |τ| exactly at its density cut-off?
+
+    mergekit keeps the top k = int(density·n) entries by ``argsort``, an unstable sort, so among entries tied in
+    magnitude with the k-th it keeps an arbitrary subset; we keep them all. Differences anywhere else would be bugs.
+    """
+    from safetensors.torch import load_file
+
+    def state(name: str) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(m[name].glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    base, experts = state("base"), [state(k) for k in "abc"]
+    density = plan["models"][0]["parameters"]["density"]
+    differing = outside = 0
+    max_outside = 0.0
+    for name, x in ours.items():
+        bad = (x - theirs[name]).abs() > 1e-6
+        if not bad.any():
+            continue
+        at_cut = torch.zeros_like(bad)
+        for e in experts:
+            mag = (e[name] - base[name]).abs().reshape(-1)
+            kth = mag.topk(max(1, int(density * mag.numel()))).values[-1]
+            at_cut |= (mag == kth).reshape(bad.shape)
+        differing += int(bad.sum())
+        off = bad & ~at_cut
+        outside += int(off.sum())
+        if off.any():
+            max_outside = max(max_outside, (x - theirs[name]).abs()[off].max().item())
+    return {"entries_differing": differing, "entries_differing_not_at_a_cutoff_tie": outside,
+            "max_abs_diff_not_at_a_cutoff_tie": max_outside}
 
 
 def main() -> None:
@@ -164,7 +199,8 @@ def main() -> None:
         e2e = end_to_end(models, root, args.mergekit_yaml, args.threads)
     result = {"params": n_params, "threads": args.threads, "torch": torch.__version__,
               "load_average_at_end": os.getloadavg(), "in_place": rows, "end_to_end": e2e}
-    if before is not None:  # keep the figures of an earlier run next to the new ones
+    if before is not None:  # keep the figures of an earlier run next to the new ones (one level deep)
+        before.pop("before", None)
         result["before"] = before
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -339,6 +339,9 @@ def _fused_loop(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, wei
     min(u_i, 0), the same values and summation order as mergekit's masked sum, in one op over (N, chunk).
     The divisor Σ wi·[i agrees] is |Σ wi·sign(agreeing u_i)| for positive weights (all agreeing signs are equal).
     """
+    if kernels_usable(base, out):
+        _kernel_loop(inputs, base, out, weights, lam, normalize, consensus)
+        return
     k, n = len(inputs), base.numel()
     c = min(CHUNK, n)
     dt, dev = base.dtype, base.device
@@ -396,6 +399,29 @@ def _fused_loop(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, wei
         if lam != 1:
             mixed.mul_(lam)
         torch.add(base_c[ci], mixed, out=out_c[ci])
+
+
+def kernels_usable(base: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the one-pass kernel takes this merge (contiguous float32 CPU tensors; see ``kernels``)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (base, out))
+
+
+def _kernel_loop(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, weights: list[float], lam: float,
+                 normalize: bool, consensus: bool) -> None:
+    """:func:`_fused_loop` as one compiled pass: each input's keep rule becomes a band or a draw threshold."""
+    from mergesearch.merging import kernels  # numba: imported (and the kernel compiled) on first use
+
+    template = next((inp.draws for inp in inputs if inp.draws is not None and not inp.zero), None)
+    lo, hi, keep = [], [], []
+    for inp in inputs:
+        band = inp.band or (None, None)
+        lo.append(math.inf if inp.zero else -1.0 if band[0] is None else band[0])
+        hi.append(math.inf if band[1] is None else band[1])
+        # inputs without draws of their own read another's: int16 draws are always < 32768, never < -32768
+        keep.append(-32768 if inp.zero else inp.keep_below if inp.draws is not None else 32768)
+    draws = None if template is None else [inp.draws if inp.draws is not None else template for inp in inputs]
+    kernels.fused_merge(base, out, [inp.tau for inp in inputs], draws, lo, hi, keep, [inp.coef for inp in inputs],
+                        weights, lam, normalize, consensus)
 
 
 def _sum_rows(rows: Sequence[torch.Tensor], out: torch.Tensor) -> None:
