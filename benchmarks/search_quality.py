@@ -1,19 +1,25 @@
 """Search quality on the demo: hypervolume versus number of evaluations, per optimizer, against hand-tuned merges.
 
-Every optimizer searches the same space (``--space weights``: the demo's per-model task-arithmetic weights in
-[0, 1]; ``--space ties``: task arithmetic or TIES, per-model weights and densities, and λ) for 3 exact-match objectives
-(reverse, swap, sort; maximised) and the L1 distance from the base (minimised), over ``--seeds`` seeds each.
-Studies live in memory and one resident worker (models loaded once) evaluates every trial of every run.
+Every optimizer searches the same space (``--space ties``, the default: task arithmetic or TIES, per-model weights
+and densities, and λ, so both baseline families lie inside it; ``--space weights``: the demo's per-model
+task-arithmetic weights in [0, 1]) for 3 exact-match objectives (reverse, swap, sort; maximised) and the L1
+distance from the base (minimised), over ``--seeds`` seeds each. Studies live in memory and one resident worker
+(models loaded once) evaluates every trial of every run.
 
 Hypervolumes use ONE reference point, fixed before any search: accuracy 0 on every task and l1 = 1.1 x the l1
 of the largest-weight plan (task arithmetic, every weight 1). They are reported normalised by the volume of the
 box [0, 1]^3 x [0, l1_ref] (1.0 = a perfect model at zero cost). Baselines: uniform task arithmetic
 (every weight = λ, λ = 0.1..1.0) and TIES (weight 1, density 0.5, λ = 0.1..1.0; λ = 1 is the default recipe).
+For each baseline the table gives the seeds whose front weakly dominates it and ε, the smallest amount (in units
+of the box's sides: accuracy, l1 / l1_ref) by which the worst seed's front misses it; ``--reach N`` adds how
+many of N Sobol points of the space dominate it (what is reachable at all).
 
     OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--seeds 3] [--budget 180] [--optimizers a,b]
-        [--budget-for qnehvi=120] [--space weights|ties] [--resume] [--quick]
+        [--budget-for qnehvi=120] [--space ties|weights] [--reach 2048] [--resume] [--merge OTHER.json] [--quick]
 
-Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table.
+Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table. Two
+processes can share the work: run a subset with ``--out`` elsewhere, then ``--resume --merge DIR/search_quality.json``
+in the main one (only missing optimizer/seed pairs run; the merged runs are kept).
 """
 
 from __future__ import annotations
@@ -90,6 +96,28 @@ def evaluate_baselines(config: Any, worker: Any, names: list[str]) -> dict[str, 
     return {b: [worker.evaluate(space.decode(p).to_dict())[0][n] for n in names] for b, p in params.items()}
 
 
+def reachability(config: Any, worker: Any, names: list[str], directions: list[str], baselines: dict[str, list[float]],
+                 sides: np.ndarray, n: int) -> dict[str, Any]:
+    """What the searched space can reach: ``n`` scrambled Sobol points (seed 0) of it, and per baseline how many
+    of them weakly dominate it and their :func:`shortfall`."""
+    from mergesearch.search.optimizers.base import sobol
+    from mergesearch.search.unit import from_unit
+    from mergesearch.spaces import build_space, num_layers_of
+
+    space = build_space(config.space, base_model=config.base_model, models=list(config.models),
+                        num_layers=num_layers_of(config.base_model), dtype=config.dtype)
+    start = time.perf_counter()
+    values = []
+    for x in sobol(n, len(space.distributions), 0):
+        v = worker.evaluate(space.decode(from_unit(x, space.distributions)).to_dict())[0]
+        values.append([float(v[k]) for k in names])
+    arr = np.array(values)
+    s = signs(directions)
+    per = {b: {"dominated_by": int(np.all(arr * s <= np.array(v) * s, axis=1).sum()),
+               "epsilon": shortfall(np.array(v), arr, directions, sides)} for b, v in baselines.items()}
+    return {"points": n, "seconds": time.perf_counter() - start, "per_baseline": per, "values": values}
+
+
 def signs(directions: list[str]) -> np.ndarray:
     """+1 for minimised, -1 for maximised objectives."""
     return np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
@@ -99,6 +127,22 @@ def weakly_dominated(point: np.ndarray, front: np.ndarray, directions: list[str]
     """True if some row of ``front`` (``(n, m)``) is at least as good as ``point`` (``(m,)``) everywhere."""
     s = signs(directions)
     return bool(len(front)) and bool(np.all(front * s <= point * s, axis=1).any())
+
+
+def shortfall(point: np.ndarray, front: np.ndarray, directions: list[str], sides: np.ndarray) -> float:
+    """Smallest additive ε by which some row of ``front`` (``(n, m)``) misses weakly dominating ``point``
+    (``(m,)``), each objective measured in units of its side ``sides`` (``(m,)``) of the normalised HV box;
+    0.0 when ``point`` is weakly dominated, inf for an empty front."""
+    if not len(front):
+        return float("inf")
+    s = signs(directions)
+    gap = np.maximum(0.0, (front - point) * s) / sides  # (n, m) how much worse each row is, per objective
+    return float(gap.max(axis=1).min())
+
+
+def box_sides(ref: np.ndarray, directions: list[str]) -> np.ndarray:
+    """``(m,)`` sides of the normalised HV box: [ref, 1] for maximised accuracies, [0, ref] for minimised costs."""
+    return np.where(signs(directions) < 0, 1.0 - ref, ref)
 
 
 def history(values: np.ndarray, directions: list[str], ref: np.ndarray, scale: float) -> list[float]:
@@ -147,7 +191,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baselines: dict[str, list[f
               ref: np.ndarray, scale: float, at: int = AT) -> dict[str, Any]:
     """Curves (mean, sd over seeds), baseline hypervolumes, and the two targets checked at ``at`` evaluations:
     ``random`` needs >= 3 x ``at`` evaluations for the best multi-objective optimizer's HV at ``at``, and that
-    optimizer's front at ``at`` weakly dominates every baseline point (per seed)."""
+    optimizer's front at ``at`` weakly dominates every baseline point (per seed; ``epsilon``: the worst seed's
+    :func:`shortfall`, 0 when dominated in every seed)."""
     from mergesearch.search.pareto import hypervolume
 
     def mean_curve(opt: str) -> list[float]:
@@ -184,12 +229,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baselines: dict[str, list[f
                                         "needed": 3 * at, "target_met": need is None or need >= 3 * at}
     per_baseline = {}
     for b, point in base_arr.items():
-        hits = []
+        hits, eps = [], []
         for r in runs[best]:
             vals = np.array(r["values"][:at], dtype=float)
             vals = vals[np.all(np.isfinite(vals), axis=1)]
             hits.append(weakly_dominated(point, vals, directions))
-        per_baseline[b] = {"dominated_in_seeds": int(sum(hits)), "seeds": len(hits), "values": baselines[b]}
+            eps.append(shortfall(point, vals, directions, box_sides(ref, directions)))
+        per_baseline[b] = {"dominated_in_seeds": int(sum(hits)), "seeds": len(hits), "epsilon": max(eps),
+                           "values": baselines[b]}
     out["baseline_dominance"] = {"optimizer": best, "at": at, "per_baseline": per_baseline,
                                  "target_met": all(v["dominated_in_seeds"] == v["seeds"]
                                                    for v in per_baseline.values())}
@@ -218,9 +265,15 @@ def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
     if "baseline_dominance" in summary:
         d = summary["baseline_dominance"]
         lines.append(f"baselines weakly dominated by {d['optimizer']}'s front at {d['at']} evaluations (seeds):")
+        reach = summary.get("reachability")
+        if reach:
+            lines.append(f"  (ε: worst seed's shortfall, in units of the HV box sides; reachable: how many of "
+                         f"{reach['points']} Sobol points of the space dominate it, and their ε)")
         for b, v in d["per_baseline"].items():
             vals = ", ".join(f"{x:.3g}" for x in v["values"])
-            lines.append(f"  {b:<24} {v['dominated_in_seeds']}/{v['seeds']}   ({vals})")
+            rb = reach["per_baseline"][b] if reach else None
+            r = f"   reachable {rb['dominated_by']:>4} (ε {rb['epsilon']:.4f})" if rb else ""
+            lines.append(f"  {b:<24} {v['dominated_in_seeds']}/{v['seeds']}  ε {v['epsilon']:.4f}{r}   ({vals})")
         lines.append(f"  -> target {'MET' if d['target_met'] else 'NOT met'}")
     return "\n".join(lines)
 
@@ -254,15 +307,22 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def previous_runs(path: Path, record: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], float]:
-    """Runs (and seconds spent) stored by an earlier invocation; they must share space and reference point."""
+def previous_runs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The record an earlier invocation stored; its runs must share space and reference point with ``record``."""
     old = json.loads(path.read_text())
     same_ref = old.get("reference_point", {}).keys() == record["reference_point"].keys() and np.allclose(
         list(old["reference_point"].values()), list(record["reference_point"].values()), rtol=1e-6)
     if old.get("space_config") != record["space_config"] or not same_ref:
-        raise SystemExit(f"--resume: {path} holds runs of another space or reference point; use another --out")
+        raise SystemExit(f"{path} holds runs of another space or reference point; use another --out")
     record["errors"].update(old.get("errors", {}))
-    return old.get("runs", {}), float(old.get("elapsed", 0.0))
+    return old
+
+
+def add_runs(runs: dict[str, list[dict[str, Any]]], more: dict[str, list[dict[str, Any]]]) -> None:
+    """Add the runs of ``more`` whose optimizer/seed pair ``runs`` lacks (in place)."""
+    for opt, rs in more.items():
+        have = {r["seed"] for r in runs.get(opt, [])}
+        runs.setdefault(opt, []).extend(r for r in rs if r["seed"] not in have)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -272,12 +332,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-for", action="append", default=[], metavar="NAME=N",
                    help="another budget for one optimizer (e.g. qnehvi=120); repeatable")
     p.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
-    p.add_argument("--space", choices=["weights", "ties"], default="weights")
+    p.add_argument("--space", choices=["weights", "ties"], default="ties")
     p.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in OUT/search_quality.json (same space and reference point); "
                         "run only the missing optimizer/seed pairs")
+    p.add_argument("--merge", action="append", default=[], type=Path, metavar="JSON",
+                   help="add the runs of another invocation's search_quality.json (same space and reference "
+                        "point; e.g. one run in parallel with --out elsewhere); repeatable")
+    p.add_argument("--reach", type=int, default=0, metavar="N",
+                   help="also evaluate N Sobol points of the space: which baselines any reachable point dominates")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 30, random/tpe/cmaes-sum (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -315,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     worst_baseline = max(v[names.index("l1")] for v in baselines.values())
     if worst_baseline >= ref[names.index("l1")]:
         print(f"warning: a baseline's l1 ({worst_baseline:.4g}) is beyond the reference point", file=sys.stderr)
-    scale = float(np.prod(np.where(signs(directions) < 0, 1.0 - ref, ref)))  # volume of [0,1]^3 x [0, l1_ref]
+    scale = float(np.prod(box_sides(ref, directions)))  # volume of [0,1]^3 x [0, l1_ref]
     config = config.model_copy(update={"search": config.search.model_copy(update={
         "reference_point": dict(zip(names, map(float, ref), strict=True)), "initial": []})})
 
@@ -330,10 +395,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     runs: dict[str, list[dict[str, Any]]] = {}
     done_before = 0.0
-    if args.resume and (out / "search_quality.json").is_file():
-        runs, done_before = previous_runs(out / "search_quality.json", record)
-    at = min(AT, max([args.budget] + [len(r["values"]) for rs in runs.values() for r in rs]))
+    sources = [out / "search_quality.json"] if args.resume and (out / "search_quality.json").is_file() else []
+    for path in sources + args.merge:
+        old = previous_runs(path, record)
+        add_runs(runs, old.get("runs", {}))
+        done_before += float(old.get("elapsed", 0.0))  # compute seconds, summed over the merged invocations
+        if old.get("reachability") and not args.reach:
+            record["reachability"] = old["reachability"]
+    if args.merge:
+        record["merged_from"] = [str(m) for m in args.merge]
     t0 = time.perf_counter()
+    if args.reach:
+        record["reachability"] = reachability(config, worker, names, directions, baselines,
+                                              box_sides(ref, directions), args.reach)
+        print(f"reachability: {args.reach} Sobol points in {record['reachability']['seconds']:.0f} s",
+              file=sys.stderr)
+
+    def summary_of(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        out = summarize(runs, baselines, directions, ref, scale, at)
+        if "reachability" in record:
+            out["reachability"] = {k: v for k, v in record["reachability"].items() if k != "values"}
+        return out
+
+    at = min(AT, max([args.budget] + [len(r["values"]) for rs in runs.values() for r in rs]))
     for opt in args.optimizers:
         for seed in range(args.seeds):
             if any(r["seed"] == seed for r in runs.get(opt, [])):
@@ -353,20 +437,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"HV@{min(at, len(r['hv']))} {r['hv'][min(at, len(r['hv'])) - 1]:.4f}, "
                   f"final {r['hv'][-1]:.4f}", file=sys.stderr, flush=True)
             record["runs"] = runs
-            record["summary"] = summarize(runs, baselines, directions, ref, scale, at)
+            record["summary"] = summary_of(runs)
             record["elapsed"] = done_before + time.perf_counter() - t0
             record["budgets"] = {o: max(len(r["values"]) for r in rs) for o, rs in runs.items()}
             out.mkdir(parents=True, exist_ok=True)
             (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")  # partial results too
 
-    summary = record["summary"] = summarize(runs, baselines, directions, ref, scale, at)
+    record["elapsed"] = done_before + time.perf_counter() - t0
+    record["budgets"] = {o: max(len(r["values"]) for r in rs) for o, rs in runs.items()}
+    record["seeds"] = max([len(rs) for rs in runs.values()] or [args.seeds])
+    summary = record["summary"] = summary_of(runs)
     longest = max([len(r["values"]) for rs in runs.values() for r in rs] or [args.budget])
     checkpoints = sorted({*range(20, longest + 1, 20), at, longest})
     text = table(summary, checkpoints)
     record["table"] = text
     (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(summary, out / "search_quality.png", f"demo ({args.space} space): HV vs evaluations, mean ± sd over "
-         f"{args.seeds} seed(s); ref {', '.join(f'{n}={v:.4g}' for n, v in record['reference_point'].items())}")
+         f"{record['seeds']} seed(s); ref {', '.join(f'{n}={v:.4g}' for n, v in record['reference_point'].items())}")
     print(text)
     return record
 

@@ -1,10 +1,11 @@
 """One-pass CPU kernel of the task-vector family (sparsify, weigh, sign consensus, mix), compiled with numba.
 
 The torch path of :func:`mergesearch.merging.ops.task_vector_merge` runs ~16 tensor ops per cache-sized chunk;
-this kernel streams each input once and keeps everything else in the L1 cache, so a TIES or DARE merge costs
-about one pass over the bytes. It computes the same float32 operations in the same order as mergekit (no fused
-multiply-adds, no reassociation), hence the same bits as the torch path. Used for contiguous float32 CPU tensors
-when numba imports; everything else takes the torch path.
+this kernel streams each input once and keeps its scratch rows in the core's cache, so a TIES or DARE merge
+costs about two passes' worth of time instead of six (``benchmarks/merge_speed.py``). It computes the same float32
+operations in the same order as mergekit (no fused multiply-adds, no reassociation), hence the same bits as the
+torch path (tests/merging/test_kernels.py). Used for contiguous float32 CPU tensors; other dtypes and devices take
+the torch path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numba
 import numpy as np
 import torch
 
-#: elements per block: the (N, BLOCK) scratch rows stay in L1, the inner loops are long enough to vectorise
+#: elements per block: the (N + 3, BLOCK) scratch rows stay in cache, the inner loops are long enough to vectorise
 BLOCK = 2048
 
 

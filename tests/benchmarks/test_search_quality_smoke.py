@@ -45,6 +45,24 @@ def test_weak_dominance(sq) -> None:
     assert not sq.weakly_dominated(np.array([0.0, 0.0, 0.0, 0.0]), np.zeros((0, 4)), DIRS)
 
 
+def test_shortfall_is_zero_exactly_when_dominated(sq) -> None:
+    sides = np.array([1.0, 1.0, 1.0, 100.0])
+    front = np.array([[0.8, 0.5, 0.9, 200.0], [0.9, 0.6, 0.95, 300.0]])
+    assert sq.shortfall(np.array([0.8, 0.5, 0.9, 250.0]), front, DIRS, sides) == 0.0
+    # first row: 0.1 short on swap; second row: 50 (0.5 side units) too costly -> 0.1
+    assert sq.shortfall(np.array([0.8, 0.6, 0.9, 250.0]), front, DIRS, sides) == pytest.approx(0.1)
+    assert sq.shortfall(np.array([0.8, 0.5, 0.9, 190.0]), front, DIRS, sides) == pytest.approx(0.1)
+    assert sq.shortfall(np.zeros(4), np.zeros((0, 4)), DIRS, sides) == float("inf")
+    assert sq.box_sides(np.array([0.0, 0.0, 0.0, 50.0]), DIRS).tolist() == [1.0, 1.0, 1.0, 50.0]
+
+
+def test_add_runs_keeps_existing_pairs(sq) -> None:
+    runs = {"gp": [{"seed": 0, "tag": "mine"}]}
+    sq.add_runs(runs, {"gp": [{"seed": 0, "tag": "theirs"}, {"seed": 1, "tag": "theirs"}], "tpe": [{"seed": 0}]})
+    assert [(r["seed"], r.get("tag")) for r in runs["gp"]] == [(0, "mine"), (1, "theirs")]
+    assert len(runs["tpe"]) == 1
+
+
 def test_bad_budget_flag(sq) -> None:
     with pytest.raises(SystemExit):
         sq.parse_args(["--optimizers", "random", "--budget-for", "tpe=5"])
@@ -52,23 +70,32 @@ def test_bad_budget_flag(sq) -> None:
                                                                                              "tpe": 5}
 
 
-@pytest.mark.slow  # ~15 s on an idle machine (tiny demo build + imports), a minute when the cores are busy
+@pytest.mark.slow  # ~20 s on an idle machine (tiny demo build + imports), a minute when the cores are busy
 def test_tiny_run_writes_results(sq, tmp_path) -> None:
     threads = torch.get_num_threads()
     demo = tmp_path / "demo"
     build_demo(demo, seed=0, recipe=TINY)
-    try:
-        record = sq.main(["--demo-dir", str(demo), "--out", str(tmp_path / "out"), "--seeds", "2", "--budget", "4",
-                          "--optimizers", "random,tpe"])
+    common = ["--demo-dir", str(demo), "--seeds", "2", "--budget", "4"]
+    try:  # two invocations, as two parallel processes would be run, then merged
+        sq.main([*common, "--out", str(tmp_path / "other"), "--optimizers", "random", "--reach", "8"])
+        record = sq.main([*common, "--out", str(tmp_path / "out"), "--optimizers", "random,tpe",
+                          "--merge", str(tmp_path / "other" / "search_quality.json")])
     finally:
         torch.set_num_threads(threads)
+    other = json.loads((tmp_path / "other" / "search_quality.json").read_text())
     saved = json.loads((tmp_path / "out" / "search_quality.json").read_text())
     assert (tmp_path / "out" / "search_quality.png").stat().st_size > 1000
+    assert saved["space"] == "ties" and saved["merged_from"]
     assert saved["reference_point"]["l1"] == pytest.approx(1.1 * saved["baselines"]["task_arithmetic w=1.0"][3])
     assert set(saved["runs"]) == {"random", "tpe"} and not saved["errors"]
+    assert saved["runs"]["random"] == other["runs"]["random"]  # merged, not run again
+    assert saved["reachability"]["points"] == 8 and len(saved["reachability"]["values"]) == 8
     for runs in record["runs"].values():
         assert len(runs) == 2
         for r in runs:
             assert len(r["hv"]) == 4 and np.all(np.diff(r["hv"]) >= 0) and 0 <= r["hv"][-1] <= 1
     assert saved["summary"]["best_multi_objective"]["optimizer"] == "tpe"
-    assert len(saved["summary"]["baseline_dominance"]["per_baseline"]) == 20
+    per = saved["summary"]["baseline_dominance"]["per_baseline"]
+    assert len(per) == 20
+    assert all((v["epsilon"] == 0) == (v["dominated_in_seeds"] == v["seeds"]) for v in per.values())
+    assert set(saved["summary"]["reachability"]["per_baseline"]) == set(per)
