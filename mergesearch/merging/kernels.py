@@ -74,6 +74,39 @@ def _merge(base, out, taus, use_draws, draws, lo, hi, keep_below, coef, weights,
                 o[j] = b[j] + mx[j] * lam
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _della(tau, draws, ranks, p_lo, p_span, out):  # pragma: no cover - runs compiled
+    f32 = np.float32
+    before, after = 0.0, 0.0
+    for j in range(tau.shape[0]):
+        x = tau[j]
+        keep = f32(draws[j]) + f32(32768.0) < (p_lo + ranks[j] * p_span) * f32(65536.0)
+        v = x if keep else f32(0.0)
+        out[j] = v
+        before += abs(x)
+        after += abs(v)
+    return before, after
+
+
+def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo: float,
+               p_span: float) -> tuple[torch.Tensor, float, float]:
+    """DELLA's mask⊙τ in one pass, with ‖τ‖₁ and ‖mask⊙τ‖₁ (float64 sums) for the rescale.
+
+    Same mask as :func:`mergesearch.merging.sparsify.della_mask`: keep where draw + 32768 < 65536·p, with
+    p = p_lo + rank·p_span in float32.
+
+    Args:
+        tau: float32 task vector, shape S; ``draws``: its int16 draws, ``ranks``: its float32 row ranks in [0, 1].
+
+    Returns:
+        (mask⊙τ as a new float32 tensor of shape S, ‖τ‖₁, ‖mask⊙τ‖₁).
+    """
+    out = torch.empty_like(tau)
+    f32 = np.float32
+    before, after = _della(_array(tau), _array(draws), _array(ranks), f32(p_lo), f32(p_span), _array(out))
+    return out, before, after
+
+
 def fused_merge(base: torch.Tensor, out: torch.Tensor, taus: Sequence[torch.Tensor],
                 draws: Sequence[torch.Tensor] | None, lo: Sequence[float], hi: Sequence[float],
                 keep_below: Sequence[int], coef: Sequence[float], weights: Sequence[float], lam: float,

@@ -57,10 +57,6 @@ class TensorGroup:
     def magnitude_order(self, i: int) -> sp.MagnitudeOrder | None:
         return self.order(i) if self.order is not None else None
 
-    def rng(self, i: int) -> torch.Generator:
-        """A generator for input i's random mask, seeded with ``seed + i``."""
-        return torch.Generator().manual_seed(self.seed + i)
-
     def uniform(self, i: int) -> torch.Tensor:
         """Seeded int16 uniform draws for input i's random mask (shape S)."""
         if self.draws is not None:
@@ -183,20 +179,26 @@ class TaskVectorFlags:
     rescale_variant: Literal["l1", "inverse_density"] = "l1"
 
 
-def _sparsified(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVectorFlags,
-                rescale: bool) -> torch.Tensor:
-    """τi after a DELLA mask (and rescale), shape S — the one sparsifier applied to whole tensors."""
+def _della(group: TensorGroup, i: int, p: Mapping[str, Any], weight: float, rescale: bool) -> _Input:
+    """Input i under DELLA: mask⊙τi (fresh, flat) with coefficient wi·‖τi‖₁/‖mask⊙τi‖₁ (rescale)."""
     tau = group.task_vector(i)
-    d = float(p["density"])
-    mask = sp.della_mask(tau, d, float(p["epsilon"]), group.rng(i), group.ranks(i) if group.ranks else None)
-    if mask is None:
-        return tau
-    masked = tau * mask
-    if not rescale:
-        return masked
-    if flags.rescale_variant == "inverse_density":
-        return masked / d if d > 0 else masked
-    return masked * sp.l1_rescale_factor(tau, masked)
+    d, eps = float(p["density"]), float(p["epsilon"])
+    if d >= 1:
+        return _Input(tau.reshape(-1), weight)
+    if d <= 0:
+        return _Input(tau.reshape(-1), weight, zero=True)
+    ranks = group.ranks(i) if group.ranks else None
+    draws = group.uniform(i)
+    if kernels_usable(tau, tau):
+        from mergesearch.merging import kernels
+
+        sp.check_della(d, eps)
+        ranks = sp.della_rank_norm(tau) if ranks is None else ranks
+        masked, before, after = kernels.della_mask(tau, draws, ranks, d - eps, 2 * eps)
+    else:
+        masked = tau * sp.della_mask(tau, d, eps, draws, ranks)
+        before, after = tau.abs().sum(dtype=torch.float64).item(), masked.abs().sum(dtype=torch.float64).item()
+    return _Input(masked.reshape(-1), weight * sp.l1_rescale_factor(before, after) if rescale else weight)
 
 
 #: elements per chunk of the fused task-vector loop: its (N, chunk) scratch buffers stay in the last-level cache,
@@ -267,7 +269,7 @@ def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVector
              rescale: bool) -> _Input:
     """The keep rule of input i: thresholds from (cached) magnitude order, or seeded uniform draws."""
     if flags.sparsifier == "della_magprune":
-        return _Input(_sparsified(group, i, p, flags, rescale).reshape(-1), weight)
+        return _della(group, i, p, weight, rescale)
     tau = group.task_vector(i)
     flat = tau.reshape(-1)
     d = float(p["density"])

@@ -189,27 +189,38 @@ def della_probabilities(tau: torch.Tensor, density: float, epsilon: float,
     Returns:
         float32 tensor of ``tau``'s shape.
     """
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ConfigError(f"della: density ± epsilon must lie strictly inside (0, 1), got density={density}, "
-                          f"epsilon={epsilon}")
+    check_della(density, epsilon)
     rank_norm = della_rank_norm(tau) if rank_norm is None else rank_norm
     return (density - epsilon) + rank_norm * (2 * epsilon)
 
 
-def della_mask(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+def check_della(density: float, epsilon: float) -> None:
+    """ConfigError unless density ± epsilon lies strictly inside (0, 1)."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ConfigError(f"della: density ± epsilon must lie strictly inside (0, 1), got density={density}, "
+                          f"epsilon={epsilon}")
+
+
+def della_mask(tau: torch.Tensor, density: float, epsilon: float, draws: torch.Tensor,
                rank_norm: torch.Tensor | None = None) -> torch.Tensor | None:
-    """DELLA (MagPrune): Bernoulli mask with rank-dependent keep probabilities per row."""
+    """DELLA (MagPrune): keep each entry with its rank's probability p, using the seeded draws like DARE.
+
+    Args:
+        tau: task vector, shape S; ``draws`` its int16 uniforms (:func:`uniform_draws`), shape S.
+
+    Returns:
+        bool mask of shape S (draw + 32768 < 65536·p, i.e. P(keep) = p to within 2^-16), or None (keep all).
+    """
     if density >= 1:
         return None
     if density <= 0:
         return torch.zeros_like(tau, dtype=torch.bool)
-    return torch.bernoulli(della_probabilities(tau, density, epsilon, rank_norm), generator=generator).bool()
+    probs = della_probabilities(tau, density, epsilon, rank_norm)
+    return (draws.float() + 32768) < probs * 65536
 
 
-def l1_rescale_factor(tau: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> float:
-    """‖τ‖₁ / ‖mask⊙τ‖₁ (mergekit's rescale), or 1 when either norm is below ``eps``."""
-    before = tau.abs().sum()
-    after = masked.abs().sum()
+def l1_rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
+    """mergekit's rescale ‖τ‖₁ / ‖mask⊙τ‖₁ from the two norms, or 1 when either is below ``eps``."""
     if before < eps or after < eps:
         return 1.0
     return before / after

@@ -56,3 +56,20 @@ def test_non_contiguous_destination_takes_torch_path():
     out = torch.empty(6, 8).t()
     assert not ops.kernels_usable(base, out)
     assert not ops.kernels_usable(base.double(), base.double())
+
+
+def test_della_mask_kernel_equals_torch_mask_and_keeps_rank_probabilities():
+    from mergesearch.merging import kernels
+    from mergesearch.merging import sparsify as sp
+
+    torch.manual_seed(0)
+    tau = torch.randn(400, 500)
+    draws, ranks = sp.uniform_draws(tau.shape, 3), sp.della_rank_norm(tau)
+    masked, before, after = kernels.della_mask(tau, draws, ranks, 0.5 - 0.2, 2 * 0.2)
+    mask = sp.della_mask(tau, 0.5, 0.2, draws, ranks)
+    assert torch.equal(masked, tau * mask)
+    assert before == pytest.approx(tau.abs().sum().item(), rel=1e-5)
+    assert after == pytest.approx(masked.abs().sum().item(), rel=1e-5)
+    # keep probability runs from d − ε = 0.3 (smallest |τ| of a row) to d + ε = 0.7 (largest)
+    assert mask[ranks < 0.1].float().mean().item() == pytest.approx(0.32, abs=0.015)
+    assert mask[ranks > 0.9].float().mean().item() == pytest.approx(0.68, abs=0.015)
