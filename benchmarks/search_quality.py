@@ -1,8 +1,8 @@
 """Search quality on the demo: hypervolume versus number of evaluations, per optimizer, against hand-tuned merges.
 
-Every optimizer searches the same space (``--space ties``, the default: task arithmetic or TIES, per-model weights
-and densities, and λ, so both baseline families lie inside it; ``--space weights``: the demo's per-model
-task-arithmetic weights in [0, 1]) for 3 exact-match objectives (reverse, swap, sort; maximised) and the L1
+Every optimizer searches the same space (``--space weights``, the default: the demo's per-model task-arithmetic
+weights in [0, 1]; ``--space ties``: task arithmetic or TIES, per-model weights and densities, and λ, so both
+baseline families lie inside it) for 3 exact-match objectives (reverse, swap, sort; maximised) and the L1
 distance from the base (minimised), over ``--seeds`` seeds each. Studies live in memory and one resident worker
 (models loaded once) evaluates every trial of every run.
 
@@ -15,7 +15,7 @@ of the box's sides: accuracy, l1 / l1_ref) by which the worst seed's front misse
 many of N Sobol points of the space dominate it (what is reachable at all).
 
     OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--seeds 3] [--budget 180] [--optimizers a,b]
-        [--budget-for qnehvi=120] [--space ties|weights] [--reach 2048] [--resume] [--merge OTHER.json] [--quick]
+        [--budget-for qnehvi=120] [--space weights|ties] [--reach 2048] [--resume] [--merge OTHER.json] [--quick]
 
 Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table. Two
 processes can share the work: run a subset with ``--out`` elsewhere, then ``--resume --merge DIR/search_quality.json``
@@ -332,7 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-for", action="append", default=[], metavar="NAME=N",
                    help="another budget for one optimizer (e.g. qnehvi=120); repeatable")
     p.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
-    p.add_argument("--space", choices=["weights", "ties"], default="ties")
+    p.add_argument("--space", choices=["weights", "ties"], default="weights")
     p.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true",

@@ -85,7 +85,7 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
     other = json.loads((tmp_path / "other" / "search_quality.json").read_text())
     saved = json.loads((tmp_path / "out" / "search_quality.json").read_text())
     assert (tmp_path / "out" / "search_quality.png").stat().st_size > 1000
-    assert saved["space"] == "ties" and saved["merged_from"]
+    assert saved["space"] == "weights" and saved["merged_from"]
     assert saved["reference_point"]["l1"] == pytest.approx(1.1 * saved["baselines"]["task_arithmetic w=1.0"][3])
     assert set(saved["runs"]) == {"random", "tpe"} and not saved["errors"]
     assert saved["runs"]["random"] == other["runs"]["random"]  # merged, not run again
