@@ -110,7 +110,7 @@ def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo
 def fused_merge(base: torch.Tensor, out: torch.Tensor, taus: Sequence[torch.Tensor],
                 draws: Sequence[torch.Tensor] | None, lo: Sequence[float], hi: Sequence[float],
                 keep_below: Sequence[int], coef: Sequence[float], weights: Sequence[float], lam: float,
-                normalize: bool, consensus: bool) -> None:
+                normalize: bool, consensus: bool, div_nc: float) -> None:
     """out = base + λ·mix(coef_i · keep_i(τ_i)) in one pass (METHODS.md steps 3–6).
 
     Args:
@@ -121,13 +121,11 @@ def fused_merge(base: torch.Tensor, out: torch.Tensor, taus: Sequence[torch.Tens
         keep_below: DARE thresholds (used with ``draws``).
         coef: per-input factor of the kept τ_i (weight × rescale); ``weights``: the consensus divisor's weights.
         lam: λ. normalize: divide by Σ weights (of the agreeing inputs under consensus; 0 -> 1).
-        consensus: TIES sign election.
+        consensus: TIES sign election. div_nc: the divisor without consensus (Σ weights or 1).
     """
     flat = tuple(_array(t) for t in taus)
     # numba needs a tuple of arrays even when unused
     dr = tuple(_array(x) for x in draws) if draws is not None else (np.empty(0, dtype=np.int16),)
-    div_nc = sum(weights) if normalize else 1.0
-    div_nc = 1.0 if abs(div_nc) < 1e-8 else div_nc
     f32 = np.float32
     _merge(_array(base), _array(out), flat, draws is not None, dr, np.asarray(lo, dtype=f32),
            np.asarray(hi, dtype=f32), np.asarray(keep_below, dtype=np.int32), np.asarray(coef, dtype=f32),

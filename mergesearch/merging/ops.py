@@ -187,13 +187,13 @@ def _della(group: TensorGroup, i: int, p: Mapping[str, Any], weight: float, resc
         return _Input(tau.reshape(-1), weight)
     if d <= 0:
         return _Input(tau.reshape(-1), weight, zero=True)
+    sp.check_della(d, eps)
     ranks = group.ranks(i) if group.ranks else None
+    ranks = sp.della_rank_norm(tau) if ranks is None else ranks
     draws = group.uniform(i)
     if kernels_usable(tau, tau):
         from mergesearch.merging import kernels
 
-        sp.check_della(d, eps)
-        ranks = sp.della_rank_norm(tau) if ranks is None else ranks
         masked, before, after = kernels.della_mask(tau, draws, ranks, d - eps, 2 * eps)
     else:
         masked = tau * sp.della_mask(tau, d, eps, draws, ranks)
@@ -320,8 +320,7 @@ def task_vector_merge(flags: TaskVectorFlags, group: TensorGroup, shared: Mappin
     normalize = bool(shared["normalize"])
     out = group.out if group.out is not None and group.out.dtype == base.dtype else torch.empty_like(base)
     if flags.sparsifier is None and not flags.consensus:
-        div = sum(weights) if normalize else 1.0
-        div = 1.0 if abs(div) < 1e-8 else div
+        div = _plain_divisor(weights, normalize)
         # base + Σ (wi·λ/div)·τi: one streaming pass per input, straight into the destination.
         torch.add(base, group.task_vector(idx[0]), alpha=weights[0] * lam / div, out=out)
         for i, w in zip(idx[1:], weights[1:], strict=True):
@@ -356,8 +355,7 @@ def _fused_loop(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, wei
     # divisor = Σ wi over agreeing inputs, 0 -> 1. With positive weights a nonzero divisor is >= min wi, and a
     # zero one comes with a zero numerator, so clamping at min wi gives the same quotient in one op.
     positive = min(weights) > 0
-    div_nc = sum(weights) if normalize else 1.0
-    div_nc = 1.0 if abs(div_nc) < 1e-8 else div_nc
+    div_nc = _plain_divisor(weights, normalize)
     # Views are made once (split) rather than per chunk: each view op costs as much as a small kernel.
     base_c, out_c = base.reshape(-1).split(CHUNK), out.reshape(-1).split(CHUNK)
     for inp in inputs:
@@ -425,7 +423,13 @@ def _kernel_loop(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, we
         keep.append(-32768 if inp.zero else inp.keep_below if inp.draws is not None else 32768)
     draws = None if template is None else [inp.draws if inp.draws is not None else template for inp in inputs]
     kernels.fused_merge(base, out, [inp.tau for inp in inputs], draws, lo, hi, keep, [inp.coef for inp in inputs],
-                        weights, lam, normalize, consensus)
+                        weights, lam, normalize, consensus, _plain_divisor(weights, normalize))
+
+
+def _plain_divisor(weights: list[float], normalize: bool) -> float:
+    """The divisor without sign consensus: Σ wi when normalising (a sum near 0 becomes 1, as in mergekit), else 1."""
+    div = sum(weights) if normalize else 1.0
+    return 1.0 if abs(div) < 1e-8 else div
 
 
 def _sum_rows(rows: Sequence[torch.Tensor], out: torch.Tensor) -> None:
