@@ -45,6 +45,41 @@ def test_weak_dominance(sq) -> None:
     assert not sq.weakly_dominated(np.array([0.0, 0.0, 0.0, 0.0]), np.zeros((0, 4)), DIRS)
 
 
+def test_strict_dominance_needs_one_strictly_better_objective(sq) -> None:
+    front = np.array([[0.8, 0.5, 0.9, 200.0]])
+    assert not sq.strictly_dominated(np.array([0.8, 0.5, 0.9, 200.0]), front, DIRS)  # equal: weak only
+    assert sq.strictly_dominated(np.array([0.8, 0.5, 0.9, 201.0]), front, DIRS)
+    assert sq.strictly_dominated(np.array([0.8, 0.4, 0.9, 200.0]), front, DIRS)
+    assert not sq.strictly_dominated(np.array([0.8, 0.6, 0.9, 300.0]), front, DIRS)
+
+
+def _space(**kw):
+    from mergesearch.config import SpaceConfig
+    from mergesearch.spaces import build_space
+
+    return build_space(SpaceConfig(**kw), base_model="base", models=["a", "b"], num_layers=2)
+
+
+def test_recipe_params_places_a_baseline_in_a_space_or_says_it_is_outside(sq) -> None:
+    from mergesearch.config import Range
+
+    recipes = sq.baseline_recipes(2)
+    weights = _space(methods=["task_arithmetic"], granularity="per_layer", filters=["mlp"],
+                     weight=Range(low=0.0, high=1.0))
+    ta = sq.recipe_params(weights, *recipes["task_arithmetic w=0.3"])
+    assert ta == {f"weight.{i}.{g}.{f}": 0.3 for i in range(2) for g in range(2) for f in ("mlp", "rest")}
+    assert sq.recipe_params(weights, *recipes["ties d=0.5 λ=0.3"]) is None  # method not searched
+    ties = _space(methods=["task_arithmetic", "ties"], weight=Range(low=0.0, high=1.0),
+                  density=Range(low=0.1, high=1.0), lambda_=Range(low=0.0, high=1.0))
+    assert sq.recipe_params(ties, *recipes["ties d=0.5 λ=0.3"]) == {
+        "method": "ties", "lambda": 0.3, "weight.0": 1.0, "weight.1": 1.0, "density.0": 0.5, "density.1": 0.5}
+    no_lambda = _space(methods=["ties"], weight=Range(low=0.0, high=1.0), density=Range(low=0.1, high=1.0))
+    assert sq.recipe_params(no_lambda, *recipes["ties d=0.5 λ=0.3"]) is None  # λ fixed at 1 there
+    assert sq.recipe_params(no_lambda, *recipes["ties d=0.5 λ=1.0"]) is not None
+    narrow = _space(methods=["task_arithmetic"], weight=Range(low=0.0, high=0.5))
+    assert sq.recipe_params(narrow, *recipes["task_arithmetic w=0.6"]) is None  # outside the range
+
+
 def test_shortfall_is_zero_exactly_when_dominated(sq) -> None:
     sides = np.array([1.0, 1.0, 1.0, 100.0])
     front = np.array([[0.8, 0.5, 0.9, 200.0], [0.9, 0.6, 0.95, 300.0]])
@@ -80,8 +115,16 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
         sq.main([*common, "--out", str(tmp_path / "other"), "--optimizers", "random", "--reach", "8"])
         record = sq.main([*common, "--out", str(tmp_path / "out"), "--optimizers", "random,tpe",
                           "--merge", str(tmp_path / "other" / "search_quality.json")])
+        seeded = sq.main([*common, "--out", str(tmp_path / "init"), "--optimizers", "tpe", "--seeds", "1",
+                          "--initial"])
     finally:
         torch.set_num_threads(threads)
+    # the baselines inside the space (task arithmetic) are the first trials, in order
+    assert seeded["initial"] == [f"task_arithmetic w={lam}" for lam in sq.LAMBDAS]
+    assert seeded["runs"]["tpe"][0]["values"] == [seeded["baselines"][b] for b in seeded["initial"][:4]]
+    seeded_per = seeded["summary"]["baseline_dominance"]["per_baseline"]
+    for b in seeded["initial"][:4]:  # in the front only as initial points: nothing searched dominates them
+        assert (seeded_per[b]["dominated_in_seeds"], seeded_per[b]["by_search_in_seeds"]) == (1, 0)
     other = json.loads((tmp_path / "other" / "search_quality.json").read_text())
     saved = json.loads((tmp_path / "out" / "search_quality.json").read_text())
     assert (tmp_path / "out" / "search_quality.png").stat().st_size > 1000
@@ -99,3 +142,8 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
     assert len(per) == 20
     assert all((v["epsilon"] == 0) == (v["dominated_in_seeds"] == v["seeds"]) for v in per.values())
     assert set(saved["summary"]["reachability"]["per_baseline"]) == set(per)
+    try:  # a --resume that runs nothing new keeps every run in the file it rewrites
+        sq.main([*common, "--out", str(tmp_path / "out"), "--optimizers", "random,tpe", "--resume"])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "out" / "search_quality.json").read_text())["runs"] == saved["runs"]
