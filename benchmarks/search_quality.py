@@ -16,10 +16,12 @@ box [0, 1]^3 x [0, l1_ref] (1.0 = a perfect model at zero cost). Baselines: unif
 For each baseline the table gives the seeds whose front weakly dominates it (in round brackets: strictly, i.e.
 better somewhere; in square brackets: by the searched points alone, without the ``--initial`` ones) and ε, the
 smallest amount (in units of the box's sides: accuracy, l1 / l1_ref) by which the worst seed's front misses it;
-``--reach N`` adds how many of N Sobol points of the space dominate it (what is reachable at all).
+``--reach N`` adds how many of N Sobol points of the space dominate it (what is reachable at all), ``--reach-local K``
+K points around each baseline inside the space (whether a local search could improve on it).
 
     OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--seeds 3] [--budget 180] [--optimizers a,b]
-        [--budget-for qnehvi=120] [--space weights|ties|layers] [--initial] [--reach 2048] [--resume]
+        [--budget-for qnehvi=120] [--space weights|ties|layers] [--initial] [--reach 2048]
+        [--reach-local 40] [--resume]
         [--merge OTHER.json] [--quick]
 
 Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table. Two
@@ -50,6 +52,7 @@ ALL_OPTIMIZERS = ["random", "cmaes-sum", "tpe", "nsga2", "nsga3", "pymoo-nsga3",
 REFERENCE_OPTIMIZERS = ("random", "cmaes-sum")
 AT = 60  # the evaluation budget the targets are checked at
 LAMBDAS = [round(0.1 * k, 1) for k in range(1, 11)]
+LOCAL_SIGMA = 0.05  # --reach-local: step (unit-cube sd) of the points around each baseline
 
 
 def space_config(kind: str) -> Any:
@@ -136,25 +139,37 @@ def evaluate_baselines(config: Any, worker: Any, names: list[str]) -> dict[str, 
 
 
 def reachability(config: Any, worker: Any, names: list[str], directions: list[str], baselines: dict[str, list[float]],
-                 sides: np.ndarray, n: int) -> dict[str, Any]:
-    """What the searched space can reach: ``n`` scrambled Sobol points (seed 0) of it, and per baseline how many
-    of them weakly dominate it and their :func:`shortfall`."""
+                 sides: np.ndarray, n: int, local: int = 0) -> dict[str, Any]:
+    """What the searched space can reach: ``n`` scrambled Sobol points (seed 0) of it plus ``local`` points
+    around each baseline inside it (its float coordinates in the unit cube moved by N(0, LOCAL_SIGMA²), its
+    method kept), and per baseline how many of all these points weakly dominate it and their :func:`shortfall`."""
+    from optuna.distributions import FloatDistribution
+
     from mergesearch.search.optimizers.base import sobol
-    from mergesearch.search.unit import from_unit
+    from mergesearch.search.unit import from_unit, to_unit
     from mergesearch.spaces import build_space, num_layers_of
 
     space = build_space(config.space, base_model=config.base_model, models=list(config.models),
                         num_layers=num_layers_of(config.base_model), dtype=config.dtype)
+    dists = space.distributions
+    moves = np.array([isinstance(d, FloatDistribution) for d in dists.values()])
+    rng = np.random.default_rng(0)
+    points = list(sobol(n, len(dists), 0)) if n else []
+    around = initial_points(config) if local else {}
+    for p in around.values():
+        x = to_unit(p, dists)
+        points += [np.where(moves, x + rng.normal(0.0, LOCAL_SIGMA, x.shape), x) for _ in range(local)]
     start = time.perf_counter()
     values = []
-    for x in sobol(n, len(space.distributions), 0):
-        v = worker.evaluate(space.decode(from_unit(x, space.distributions)).to_dict())[0]
+    for x in points:
+        v = worker.evaluate(space.decode(from_unit(x, dists)).to_dict())[0]
         values.append([float(v[k]) for k in names])
     arr = np.array(values)
     s = signs(directions)
     per = {b: {"dominated_by": int(np.all(arr * s <= np.array(v) * s, axis=1).sum()),
                "epsilon": shortfall(np.array(v), arr, directions, sides)} for b, v in baselines.items()}
-    return {"points": n, "seconds": time.perf_counter() - start, "per_baseline": per, "values": values}
+    return {"points": n, "local": local, "local_around": list(around), "seconds": time.perf_counter() - start,
+            "per_baseline": per, "values": values}
 
 
 def signs(directions: list[str]) -> np.ndarray:
@@ -321,8 +336,10 @@ def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
                      f"front at {d['at']} evaluations (seeds):")
         reach = summary.get("reachability")
         if reach:
+            near = (f" and {reach['local']} points around each of the {len(reach['local_around'])} baselines "
+                    f"inside it" if reach.get("local") else "")
             lines.append(f"  (ε: worst seed's shortfall, in units of the HV box sides; reachable: how many of "
-                         f"{reach['points']} Sobol points of the space dominate it, and their ε)")
+                         f"{reach['points']} Sobol points of the space{near} dominate it, and their ε)")
         for b, v in d["per_baseline"].items():
             vals = ", ".join(f"{x:.3g}" for x in v["values"])
             rb = reach["per_baseline"][b] if reach else None
@@ -404,6 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "point; e.g. one run in parallel with --out elsewhere); repeatable")
     p.add_argument("--reach", type=int, default=0, metavar="N",
                    help="also evaluate N Sobol points of the space: which baselines any reachable point dominates")
+    p.add_argument("--reach-local", type=int, default=0, metavar="K",
+                   help="with --reach: also K points around each baseline inside the space (a local search's view)")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 30, random/tpe/cmaes-sum (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -463,16 +482,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         old = previous_runs(path, record)
         add_runs(runs, old.get("runs", {}))
         done_before += float(old.get("elapsed", 0.0))  # compute seconds, summed over the merged invocations
-        if old.get("reachability") and not args.reach:
+        if old.get("reachability") and not (args.reach or args.reach_local):
             record["reachability"] = old["reachability"]
     if args.merge:
         record["merged_from"] = [str(m) for m in args.merge]
     t0 = time.perf_counter()
-    if args.reach:
+    if args.reach or args.reach_local:
         record["reachability"] = reachability(config, worker, names, directions, baselines,
-                                              box_sides(ref, directions), args.reach)
-        print(f"reachability: {args.reach} Sobol points in {record['reachability']['seconds']:.0f} s",
-              file=sys.stderr)
+                                              box_sides(ref, directions), args.reach, args.reach_local)
+        print(f"reachability: {len(record['reachability']['values'])} points in "
+              f"{record['reachability']['seconds']:.0f} s", file=sys.stderr)
 
     def summary_of(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out = summarize(runs, baselines, directions, ref, scale, at, len(record["initial"]))

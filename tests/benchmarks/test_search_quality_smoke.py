@@ -112,7 +112,8 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
     build_demo(demo, seed=0, recipe=TINY)
     common = ["--demo-dir", str(demo), "--seeds", "2", "--budget", "4"]
     try:  # two invocations, as two parallel processes would be run, then merged
-        sq.main([*common, "--out", str(tmp_path / "other"), "--optimizers", "random", "--reach", "8"])
+        sq.main([*common, "--out", str(tmp_path / "other"), "--optimizers", "random", "--reach", "8",
+                 "--reach-local", "2"])
         record = sq.main([*common, "--out", str(tmp_path / "out"), "--optimizers", "random,tpe",
                           "--merge", str(tmp_path / "other" / "search_quality.json")])
         seeded = sq.main([*common, "--out", str(tmp_path / "init"), "--optimizers", "tpe", "--seeds", "1",
@@ -132,7 +133,11 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
     assert saved["reference_point"]["l1"] == pytest.approx(1.1 * saved["baselines"]["task_arithmetic w=1.0"][3])
     assert set(saved["runs"]) == {"random", "tpe"} and not saved["errors"]
     assert saved["runs"]["random"] == other["runs"]["random"]  # merged, not run again
-    assert saved["reachability"]["points"] == 8 and len(saved["reachability"]["values"]) == 8
+    reach = saved["reachability"]  # 8 Sobol points + 2 around each baseline inside the space (task arithmetic)
+    assert reach["local_around"] == [f"task_arithmetic w={lam}" for lam in sq.LAMBDAS]
+    assert reach["points"] == 8 and len(reach["values"]) == 8 + 2 * 10
+    l1 = np.array(reach["values"])[8:, 3].reshape(10, 2)  # local points stay near their baseline's cost
+    assert l1[0].max() < 0.5 * l1[-1].min()
     for runs in record["runs"].values():
         assert len(runs) == 2
         for r in runs:
