@@ -349,6 +349,10 @@ def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
         how = (" only through the initial points (by searched points alone: NOT met)"
                if d["target_met"] and not d["target_met_by_search"] else "")
         lines.append(f"  -> target {'MET' if d['target_met'] else 'NOT met'}{how}")
+        if reach:
+            alone = [b for b, v in reach["per_baseline"].items() if v["dominated_by"] == 0]
+            lines.append(f"  baselines that no reachable point dominates: "
+                         f"{', '.join(alone) or 'none'}")
     return "\n".join(lines)
 
 
@@ -534,6 +538,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoints = sorted({*range(20, longest + 1, 20), at, longest})
     text = table(summary, checkpoints)
     record["table"] = text
+    out.mkdir(parents=True, exist_ok=True)
     (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(summary, out / "search_quality.png", f"demo ({args.space} space): HV vs evaluations, mean ± sd over "
          f"{record['seeds']} seed(s); ref {', '.join(f'{n}={v:.4g}' for n, v in record['reference_point'].items())}")

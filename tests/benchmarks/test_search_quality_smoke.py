@@ -147,8 +147,11 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
     assert len(per) == 20
     assert all((v["epsilon"] == 0) == (v["dominated_in_seeds"] == v["seeds"]) for v in per.values())
     assert set(saved["summary"]["reachability"]["per_baseline"]) == set(per)
-    try:  # a --resume that runs nothing new keeps every run in the file it rewrites
-        sq.main([*common, "--out", str(tmp_path / "out"), "--optimizers", "random,tpe", "--resume"])
+    alone = [b for b, v in saved["summary"]["reachability"]["per_baseline"].items() if v["dominated_by"] == 0]
+    assert f"baselines that no reachable point dominates: {', '.join(alone) or 'none'}" in saved["table"]
+    try:  # a --merge that runs nothing new, into a new directory, keeps every run
+        sq.main([*common, "--out", str(tmp_path / "new"), "--optimizers", "random,tpe",
+                 "--merge", str(tmp_path / "out" / "search_quality.json")])
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((tmp_path / "out" / "search_quality.json").read_text())["runs"] == saved["runs"]
+    assert json.loads((tmp_path / "new" / "search_quality.json").read_text())["runs"] == saved["runs"]
