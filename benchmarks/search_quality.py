@@ -351,8 +351,7 @@ def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
         lines.append(f"  -> target {'MET' if d['target_met'] else 'NOT met'}{how}")
         if reach:
             alone = [b for b, v in reach["per_baseline"].items() if v["dominated_by"] == 0]
-            lines.append(f"  baselines that no reachable point dominates: "
-                         f"{', '.join(alone) or 'none'}")
+            lines.append(f"  baselines that no reachable point dominates: {', '.join(alone) or 'none'}")
     return "\n".join(lines)
 
 
@@ -426,7 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reach", type=int, default=0, metavar="N",
                    help="also evaluate N Sobol points of the space: which baselines any reachable point dominates")
     p.add_argument("--reach-local", type=int, default=0, metavar="K",
-                   help="with --reach: also K points around each baseline inside the space (a local search's view)")
+                   help="also evaluate K points around each baseline inside the space (a local search's view)")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 30, random/tpe/cmaes-sum (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -470,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reference_point": dict(zip(names, map(float, ref), strict=True)), "initial": list(initial.values())})})
 
     out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "space": args.space, "space_config": config.space.model_dump(mode="json", by_alias=True),
         "initial": list(initial),
@@ -526,7 +526,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             record["summary"] = summary_of(runs)
             record["elapsed"] = done_before + time.perf_counter() - t0
             record["budgets"] = {o: max(len(r["values"]) for r in rs) for o, rs in runs.items()}
-            out.mkdir(parents=True, exist_ok=True)
             (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")  # partial results too
 
     record["runs"] = runs  # also when nothing new ran (a --resume/--merge that only combines)
@@ -538,7 +537,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoints = sorted({*range(20, longest + 1, 20), at, longest})
     text = table(summary, checkpoints)
     record["table"] = text
-    out.mkdir(parents=True, exist_ok=True)
     (out / "search_quality.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(summary, out / "search_quality.png", f"demo ({args.space} space): HV vs evaluations, mean ± sd over "
          f"{record['seeds']} seed(s); ref {', '.join(f'{n}={v:.4g}' for n, v in record['reference_point'].items())}")
