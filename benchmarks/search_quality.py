@@ -81,7 +81,7 @@ def demo_config(demo_dir: Path, kind: str) -> Any:
                                      "execution": config.execution.model_copy(update={"executor": "local"})})
 
 
-def baseline_recipes(n_models: int) -> dict[str, tuple[str, dict[str, float]]]:
+def baseline_recipes() -> dict[str, tuple[str, dict[str, float]]]:
     """The hand-tuned baselines: name -> (method, the value of every weight / density / λ)."""
     out = {f"task_arithmetic w={lam}": ("task_arithmetic", {"weight": lam, "lambda": 1.0}) for lam in LAMBDAS}
     out.update({f"ties d=0.5 λ={lam}": ("ties", {"weight": 1.0, "density": 0.5, "lambda": lam}) for lam in LAMBDAS})
@@ -109,26 +109,26 @@ def recipe_params(space: Any, method: str, values: dict[str, float]) -> dict[str
     return space.complete(p)
 
 
+def space_of(config: Any, space_config: Any = None) -> Any:
+    """The :class:`MergeSpace` of ``config``'s models for ``space_config`` (default: the searched one)."""
+    from mergesearch.spaces import build_space, num_layers_of
+
+    return build_space(space_config or config.space, base_model=config.base_model, models=list(config.models),
+                       num_layers=num_layers_of(config.base_model), dtype=config.dtype)
+
+
 def baseline_params(config: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
     """A decoding space holding both hand-tuned families, and their params by baseline name."""
     from mergesearch.config import Range, SpaceConfig
-    from mergesearch.spaces import build_space, num_layers_of
 
-    space = build_space(SpaceConfig(methods=["task_arithmetic", "ties"], weight=Range(low=0.0, high=1.0),
-                                    density=Range(low=0.0, high=1.0), lambda_=Range(low=0.0, high=1.0)),
-                        base_model=config.base_model, models=list(config.models),
-                        num_layers=num_layers_of(config.base_model), dtype=config.dtype)
-    recipes = baseline_recipes(len(config.models))
-    return space, {b: recipe_params(space, m, v) for b, (m, v) in recipes.items()}
+    space = space_of(config, SpaceConfig(methods=["task_arithmetic", "ties"], weight=Range(low=0.0, high=1.0),
+                                         density=Range(low=0.0, high=1.0), lambda_=Range(low=0.0, high=1.0)))
+    return space, {b: recipe_params(space, m, v) for b, (m, v) in baseline_recipes().items()}
 
 
-def initial_points(config: Any) -> dict[str, dict[str, Any]]:
-    """The baselines that lie inside the searched space, as its params (for ``search.initial``)."""
-    from mergesearch.spaces import build_space, num_layers_of
-
-    space = build_space(config.space, base_model=config.base_model, models=list(config.models),
-                        num_layers=num_layers_of(config.base_model), dtype=config.dtype)
-    found = {b: recipe_params(space, m, v) for b, (m, v) in baseline_recipes(len(config.models)).items()}
+def initial_points(space: Any) -> dict[str, dict[str, Any]]:
+    """The baselines that lie inside ``space``, as its params (for ``search.initial``)."""
+    found = {b: recipe_params(space, m, v) for b, (m, v) in baseline_recipes().items()}
     return {b: p for b, p in found.items() if p is not None}
 
 
@@ -147,15 +147,13 @@ def reachability(config: Any, worker: Any, names: list[str], directions: list[st
 
     from mergesearch.search.optimizers.base import sobol
     from mergesearch.search.unit import from_unit, to_unit
-    from mergesearch.spaces import build_space, num_layers_of
 
-    space = build_space(config.space, base_model=config.base_model, models=list(config.models),
-                        num_layers=num_layers_of(config.base_model), dtype=config.dtype)
+    space = space_of(config)
     dists = space.distributions
     moves = np.array([isinstance(d, FloatDistribution) for d in dists.values()])
     rng = np.random.default_rng(0)
     points = list(sobol(n, len(dists), 0)) if n else []
-    around = initial_points(config) if local else {}
+    around = initial_points(space) if local else {}
     for p in around.values():
         x = to_unit(p, dists)
         points += [np.where(moves, x + rng.normal(0.0, LOCAL_SIGMA, x.shape), x) for _ in range(local)]
@@ -464,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if worst_baseline >= ref[names.index("l1")]:
         print(f"warning: a baseline's l1 ({worst_baseline:.4g}) is beyond the reference point", file=sys.stderr)
     scale = float(np.prod(box_sides(ref, directions)))  # volume of [0,1]^3 x [0, l1_ref]
-    initial = initial_points(config) if args.initial else {}
+    initial = initial_points(space_of(config)) if args.initial else {}
     config = config.model_copy(update={"search": config.search.model_copy(update={
         "reference_point": dict(zip(names, map(float, ref), strict=True)), "initial": list(initial.values())})})
 

@@ -63,7 +63,7 @@ def _space(**kw):
 def test_recipe_params_places_a_baseline_in_a_space_or_says_it_is_outside(sq) -> None:
     from mergesearch.config import Range
 
-    recipes = sq.baseline_recipes(2)
+    recipes = sq.baseline_recipes()
     weights = _space(methods=["task_arithmetic"], granularity="per_layer", filters=["mlp"],
                      weight=Range(low=0.0, high=1.0))
     ta = sq.recipe_params(weights, *recipes["task_arithmetic w=0.3"])
