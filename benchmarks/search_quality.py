@@ -17,11 +17,14 @@ For each baseline the table gives the seeds whose front weakly dominates it (in 
 better somewhere; in square brackets: by the searched points alone, without the ``--initial`` ones) and ε, the
 smallest amount (in units of the box's sides: accuracy, l1 / l1_ref) by which the worst seed's front misses it;
 ``--reach N`` adds how many of N Sobol points of the space dominate it (what is reachable at all), ``--reach-local K``
-K points around each baseline inside the space (whether a local search could improve on it).
+K points around each baseline inside the space (whether a local search could improve on it; ``--reach-sigma``
+sets their step). ``--refine K`` turns on ``search.refine`` for the multi-objective optimizers: the last K
+evaluations of each run polish the front, the ``--initial`` baselines first. Runs longer than 60 evaluations
+are checked against the baselines twice, at 60 and at their end.
 
     OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--seeds 3] [--budget 180] [--optimizers a,b]
         [--budget-for qnehvi=120] [--space weights|ties|layers] [--initial] [--reach 2048]
-        [--reach-local 40] [--resume]
+        [--reach-local 40] [--reach-sigma 0.05] [--refine 60] [--resume]
         [--merge OTHER.json] [--quick]
 
 Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table. Two
@@ -52,7 +55,7 @@ ALL_OPTIMIZERS = ["random", "cmaes-sum", "tpe", "nsga2", "nsga3", "pymoo-nsga3",
 REFERENCE_OPTIMIZERS = ("random", "cmaes-sum")
 AT = 60  # the evaluation budget the targets are checked at
 LAMBDAS = [round(0.1 * k, 1) for k in range(1, 11)]
-LOCAL_SIGMA = 0.05  # --reach-local: step (unit-cube sd) of the points around each baseline
+LOCAL_SIGMA = 0.05  # --reach-local: default step (unit-cube sd) of the points around each baseline
 
 
 def space_config(kind: str) -> Any:
@@ -139,9 +142,9 @@ def evaluate_baselines(config: Any, worker: Any, names: list[str]) -> dict[str, 
 
 
 def reachability(config: Any, worker: Any, names: list[str], directions: list[str], baselines: dict[str, list[float]],
-                 sides: np.ndarray, n: int, local: int = 0) -> dict[str, Any]:
+                 sides: np.ndarray, n: int, local: int = 0, sigma: float = LOCAL_SIGMA) -> dict[str, Any]:
     """What the searched space can reach: ``n`` scrambled Sobol points (seed 0) of it plus ``local`` points
-    around each baseline inside it (its float coordinates in the unit cube moved by N(0, LOCAL_SIGMA²), its
+    around each baseline inside it (its float coordinates in the unit cube moved by N(0, sigma²), its
     method kept), and per baseline how many of all these points weakly dominate it and their :func:`shortfall`."""
     from optuna.distributions import FloatDistribution
 
@@ -156,7 +159,7 @@ def reachability(config: Any, worker: Any, names: list[str], directions: list[st
     around = initial_points(space) if local else {}
     for p in around.values():
         x = to_unit(p, dists)
-        points += [np.where(moves, x + rng.normal(0.0, LOCAL_SIGMA, x.shape), x) for _ in range(local)]
+        points += [np.where(moves, x + rng.normal(0.0, sigma, x.shape), x) for _ in range(local)]
     start = time.perf_counter()
     values = []
     for x in points:
@@ -166,8 +169,8 @@ def reachability(config: Any, worker: Any, names: list[str], directions: list[st
     s = signs(directions)
     per = {b: {"dominated_by": int(np.all(arr * s <= np.array(v) * s, axis=1).sum()),
                "epsilon": shortfall(np.array(v), arr, directions, sides)} for b, v in baselines.items()}
-    return {"points": n, "local": local, "local_around": list(around), "seconds": time.perf_counter() - start,
-            "per_baseline": per, "values": values}
+    return {"points": n, "local": local, "local_sigma": sigma, "local_around": list(around),
+            "seconds": time.perf_counter() - start, "per_baseline": per, "values": values}
 
 
 def signs(directions: list[str]) -> np.ndarray:
@@ -219,12 +222,15 @@ def history(values: np.ndarray, directions: list[str], ref: np.ndarray, scale: f
 
 
 def run_one(config: Any, worker: Any, optimizer: str, seed: int, budget: int) -> dict[str, Any]:
-    """One search of ``budget`` completed trials on an in-memory study; values in trial order (NaN = failed)."""
+    """One search of ``budget`` completed trials on an in-memory study; values in trial order (NaN = failed).
+    The reference optimizers run without ``search.refine``: they stay the plain yardsticks."""
     import optuna
 
     from mergesearch.execution.local import LocalExecutor
     from mergesearch.search.loop import SearchRun
 
+    if optimizer in REFERENCE_OPTIMIZERS:
+        config = config.model_copy(update={"search": config.search.model_copy(update={"refine": 0})})
     run = SearchRun(config, storage="memory://", study_name=f"{optimizer}-s{seed}", trials=budget,
                     optimizer=optimizer, seed=seed)
     start = time.perf_counter()
@@ -253,7 +259,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baselines: dict[str, list[f
     optimizer's front at ``at`` weakly dominates every baseline point (per seed; ``epsilon``: the worst seed's
     :func:`shortfall`, 0 when dominated in every seed). The first ``n_initial`` evaluations of every run are the
     ``--initial`` baselines, which make the target true for themselves: ``by_search_in_seeds`` counts the seeds
-    where the points after them (what the search found) dominate the baseline."""
+    where the points after them (what the search found) strictly dominate the baseline. Runs longer than ``at``
+    (e.g. with ``--refine``) are also checked at their end (``baseline_dominance_final``)."""
     from mergesearch.search.pareto import hypervolume
 
     def mean_curve(opt: str) -> list[float]:
@@ -288,25 +295,58 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baselines: dict[str, list[f
         need = first_reaching(curve, target)
         out["random_evals_to_reach"] = {"evaluations": need, "random_budget": len(curve),
                                         "needed": 3 * at, "target_met": need is None or need >= 3 * at}
+    out["baseline_dominance"] = dominance(runs[best], base_arr, directions, ref, at, n_initial, best)
+    end = min(len(r["values"]) for r in runs[best])
+    if end > at:
+        out["baseline_dominance_final"] = dominance(runs[best], base_arr, directions, ref, end, n_initial, best)
+    return out
+
+
+def dominance(runs: list[dict[str, Any]], baselines: dict[str, np.ndarray], directions: list[str], ref: np.ndarray,
+              at: int, n_initial: int, optimizer: str) -> dict[str, Any]:
+    """Per baseline: in how many of ``runs`` the first ``at`` evaluations weakly / strictly dominate it, and
+    strictly by the points after the first ``n_initial`` (what the search found) alone; ``epsilon`` is the
+    worst seed's :func:`shortfall`."""
     per_baseline = {}
-    for b, point in base_arr.items():
+    for b, point in baselines.items():
         hits, strict, searched, eps = [], [], [], []
-        for r in runs[best]:
+        for r in runs:
             vals = np.array(r["values"][:at], dtype=float)
             found = vals[n_initial:][np.all(np.isfinite(vals[n_initial:]), axis=1)]
             vals = vals[np.all(np.isfinite(vals), axis=1)]
             hits.append(weakly_dominated(point, vals, directions))
-            searched.append(weakly_dominated(point, found, directions))
+            searched.append(strictly_dominated(point, found, directions))
             strict.append(strictly_dominated(point, vals, directions))
             eps.append(shortfall(point, vals, directions, box_sides(ref, directions)))
         per_baseline[b] = {"dominated_in_seeds": int(sum(hits)), "strictly_in_seeds": int(sum(strict)),
                            "by_search_in_seeds": int(sum(searched)), "seeds": len(hits), "epsilon": max(eps),
-                           "values": baselines[b]}
-    out["baseline_dominance"] = {
-        "optimizer": best, "at": at, "per_baseline": per_baseline,
-        "target_met": all(v["dominated_in_seeds"] == v["seeds"] for v in per_baseline.values()),
-        "target_met_by_search": all(v["by_search_in_seeds"] == v["seeds"] for v in per_baseline.values())}
-    return out
+                           "values": point.tolist()}
+    return {"optimizer": optimizer, "at": at, "per_baseline": per_baseline,
+            "target_met": all(v["dominated_in_seeds"] == v["seeds"] for v in per_baseline.values()),
+            "target_met_strictly": all(v["strictly_in_seeds"] == v["seeds"] for v in per_baseline.values()),
+            "target_met_by_search": all(v["by_search_in_seeds"] == v["seeds"] for v in per_baseline.values())}
+
+
+def dominance_lines(d: dict[str, Any], reach: dict[str, Any] | None) -> list[str]:
+    """Table lines of one :func:`dominance` result (with the reachability columns when measured)."""
+    lines = [f"baselines weakly (strictly) [strictly by searched points alone] dominated by {d['optimizer']}'s "
+             f"front at {d['at']} evaluations (seeds):"]
+    if reach:
+        near = (f" and {reach['local']} points around each of the {len(reach['local_around'])} baselines "
+                f"inside it (sd {reach.get('local_sigma', LOCAL_SIGMA)})" if reach.get("local") else "")
+        lines.append(f"  (ε: worst seed's shortfall, in units of the HV box sides; reachable: how many of "
+                     f"{reach['points']} Sobol points of the space{near} dominate it, and their ε)")
+    for b, v in d["per_baseline"].items():
+        vals = ", ".join(f"{x:.3g}" for x in v["values"])
+        rb = reach["per_baseline"][b] if reach else None
+        r = f"   reachable {rb['dominated_by']:>4} (ε {rb['epsilon']:.4f})" if rb else ""
+        lines.append(f"  {b:<24} {v['dominated_in_seeds']}/{v['seeds']} ({v['strictly_in_seeds']}) "
+                     f"[{v['by_search_in_seeds']}]  ε {v['epsilon']:.4f}{r}   ({vals})")
+    verdict = ("MET strictly by searched points" if d.get("target_met_by_search")
+               else "MET strictly" if d.get("target_met_strictly")
+               else "MET only weakly, through the initial points" if d["target_met"] else "NOT met")
+    lines.append(f"  -> target {verdict}")
+    return lines
 
 
 def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
@@ -328,28 +368,13 @@ def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
         need = r["evaluations"] if r["evaluations"] is not None else f"> {r['random_budget']}"
         lines.append(f"evaluations random needs to reach it (mean curve): {need} -> target (>= {r['needed']}) "
                      f"{'MET' if r['target_met'] else 'NOT met'}")
-    if "baseline_dominance" in summary:
-        d = summary["baseline_dominance"]
-        lines.append(f"baselines weakly (strictly) [by searched points alone] dominated by {d['optimizer']}'s "
-                     f"front at {d['at']} evaluations (seeds):")
-        reach = summary.get("reachability")
-        if reach:
-            near = (f" and {reach['local']} points around each of the {len(reach['local_around'])} baselines "
-                    f"inside it" if reach.get("local") else "")
-            lines.append(f"  (ε: worst seed's shortfall, in units of the HV box sides; reachable: how many of "
-                         f"{reach['points']} Sobol points of the space{near} dominate it, and their ε)")
-        for b, v in d["per_baseline"].items():
-            vals = ", ".join(f"{x:.3g}" for x in v["values"])
-            rb = reach["per_baseline"][b] if reach else None
-            r = f"   reachable {rb['dominated_by']:>4} (ε {rb['epsilon']:.4f})" if rb else ""
-            lines.append(f"  {b:<24} {v['dominated_in_seeds']}/{v['seeds']} ({v['strictly_in_seeds']}) "
-                         f"[{v['by_search_in_seeds']}]  ε {v['epsilon']:.4f}{r}   ({vals})")
-        how = (" only through the initial points (by searched points alone: NOT met)"
-               if d["target_met"] and not d["target_met_by_search"] else "")
-        lines.append(f"  -> target {'MET' if d['target_met'] else 'NOT met'}{how}")
-        if reach:
-            alone = [b for b, v in reach["per_baseline"].items() if v["dominated_by"] == 0]
-            lines.append(f"  baselines that no reachable point dominates: {', '.join(alone) or 'none'}")
+    reach = summary.get("reachability")
+    for key in ("baseline_dominance", "baseline_dominance_final"):
+        if key in summary:
+            lines += dominance_lines(summary[key], reach)
+    if reach:
+        alone = [b for b, v in reach["per_baseline"].items() if v["dominated_by"] == 0]
+        lines.append(f"baselines that no reachable point dominates: {', '.join(alone) or 'none'}")
     return "\n".join(lines)
 
 
@@ -388,8 +413,9 @@ def previous_runs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     same_ref = old.get("reference_point", {}).keys() == record["reference_point"].keys() and np.allclose(
         list(old["reference_point"].values()), list(record["reference_point"].values()), rtol=1e-6)
     if (old.get("space_config") != record["space_config"] or not same_ref
-            or old.get("initial", []) != record["initial"]):
-        raise SystemExit(f"{path} holds runs of another space, reference point or initial points; use another --out")
+            or old.get("initial", []) != record["initial"] or old.get("refine", 0) != record["refine"]):
+        raise SystemExit(f"{path} holds runs of another space, reference point, initial points or --refine; "
+                         "use another --out")
     record["errors"].update(old.get("errors", {}))
     return old
 
@@ -424,6 +450,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also evaluate N Sobol points of the space: which baselines any reachable point dominates")
     p.add_argument("--reach-local", type=int, default=0, metavar="K",
                    help="also evaluate K points around each baseline inside the space (a local search's view)")
+    p.add_argument("--reach-sigma", type=float, default=LOCAL_SIGMA, metavar="S",
+                   help=f"unit-cube sd of the --reach-local moves (default {LOCAL_SIGMA})")
+    p.add_argument("--refine", type=int, default=0, metavar="K",
+                   help="search.refine: the last K evaluations of every multi-objective optimizer's run polish "
+                        "the front (the --initial baselines first) with small local moves; random and cmaes-sum "
+                        "stay plain")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 30, random/tpe/cmaes-sum (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -464,13 +496,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scale = float(np.prod(box_sides(ref, directions)))  # volume of [0,1]^3 x [0, l1_ref]
     initial = initial_points(space_of(config)) if args.initial else {}
     config = config.model_copy(update={"search": config.search.model_copy(update={
-        "reference_point": dict(zip(names, map(float, ref), strict=True)), "initial": list(initial.values())})})
+        "reference_point": dict(zip(names, map(float, ref), strict=True)), "initial": list(initial.values()),
+        "refine": args.refine})})
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "space": args.space, "space_config": config.space.model_dump(mode="json", by_alias=True),
-        "initial": list(initial),
+        "initial": list(initial), "refine": args.refine,
         "objectives": objectives, "reference_point": dict(zip(names, map(float, ref), strict=True)),
         "hv_normaliser": scale, "seeds": args.seeds, "budgets": args.budgets, "baselines": baselines,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
@@ -490,8 +523,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record["merged_from"] = [str(m) for m in args.merge]
     t0 = time.perf_counter()
     if args.reach or args.reach_local:
-        record["reachability"] = reachability(config, worker, names, directions, baselines,
-                                              box_sides(ref, directions), args.reach, args.reach_local)
+        record["reachability"] = reachability(config, worker, names, directions, baselines, box_sides(ref, directions),
+                                              args.reach, args.reach_local, args.reach_sigma)
         print(f"reachability: {len(record['reachability']['values'])} points in "
               f"{record['reachability']['seconds']:.0f} s", file=sys.stderr)
 

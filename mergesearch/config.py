@@ -141,6 +141,11 @@ class SearchConfig(_Frozen):
     seed: int = 0
     #: parameter dicts (or named presets such as ``uniform``) evaluated first.
     initial: list[str | dict[str, Any]] = Field(default_factory=list)
+    #: the last ``refine`` trials of the budget polish the front (the ``initial`` recipes first) with small
+    #: local moves instead of asking the optimizer; see :mod:`mergesearch.search.refine`.
+    refine: int = Field(default=0, ge=0)
+    #: unit-cube standard deviation of a refinement's first move (halved after each failed attempt).
+    refine_step: float = Field(default=0.003, gt=0.0, le=0.5)
     #: hypervolume reference point per objective name (worst acceptable value); default: from the data.
     reference_point: dict[str, float] | None = None
     #: backend-specific options (population size, batch size, ...).

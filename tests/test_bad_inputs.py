@@ -201,6 +201,8 @@ CASES = [
          ("max_new_tokns", "did you mean 'max_new_tokens'")),
     Case("wrong-type", lambda e: e.run(e.variant("t1", "trials: 4", "trials: many")), ("search.trials", "integer")),
     Case("out-of-range", lambda e: e.run(e.variant("t2", "trials: 4", "trials: 0")), ("search.trials", "greater")),
+    Case("refine-step-out-of-range", lambda e: e.run(e.variant("t5", "seed: 0}", "seed: 0, refine_step: 2}")),
+         ("search.refine_step", "less")),
     Case("range-low-gt-high", lambda e: e.run(e.variant("t3", "weight: [0, 1]", "weight: [1, 0]")),
          ("space.weight", "low (1.0) > high (0.0)")),
     Case("range-length", lambda e: e.run(e.variant("t4", "weight: [0, 1]", "weight: [0, 1, 2]")),

@@ -6,6 +6,7 @@ import hashlib
 import math
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 
@@ -64,6 +65,57 @@ def test_initial_presets_run_first_and_plans_are_stored(tiny_models, tmp_path: P
     weights = [m["parameters"]["weight"] for m in first.user_attrs["plan"]["models"]]
     assert weights == pytest.approx([0.5, 0.5])
     assert second.user_attrs["plan"]["merge_method"] == "ties"
+
+
+def test_refine_polishes_the_front_in_the_last_trials(tiny_models, tmp_path: Path) -> None:
+    from mergesearch.search.unit import to_unit
+
+    job = write_job(tmp_path, tiny_models, extra="")
+    job.write_text(job.read_text().replace("seed: 0}", "seed: 0, initial: [uniform], refine: 3, refine_step: 0.01}"))
+    run = SearchRun(load_config(job), storage=f"sqlite:///{tmp_path / 'r.db'}", study_name="r", trials=5)
+    assert run.run(LocalExecutor(MergeWorkerFactory(run.config))).completed == 5
+    trials = run.study.trials
+    assert trials[0].user_attrs["initial"] is True and "refine_of" not in trials[1].user_attrs
+    refined = trials[2:]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert [t.user_attrs["refine_of"] < t.number for t in refined] == [True] * 3
+    for t in refined:  # a small move of its parent, same method
+        parent = trials[t.user_attrs["refine_of"]]
+        assert t.params["method"] == parent.params["method"]
+        moved = to_unit(t.params, run.space.distributions) - to_unit(parent.params, run.space.distributions)
+        assert 0 < np.abs(moved).max() < 0.1
+    # the recipe is refined first unless the random trial strictly dominates it (then that one is)
+    sign = np.array([-1.0, -1.0, 1.0])  # reverse, sort_ll maximised; l1 minimised
+    a, b = sign * trials[0].values, sign * trials[1].values
+    assert refined[0].user_attrs["refine_of"] == (1 if np.all(b <= a) and np.any(b < a) else 0)
+
+
+def test_ctrl_c_leaves_a_resumable_study(tiny_models, tmp_path: Path) -> None:
+    class Interrupted(LocalExecutor):
+        """Ctrl-C while the fourth trial is in flight."""
+
+        def completed(self, timeout: float | None = None) -> list:
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            self.calls += 1
+            return super().completed(timeout)
+
+    job = write_job(tmp_path, tiny_models, extra="")
+    job.write_text(job.read_text().replace("seed: 0}", "seed: 0, initial: [uniform], refine: 2}"))
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    run = SearchRun(load_config(job), storage=url, study_name="c", trials=4)
+    pool = Interrupted(MergeWorkerFactory(run.config))
+    pool.calls = 0
+    report = run.run(pool)
+    assert report.interrupted and report.completed == 3
+    cut = run.study.trials[3]
+    assert cut.state.name == "FAIL" and cut.user_attrs["fail_reason"] == "interrupted (run stopped)"
+    again = SearchRun(load_config(job), storage=url, study_name="c", trials=4)
+    assert again.run(LocalExecutor(MergeWorkerFactory(again.config))).completed == 4
+    trials = again.study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL", "COMPLETE"]
+    # the interrupted refinement ran again, as a refinement of the same parent
+    assert trials[4].params == cut.params and trials[4].user_attrs["refine_of"] == cut.user_attrs["refine_of"]
 
 
 def test_failing_candidates_are_stored_with_reasons(tiny_models, tmp_path: Path, monkeypatch) -> None:

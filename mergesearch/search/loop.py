@@ -105,8 +105,9 @@ class SearchRun:
                               f"known: {', '.join(OPTIMIZERS)}")
         self.study = open_study(self.storage, self.study_name, self.objectives,
                                 config_fingerprint=fingerprint(config))
+        self.seed = config.search.seed if seed is None else seed
         self.optimizer = Optimizer(self.study, self.space.distributions, name=optimizer or config.search.optimizer,
-                                   seed=config.search.seed if seed is None else seed,
+                                   seed=self.seed,
                                    options=dict(config.search.options), reference_point=self.reference)
         self._initial = self._initial_points()
         self.lease = DriverLease(self.study)
@@ -143,7 +144,7 @@ class SearchRun:
         store_config(self.study, self.config)
         if not self.study.trials:
             for point in self._initial:
-                self.optimizer.enqueue(point)
+                self.optimizer.enqueue(point, {"initial": True})
         self._prepared = True
 
     def _initial_points(self) -> list[dict[str, Any]]:
@@ -172,7 +173,7 @@ class SearchRun:
             on_result: called after each result is stored (progress display).
             max_consecutive_failures: stop with :class:`StudyError` when this many trials fail in a row.
         """
-        from mergesearch.search.study import Heartbeat, record_trial
+        from mergesearch.search.study import Heartbeat, carried_attrs, record_trial
 
         self.prepare()
         start = time.perf_counter()
@@ -194,10 +195,12 @@ class SearchRun:
                     break
                 n = min(executor.idle(), self.target - complete - len(inflight))
                 if n > 0:
+                    self._enqueue_refinements(n, complete + len(inflight))
                     for trial in self.optimizer.ask(n):
                         plan = self.space.decode(trial.params).to_dict()
                         executor.submit(trial.number, plan)
-                        inflight[trial.number] = {"params": trial.params, "plan": plan}
+                        inflight[trial.number] = {"params": trial.params, "plan": plan,
+                                                  "attrs": carried_attrs(trial.user_attrs)}
                 for res in executor.completed(timeout=0.5):
                     job = inflight.pop(res.trial)
                     record_trial(self.study, res.trial, plan=job["plan"], worker=res.worker, timings=res.timings,
@@ -224,12 +227,27 @@ class SearchRun:
             # In-flight trials are failed and re-enqueued so a resumed run evaluates them again.
             for number, job in inflight.items():
                 self.optimizer.tell(number, None, error="interrupted (run stopped)")
-                self.optimizer.enqueue(job["params"])
+                self.optimizer.enqueue(job["params"], job["attrs"])
             self.lease.release()
         return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
                          failed_this_run=failed_run, completed_this_run=done_run,
                          elapsed=time.perf_counter() - start, interrupted=interrupted,
                          hypervolume=self.hypervolume(), best=self.best())
+
+    def _enqueue_refinements(self, n: int, started: int) -> None:
+        """Enqueue refinements for those of the next ``n`` trials (``started`` done or running before them) that
+        fall in the last ``search.refine`` of the budget and are not served by trials already waiting."""
+        from optuna.trial import TrialState
+
+        from mergesearch.search.refine import refinements
+
+        search = self.config.search
+        k = min(n, started + n - (self.target - search.refine))
+        if k <= 0:
+            return
+        k -= len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        for params, parent in refinements(self.study, self.space.distributions, k, search.refine_step, self.seed):
+            self.optimizer.enqueue(params, {"refine_of": parent})
 
     def hypervolume(self) -> float | None:
         """Hypervolume of the completed trials (reference point from the config, else the nadir)."""

@@ -203,6 +203,15 @@ def _driver_gone(driver: str | None) -> bool:
     return False
 
 
+#: user attrs a re-run of a trial keeps (what it was enqueued as)
+CARRIED_ATTRS = ("initial", "refine_of")
+
+
+def carried_attrs(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`CARRIED_ATTRS` among ``user_attrs``."""
+    return {k: user_attrs[k] for k in CARRIED_ATTRS if k in user_attrs}
+
+
 def recover_orphans(study: optuna.Study, *, exclusive: bool = False) -> int:
     """Fail trials left RUNNING by a stopped driver and re-enqueue their params so they run again.
 
@@ -232,7 +241,7 @@ def recover_orphans(study: optuna.Study, *, exclusive: bool = False) -> int:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished meanwhile (its driver was alive after all, or another recovery won)
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
+        study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number, **carried_attrs(t.user_attrs)})
         n += 1
     return n
 

@@ -53,6 +53,21 @@ def test_strict_dominance_needs_one_strictly_better_objective(sq) -> None:
     assert not sq.strictly_dominated(np.array([0.8, 0.6, 0.9, 300.0]), front, DIRS)
 
 
+def test_dominance_counts_seeds_and_separates_the_initial_points(sq) -> None:
+    base = {"b": np.array([0.8, 0.5, 0.9, 200.0])}
+    recipe, better, worse = [0.8, 0.5, 0.9, 200.0], [0.8, 0.5, 0.9, 199.0], [0.1, 0.1, 0.1, 400.0]
+    runs = [{"values": [recipe, worse, better]},  # seed 0: a searched point beats the recipe at evaluation 3
+            {"values": [recipe, [np.nan] * 4, worse]}]  # seed 1: only the recipe itself covers it
+    d = sq.dominance(runs, base, DIRS, np.array([0.0, 0.0, 0.0, 500.0]), 3, 1, "gp")
+    v = d["per_baseline"]["b"]
+    assert (v["dominated_in_seeds"], v["strictly_in_seeds"], v["by_search_in_seeds"], v["seeds"]) == (2, 1, 1, 2)
+    assert v["epsilon"] == 0.0 and d["target_met"] and not d["target_met_strictly"]
+    early = sq.dominance(runs, base, DIRS, np.array([0.0, 0.0, 0.0, 500.0]), 2, 1, "gp")["per_baseline"]["b"]
+    assert early["strictly_in_seeds"] == 0  # the better point comes after the first two evaluations
+    none = sq.dominance(runs, base, DIRS, np.array([0.0, 0.0, 0.0, 500.0]), 3, 3, "gp")["per_baseline"]["b"]
+    assert none["by_search_in_seeds"] == 0 and none["dominated_in_seeds"] == 2
+
+
 def _space(**kw):
     from mergesearch.config import SpaceConfig
     from mergesearch.spaces import build_space

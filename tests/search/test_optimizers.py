@@ -129,6 +129,21 @@ def test_enqueued_points_served_first(name):
     assert all(valid(t.params) for t in opt.ask(2))
 
 
+@pytest.mark.parametrize("name", ["tpe", "gp", "nsga2"])
+def test_refinements_do_not_ask_a_model_backend(name, monkeypatch):
+    _, opt = make(name)
+    calls = []
+    real = opt.sampler.sample_relative
+    monkeypatch.setattr(opt.sampler, "sample_relative", lambda *a: calls.append(1) or real(*a))
+    point = {"x0": 0.5, "x1": 0.0, "x2": 0.0, "x3": 0.0, "lr": 1e-3, "k": 0, "c": "a"}
+    opt.enqueue(point, {"refine_of": 0})
+    opt.enqueue(point)  # a plain enqueued point still reaches the sampler
+    first, second = opt.ask(2)
+    assert first.params == second.params == point and first.user_attrs["refine_of"] == 0
+    # genetic samplers count every trial into a generation in sample_relative, refinements included
+    assert len(calls) == (2 if name == "nsga2" else 1)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_resume_from_sqlite(name, tmp_path):
     url = f"sqlite:///{tmp_path / 'r.db'}"

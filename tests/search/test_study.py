@@ -126,6 +126,7 @@ def test_orphans_without_heartbeat_are_failed_and_rerun(tmp_path):
     url = str(tmp_path / "s.log")  # journal: no heartbeat
     study = open_study(url, "s", OBJ)
     crashed = study.ask()  # a trial of some other (dead) driver: no driver attr
+    crashed.set_user_attr("refine_of", 7)  # what it was enqueued as is kept by its re-run
     crashed.suggest_float("w", 0.0, 1.0)
     crashed.suggest_float("d", 0.1, 1.0)
     mine = Optimizer(study, SPACE, name="random", seed=0, options={}).ask(1)[0]
@@ -136,6 +137,7 @@ def test_orphans_without_heartbeat_are_failed_and_rerun(tmp_path):
     assert again.trials[mine.number].state == TrialState.RUNNING  # this process's trial is not stolen
     rerun = Optimizer(again, SPACE, name="tpe", seed=0, options={}).ask(1)[0]
     assert rerun.params == old.params
+    assert rerun.user_attrs["refine_of"] == 7 and rerun.user_attrs["rerun_of"] == crashed.number
     assert recover_orphans(again) == 0
 
 

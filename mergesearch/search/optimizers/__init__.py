@@ -243,6 +243,7 @@ class Optimizer:
             waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
             self.sampler.clear()  # leftovers were proposed with older data
             self.sampler.batch_hint = max(1, n - waiting)
+        genetic = isinstance(self.sampler, (optuna.samplers.NSGAIISampler, optuna.samplers.NSGAIIISampler))
         trials = []
         for _ in range(n):
             with warnings.catch_warnings():
@@ -250,8 +251,10 @@ class Optimizer:
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = self.study.ask()
             # NSGA-II/III assign the generation in sample_relative; touching it here makes enqueued trials
-            # count too (otherwise they are ignored by the genetic samplers).
-            _ = trial.relative_params
+            # count too (otherwise they are ignored by the genetic samplers). A refinement has every
+            # parameter fixed, so other backends are not asked (a GP fit per refinement would be wasted).
+            if genetic or "refine_of" not in trial.user_attrs:
+                _ = trial.relative_params
             for name, dist in self.distributions.items():
                 _suggest(trial, name, dist)
             trial.set_user_attr("driver", DRIVER_ID)
@@ -282,10 +285,11 @@ class Optimizer:
             return
         self.study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
 
-    def enqueue(self, params: Mapping[str, Any]) -> None:
+    def enqueue(self, params: Mapping[str, Any], user_attrs: Mapping[str, Any] | None = None) -> None:
         """Queue a parameter set to be evaluated before any proposal (e.g. a hand-tuned recipe).
 
-        Missing parameters are sampled; unknown names or out-of-range values are a ConfigError.
+        Missing parameters are sampled; unknown names or out-of-range values are a ConfigError. ``user_attrs``
+        are stored on the trial (e.g. ``initial``, ``refine_of``).
         """
         for key, value in params.items():
             dist = self.distributions.get(key)
@@ -297,7 +301,7 @@ class Optimizer:
                 ok = False
             if not ok:
                 raise ConfigError(f"initial point: {key}={value!r} is outside its range {dist}")
-        self.study.enqueue_trial(dict(params), skip_if_exists=False)
+        self.study.enqueue_trial(dict(params), user_attrs=dict(user_attrs or {}), skip_if_exists=False)
 
 
 __all__ = ["OPTIMIZERS", "BatchSampler", "Optimizer", "derive_seed"]
