@@ -20,11 +20,12 @@ smallest amount (in units of the box's sides: accuracy, l1 / l1_ref) by which th
 K points around each baseline inside the space (whether a local search could improve on it; ``--reach-sigma``
 sets their step). ``--refine K`` turns on ``search.refine`` for the multi-objective optimizers: the last K
 evaluations of each run polish the front, the ``--initial`` baselines first. Runs longer than 60 evaluations
-are checked against the baselines twice, at 60 and at their end.
+are checked against the baselines twice, at 60 and at their end. ``--held-out`` re-scores, on the test split,
+each baseline and the first searched point of each run that strictly dominates it on the search split.
 
     OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--seeds 3] [--budget 180] [--optimizers a,b]
         [--budget-for qnehvi=120] [--space weights|ties|layers] [--initial] [--reach 2048]
-        [--reach-local 40] [--reach-sigma 0.05] [--refine 60] [--resume]
+        [--reach-local 40] [--reach-sigma 0.05] [--refine 60] [--held-out] [--resume]
         [--merge OTHER.json] [--quick]
 
 Writes ``benchmarks/results/search_quality.{json,png}`` (``--out DIR`` elsewhere) and prints the table. Two
@@ -173,6 +174,39 @@ def reachability(config: Any, worker: Any, names: list[str], directions: list[st
             "seconds": time.perf_counter() - start, "per_baseline": per, "values": values}
 
 
+def held_out(config: Any, worker: Any, runs: list[dict[str, Any]], baselines: dict[str, list[float]],
+             names: list[str], directions: list[str], n_initial: int) -> dict[str, Any]:
+    """Does search-split dominance hold on the held-out test split? Each baseline and, per run (those that
+    stored plans), the first searched point that strictly dominates it on the search split are re-scored on
+    every objective's ``test`` file; counted: the runs where that point still weakly / strictly dominates."""
+    from mergesearch.merging.plan import MergePlan
+    from mergesearch.objectives import ObjectiveContext, build_objectives, evaluate
+
+    objectives = build_objectives(config.objectives, ObjectiveContext(base_state=worker.merger.base_state,
+                                                                      split="test"))
+
+    def test_values(plan: dict[str, Any]) -> list[float]:
+        v = evaluate(objectives, worker.merger.apply(MergePlan.model_validate(plan)), worker.tokenizer)
+        return [float(v[n]) for n in names]
+
+    space, params = baseline_params(config)
+    out: dict[str, Any] = {}
+    for b, v in baselines.items():
+        base_test = test_values(space.decode(params[b]).to_dict())
+        checks = []
+        for r in (r for r in runs if r.get("plans")):
+            hit = next((i for i in range(n_initial, len(r["values"]))
+                        if strictly_dominated(np.array(v), np.array([r["values"][i]]), directions)), None)
+            if hit is not None:
+                t = np.array([test_values(r["plans"][hit])])
+                checks.append({"seed": r["seed"], "trial": hit, "test": t[0].tolist(),
+                               "weakly": weakly_dominated(np.array(base_test), t, directions),
+                               "strictly": strictly_dominated(np.array(base_test), t, directions)})
+        out[b] = {"test": base_test, "checks": checks, "weakly": sum(c["weakly"] for c in checks),
+                  "strictly": sum(c["strictly"] for c in checks)}
+    return out
+
+
 def signs(directions: list[str]) -> np.ndarray:
     """+1 for minimised, -1 for maximised objectives."""
     return np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
@@ -242,7 +276,8 @@ def run_one(config: Any, worker: Any, optimizer: str, seed: int, budget: int) ->
     values = [list(t.values) if t.state == optuna.trial.TrialState.COMPLETE else [float("nan")] * m for t in done]
     worker_time = sum(float(t.user_attrs.get("timings", {}).get(k, 0.0)) for t in done for k in ("merge", "eval"))
     errors = sorted({str(t.user_attrs.get("fail_reason")) for t in done if t.state == optuna.trial.TrialState.FAIL})
-    return {"seed": seed, "values": values, "elapsed": elapsed, "optimizer_seconds": elapsed - worker_time,
+    return {"seed": seed, "values": values, "plans": [t.user_attrs.get("plan") for t in done], "elapsed": elapsed,
+            "optimizer_seconds": elapsed - worker_time,
             "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in done), "errors": errors}
 
 
@@ -375,6 +410,15 @@ def table(summary: dict[str, Any], checkpoints: list[int]) -> str:
     if reach:
         alone = [b for b, v in reach["per_baseline"].items() if v["dominated_by"] == 0]
         lines.append(f"baselines that no reachable point dominates: {', '.join(alone) or 'none'}")
+    if "held_out" in summary:
+        h = summary["held_out"]
+        checks = sum(len(v["checks"]) for v in h.values())
+        lines.append(f"held-out check: per run, the first searched point that strictly dominates a baseline on the "
+                     f"search split, re-scored on the test split, still dominates it weakly in "
+                     f"{sum(v['weakly'] for v in h.values())} and strictly in "
+                     f"{sum(v['strictly'] for v in h.values())} of {checks} cases")
+        lines += [f"  {b:<24} weakly {v['weakly']}/{len(v['checks'])}, strictly {v['strictly']}/{len(v['checks'])}"
+                  for b, v in h.items()]
     return "\n".join(lines)
 
 
@@ -456,6 +500,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="search.refine: the last K evaluations of every multi-objective optimizer's run polish "
                         "the front (the --initial baselines first) with small local moves; random and cmaes-sum "
                         "stay plain")
+    p.add_argument("--held-out", action="store_true",
+                   help="re-score on the test split each baseline and the first searched point of each of the "
+                        "best optimizer's runs that strictly dominates it")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 30, random/tpe/cmaes-sum (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -564,6 +611,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record["budgets"] = {o: max(len(r["values"]) for r in rs) for o, rs in runs.items()}
     record["seeds"] = max([len(rs) for rs in runs.values()] or [args.seeds])
     summary = record["summary"] = summary_of(runs)
+    if args.held_out and "best_multi_objective" in summary:
+        best = summary["best_multi_objective"]["optimizer"]
+        summary["held_out"] = held_out(config, worker, runs[best], baselines, names, directions,
+                                       len(record["initial"]))
     longest = max([len(r["values"]) for rs in runs.values() for r in rs] or [args.budget])
     checkpoints = sorted({*range(20, longest + 1, 20), at, longest})
     text = table(summary, checkpoints)

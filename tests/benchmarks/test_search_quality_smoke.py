@@ -133,6 +133,8 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
                           "--merge", str(tmp_path / "other" / "search_quality.json")])
         seeded = sq.main([*common, "--out", str(tmp_path / "init"), "--optimizers", "tpe", "--seeds", "1",
                           "--initial"])
+        refined = sq.main(["--demo-dir", str(demo), "--seeds", "1", "--budget", "13", "--out", str(tmp_path / "ref"),
+                           "--optimizers", "tpe", "--initial", "--refine", "3", "--held-out"])
     finally:
         torch.set_num_threads(threads)
     # the baselines inside the space (task arithmetic) are the first trials, in order
@@ -141,6 +143,16 @@ def test_tiny_run_writes_results(sq, tmp_path) -> None:
     seeded_per = seeded["summary"]["baseline_dominance"]["per_baseline"]
     for b in seeded["initial"][:4]:  # in the front only as initial points: nothing searched dominates them
         assert (seeded_per[b]["dominated_in_seeds"], seeded_per[b]["by_search_in_seeds"]) == (1, 0)
+    # refinements: the 3 trials after the 10 recipes; each moves some recipe's weights by a few thousandths
+    plans = refined["runs"]["tpe"][0]["plans"]
+    weights = np.array([[m["parameters"]["weight"] for m in p["models"]] for p in plans])
+    assert all(np.abs(weights[:10] - w).max(axis=1).min() < 0.02 for w in weights[10:])
+    held = refined["summary"]["held_out"]
+    assert set(held) == set(refined["baselines"])
+    for b, v in held.items():  # l1 does not depend on the split: the re-scored cost is the searched one
+        assert v["test"][3] == pytest.approx(refined["baselines"][b][3])
+        for c in v["checks"]:
+            assert c["test"][3] == pytest.approx(refined["runs"]["tpe"][0]["values"][c["trial"]][3])
     other = json.loads((tmp_path / "other" / "search_quality.json").read_text())
     saved = json.loads((tmp_path / "out" / "search_quality.json").read_text())
     assert (tmp_path / "out" / "search_quality.png").stat().st_size > 1000
