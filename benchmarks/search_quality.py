@@ -14,7 +14,7 @@ of the largest-weight plan (task arithmetic, every weight 1). They are reported 
 box [0, 1]^3 x [0, l1_ref] (1.0 = a perfect model at zero cost). Baselines: uniform task arithmetic
 (every weight = λ, λ = 0.1..1.0) and TIES (weight 1, density 0.5, λ = 0.1..1.0; λ = 1 is the default recipe).
 For each baseline the table gives the seeds whose front weakly dominates it (in round brackets: strictly, i.e.
-better somewhere; in square brackets: by the searched points alone, without the ``--initial`` ones) and ε, the
+better somewhere; in square brackets: strictly, by the searched points alone, without the ``--initial`` ones) and ε, the
 smallest amount (in units of the box's sides: accuracy, l1 / l1_ref) by which the worst seed's front misses it;
 ``--reach N`` adds how many of N Sobol points of the space dominate it (what is reachable at all), ``--reach-local K``
 K points around each baseline inside the space (whether a local search could improve on it; ``--reach-sigma``
