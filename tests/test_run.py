@@ -88,6 +88,16 @@ def test_refine_polishes_the_front_in_the_last_trials(tiny_models, tmp_path: Pat
     sign = np.array([-1.0, -1.0, 1.0])  # reverse, sort_ll maximised; l1 minimised
     a, b = sign * trials[0].values, sign * trials[1].values
     assert refined[0].user_attrs["refine_of"] == (1 if np.all(b <= a) and np.any(b < a) else 0)
+    # the front says where its trials came from (the random trial 1 has no origin)
+    from mergesearch.search.pareto import front_to_json, load_front, render_table
+
+    front = load_front(run.study)
+    origin = {t.number: t.origin for t in front.trials}
+    expected = {0: "recipe", 1: "", **{t.number: f"refines #{t.user_attrs['refine_of']}" for t in refined}}
+    assert origin == {n: expected[n] for n in origin}
+    text = render_table(front, width=200)
+    assert all(f"({o})" in text for o in origin.values() if o)
+    assert {e["trial"]: e.get("origin", "") for e in front_to_json(front)["front"]} == origin
 
 
 def test_ctrl_c_leaves_a_resumable_study(tiny_models, tmp_path: Path) -> None:

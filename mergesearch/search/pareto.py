@@ -47,6 +47,8 @@ class FrontTrial:
     summary: str = ""
     #: held-out (test split) scores by objective name, when the front was re-checked.
     test_values: dict[str, float] | None = None
+    #: where the trial came from, when not the optimizer: ``recipe`` (``search.initial``) or ``refines #n``.
+    origin: str = ""
 
 
 @dataclass
@@ -335,12 +337,19 @@ def load_front(study_or_storage: optuna.Study | str | Any, study_name: str | Non
     trials = [FrontTrial(number=t.number, values=dict(zip(names, map(float, t.values), strict=True)),
                          params=dict(t.params), plan=t.user_attrs.get("plan"),
                          summary=str(t.user_attrs.get("summary", "")),
-                         test_values=t.user_attrs.get("test_values")) for t in best]
+                         test_values=t.user_attrs.get("test_values"), origin=_origin(t.user_attrs)) for t in best]
     trials.sort(key=lambda t: _sort_key(t, objectives))
     hv = hypervolume(np.array([t.values for t in best], dtype=float).reshape(-1, len(names)),
                      [d for _, d in objectives], ref) if best else 0.0
     ref_by_name = dict(zip(names, map(float, ref), strict=True))
     return Front(objectives, trials, counts, hv, ref_by_name, values, study.study_name)
+
+
+def _origin(user_attrs: Mapping[str, Any]) -> str:
+    """``recipe`` for a ``search.initial`` trial, ``refines #n`` for a refinement, else ""."""
+    if "refine_of" in user_attrs:
+        return f"refines #{user_attrs['refine_of']}"
+    return "recipe" if user_attrs.get("initial") else ""
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -351,7 +360,8 @@ def front_to_json(front: Front) -> dict[str, Any]:
         "objectives": [{"name": n, "direction": d} for n, d in front.objectives],
         "hypervolume": front.hypervolume,
         "front": [{"trial": t.number, "values": dict(t.values),
-                   **({"test_values": dict(t.test_values)} if t.test_values else {})} for t in front.trials],
+                   **({"test_values": dict(t.test_values)} if t.test_values else {}),
+                   **({"origin": t.origin} if t.origin else {})} for t in front.trials],
         "summary": {str(t.number): t.summary for t in front.trials},
         "counts": dict(front.counts),
         "reference_point": dict(front.reference_point),
@@ -377,7 +387,7 @@ def _rows(front: Front, fmt: str) -> tuple[list[str], list[list[str]]]:
         if test:
             tv = t.test_values or {}
             row += [format(tv[n], fmt) if n in tv else "" for n in front.names]
-        rows.append([*row, t.summary])
+        rows.append([*row, f"{t.summary} ({t.origin})" if t.origin else t.summary])
     return header, rows
 
 

@@ -173,6 +173,19 @@ def test_test_values_shown_side_by_side() -> None:
     assert rows[1][3:5] == ["0.75", "0.25"] and rows[2][3:5] == ["", ""]
 
 
+def test_origin_of_recipes_and_refinements_is_shown() -> None:
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.set_metric_names(["a", "b"])
+    add(study, [1.0, 0.0], initial=True, summary="linear #0")
+    add(study, [0.0, 1.0], refine_of=7, summary="linear #1")
+    add(study, [0.5, 0.5], summary="linear #2")
+    front = load_front(study)
+    assert [t.origin for t in front.trials] == ["recipe", "", "refines #7"]  # sorted by a, best first
+    assert [e.get("origin") for e in front_to_json(front)["front"]] == ["recipe", None, "refines #7"]
+    assert [r[-1] for r in csv.reader(io.StringIO(front_to_csv(front)))][1:] == [
+        "linear #0 (recipe)", "linear #2", "linear #1 (refines #7)"]
+
+
 def test_unnamed_objectives_and_from_values() -> None:
     study = optuna.create_study(directions=["minimize", "minimize"])
     add(study, [1.0, 2.0])
