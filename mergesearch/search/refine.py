@@ -23,16 +23,11 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from mergesearch.search.pareto import non_dominated
 from mergesearch.search.unit import from_unit, to_unit
 
 #: sigma stops halving after this many failed attempts on one parent
 MAX_HALVINGS = 6
-
-
-def _minimised(study: optuna.Study, trials: list[FrozenTrial]) -> np.ndarray:
-    """Objective values of ``trials`` as (n, m), negated where maximised."""
-    sign = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in study.directions])
-    return np.array([t.values for t in trials], dtype=float).reshape(len(trials), len(sign)) * sign
 
 
 def _attempts(study: optuna.Study) -> Counter[Any]:
@@ -41,8 +36,9 @@ def _attempts(study: optuna.Study) -> Counter[Any]:
                    if t.state != TrialState.FAIL)
 
 
-def parents(study: optuna.Study, distributions: Mapping[str, BaseDistribution]) -> list[FrozenTrial]:
-    """The trials to refine, best candidate first.
+def parents(study: optuna.Study, distributions: Mapping[str, BaseDistribution],
+            attempts: Counter[Any] | None = None) -> list[FrozenTrial]:
+    """The trials to refine, best candidate first (``attempts``: :func:`_attempts`, when already counted).
 
     Returns:
         Completed trials that no completed trial strictly dominates, ``initial`` recipes first, then by fewest
@@ -52,13 +48,8 @@ def parents(study: optuna.Study, distributions: Mapping[str, BaseDistribution]) 
             if t.values is not None and np.all(np.isfinite(t.values)) and all(k in t.params for k in distributions)]
     if not done:
         return []
-    f = _minimised(study, done)
-    # row i is strictly dominated when some row is <= everywhere and < somewhere
-    leq = np.all(f[:, None, :] <= f[None, :, :], axis=2)
-    lt = np.any(f[:, None, :] < f[None, :, :], axis=2)
-    beaten = np.any(leq & lt, axis=0)
-    attempts = _attempts(study)
-    front = [t for t, b in zip(done, beaten, strict=True) if not b]
+    attempts = _attempts(study) if attempts is None else attempts
+    front = [done[i] for i in non_dominated(np.array([t.values for t in done]), study.directions)]
     return sorted(front, key=lambda t: (not t.user_attrs.get("initial", False), attempts[t.number], t.number))
 
 
@@ -76,10 +67,10 @@ def refinements(study: optuna.Study, distributions: Mapping[str, BaseDistributio
     Returns:
         (params, parent trial number) pairs; empty when the study has no completed trial.
     """
-    order = parents(study, distributions)
+    attempts = _attempts(study)
+    order = parents(study, distributions, attempts)
     if not order or n < 1:
         return []
-    attempts = _attempts(study)
     moves = np.array([not isinstance(d, CategoricalDistribution) for d in distributions.values()])
     rng = np.random.default_rng([seed, len(study.get_trials(deepcopy=False))])
     out = []
