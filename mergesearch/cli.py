@@ -14,13 +14,31 @@ import typer
 
 from mergesearch.errors import MergeSearchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# plain click help: rich's help panels print a type column (``<bool>`` next to every flag) and fold options
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Multi-objective search over merge recipes for fine-tuned transformer models.")
 
 
+JOB_HELP = "The job YAML: its storage and study (else run's defaults). --storage/--study override it."
+STORAGE_HELP = "Storage URL, or a SQLite file path (default: the job's, else sqlite:///<study>.db)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mergesearch {version('mergesearch')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
-    # --debug is acted on by main() (it decides how errors are printed); declared here so it parses
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors (anywhere on the line)."),
+    _show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit."),
+) -> None:
+    # --debug is taken out of the line by main() (so it may follow the subcommand); declared here for --help
     import optuna
 
     # our own lines say what happened to the study; optuna's INFO lines would repeat them
@@ -67,29 +85,41 @@ def _with_execution(config, workers: int | None, address: str | None, executor: 
 
 
 def _run_search(config, *, storage, study, trials, optimizer, seed, workers, address, executor,
-                progress: bool) -> None:
+                progress: bool, new_study: str | None = None) -> None:
     from mergesearch.search.loop import SearchRun, make_executor
     from mergesearch.search.pareto import load_front, render_table
     from mergesearch.search.progress import RunProgress
     from mergesearch.search.study import mask_url
 
     config = _with_execution(config, workers, address, executor)
-    run = SearchRun(config, storage=storage, study_name=study, trials=trials, optimizer=optimizer, seed=seed)
+    run = SearchRun(config, storage=storage, study_name=study or new_study, trials=trials, optimizer=optimizer,
+                    seed=seed, new_study=new_study is not None)
     done = run.completed_count()
     if done < run.target:
-        # workers start (and check the models) before the study is first written: a bad model leaves it unchanged
-        pool = make_executor(config)
         try:
-            run.prepare()
-            typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials complete"
-                       + (f", {run.recovered} orphaned trial(s) re-queued" if run.recovered else ""), err=True)
-            if progress:
-                with RunProgress(run) as bar:
-                    report = run.run(pool, on_result=bar)
-            else:
-                report = run.run(pool)
-        finally:
-            pool.close()
+            # workers start (and check the models) before the study is first written: a bad model leaves it
+            # unchanged, and a study this run created is removed again (abandon) until a first result arrives
+            pool = make_executor(config)
+            try:
+                run.prepare()
+                typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials "
+                           "complete" + (f", {run.recovered} orphaned trial(s) re-queued" if run.recovered else ""),
+                           err=True)
+                def baseline(name: str) -> None:
+                    typer.echo(f"reference row scored: {name}", err=True)
+
+                if progress:
+                    with RunProgress(run) as bar:
+                        report = run.run(pool, on_result=bar, on_baseline=baseline)
+                else:
+                    report = run.run(pool, on_baseline=baseline)
+            finally:
+                pool.close()
+        except BaseException:
+            run.abandon()
+            raise
+        if report.interrupted:
+            run.abandon()
         status = "interrupted; run the same command to resume" if report.interrupted else "done"
         typer.echo(f"{status}: {report.completed_this_run} completed, {report.failed_this_run} failed in "
                    f"{report.elapsed:.1f}s", err=True)
@@ -101,7 +131,7 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="Job YAML (models, space, objectives, search, execution)."),
-    storage: str | None = typer.Option(None, help="Optuna storage URL (default sqlite:///<study>.db)."),
+    storage: str | None = typer.Option(None, help=STORAGE_HELP),
     study: str | None = typer.Option(None, help="Study name (resumed if it exists)."),
     trials: int | None = typer.Option(None, min=1, help="Target number of completed trials in the study."),
     optimizer: str | None = typer.Option(None, help="Optimizer backend (overrides the config)."),
@@ -110,12 +140,18 @@ def run(
     address: str | None = typer.Option(None, help="Ray cluster address (auto, HOST:PORT, ray://...)."),
     executor: str | None = typer.Option(None, help="local (in-process) or ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    new_study: str | None = typer.Option(None, "--new-study", metavar="NAME",
+                                         help="Start a new study NAME (refused if it exists) in the same storage."),
 ) -> None:
     """Run (or resume) a multi-objective merge search and print the Pareto front."""
     from mergesearch.config import load_config
 
+    if new_study is not None and study is not None:
+        from mergesearch.errors import ConfigError
+
+        raise ConfigError("conflicting options: --study and --new-study (give one)")
     _run_search(load_config(config), storage=storage, study=study, trials=trials, optimizer=optimizer, seed=seed,
-                workers=workers, address=address, executor=executor, progress=progress)
+                workers=workers, address=address, executor=executor, progress=progress, new_study=new_study)
 
 
 @app.command("demo-models")
@@ -182,10 +218,65 @@ def eval_(
     Console().print(table)
 
 
+def _study_ref(job: Path | None, storage: str | None, study: str | None) -> tuple[str, str | None]:
+    """``(storage URL, study name)`` from the job YAML and/or the options, with ``run``'s defaults.
+
+    With only ``--storage``, the name is None: a storage holding one study needs none.
+    """
+    from mergesearch.search.study import storage_url, study_location
+
+    if job is None and storage is None and study is None:
+        from mergesearch.errors import ConfigError
+
+        raise ConfigError("name a study: give the job YAML, or --storage URL [--study NAME]")
+    if job is None and study is None:
+        return storage_url(storage), None
+    config = None
+    if job is not None:
+        from mergesearch.config import load_config
+
+        config = load_config(job)
+    return study_location(config, storage, study)
+
+
+@app.command()
+def studies(
+    job: Path | None = typer.Argument(None, metavar="[JOB.yaml]", help="A job YAML whose storage is listed.",
+                                      show_default=False),
+    storage: str | None = typer.Option(None, help=STORAGE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the studies in a storage with their trial counts and objectives."""
+    import json
+
+    from mergesearch.search.study import list_studies, mask_url
+
+    url, _ = _study_ref(job, storage, None) if job is not None or storage is not None else (None, None)
+    if url is None:
+        from mergesearch.errors import ConfigError
+
+        raise ConfigError("name a storage: give the job YAML or --storage URL")
+    found = list_studies(url)
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    if not found:
+        typer.echo(f"no studies in {mask_url(url)}")
+        return
+    arrow = {"maximize": "↑", "minimize": "↓"}
+    typer.echo(f"{len(found)} stud{'y' if len(found) == 1 else 'ies'} in {mask_url(url)}:")
+    for st in found:
+        c = st["counts"]
+        objs = ", ".join(f"{n} {arrow.get(d, d)}" for n, d in st["objectives"])
+        extra = "".join(f", {c[k]} {k}" for k in ("failed", "running", "waiting") if c[k])
+        typer.echo(f"  {st['name']}: {c['complete']} complete of {c['total']} trials{extra}; objectives: {objs}")
+
+
 @app.command()
 def front(
-    storage: str = typer.Option(..., help="Optuna storage URL of the study."),
-    study: str = typer.Option(..., help="Study name."),
+    job: Path | None = typer.Argument(None, metavar="[JOB.yaml]", help=JOB_HELP, show_default=False),
+    storage: str | None = typer.Option(None, help=STORAGE_HELP),
+    study: str | None = typer.Option(None, help="Study name."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
     plot: Path | None = typer.Option(None, help="Write a plot (.png or .html)."),
     test: bool = typer.Option(False, "--test", help="Re-score the front on the held-out test split."),
@@ -199,11 +290,12 @@ def front(
         from mergesearch.errors import ConfigError
 
         raise ConfigError(f"--format: expected table, json or csv, got '{fmt}'")
+    storage, study = _study_ref(job, storage, study)
     result = load_front(storage, study)
     if test:
         from mergesearch.exporting import validate_front
 
-        result = validate_front(storage, study, result)
+        result = validate_front(storage, study, result, progress=lambda msg: typer.echo(msg, err=True))
     if plot is not None:
         from mergesearch.search.plots import plot_front
 
@@ -218,21 +310,82 @@ def front(
 
 
 @app.command()
+def show(
+    job: Path | None = typer.Argument(None, metavar="[JOB.yaml]", help=JOB_HELP, show_default=False),
+    trial: int = typer.Option(..., "--trial", min=0, help="Trial number."),
+    storage: str | None = typer.Option(None, help=STORAGE_HELP),
+    study: str | None = typer.Option(None, help="Study name."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show one trial: its scores, parameters by model, recipe (YAML) and state or failure reason."""
+    import json
+
+    from mergesearch.exporting import describe_trial
+    from mergesearch.search.pareto import open_existing_study
+
+    storage, study = _study_ref(job, storage, study)
+    info = describe_trial(open_existing_study(storage, study), trial)
+    if as_json:
+        typer.echo(json.dumps(info.to_json()))
+        return
+    state = info.state + (f": {info.fail_reason}" if info.fail_reason else "")
+    typer.echo(f"trial {info.number} of study '{info.study}': {state}" + (f" ({info.origin})" if info.origin else ""))
+    if info.values is not None:
+        typer.echo("scores: " + "  ".join(f"{k}={v:.6g}" for k, v in info.values.items()))
+    if info.summary:
+        typer.echo(f"summary: {info.summary}")
+    if info.params:
+        typer.echo("params:")
+        for k, v in info.params.items():
+            typer.echo(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+    recipe = info.recipe_yaml()
+    typer.echo("recipe:" if recipe else "recipe: none yet (not evaluated)")
+    if recipe:
+        typer.echo("".join(f"  {line}\n" for line in recipe.splitlines()), nl=False)
+    d = info.details
+    if d:
+        timing = " ".join(f"{k}={v:.2f}s" for k, v in (d.get("timings") or {}).items())
+        typer.echo(f"worker: {d.get('worker', '?')}, attempts: {d.get('attempts', '?')}"
+                   + (f", timings: {timing}" if timing else ""))
+
+
+@app.command("export")
+def export_(
+    job: Path | None = typer.Argument(None, metavar="[JOB.yaml]", help=JOB_HELP, show_default=False),
+    trial: int = typer.Option(..., "--trial", min=0, help="Trial number (any evaluated trial)."),
+    out: Path = typer.Option(..., help="Output Hugging Face model directory."),
+    storage: str | None = typer.Option(None, help=STORAGE_HELP),
+    study: str | None = typer.Option(None, help="Study name."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    absolute_paths: bool = typer.Option(False, "--absolute-paths", help="Keep absolute model paths in the recipe."),
+) -> None:
+    """Export one trial as a Hugging Face model directory with its recipe (pick chooses by preference)."""
+    from mergesearch.exporting import export_trial
+
+    storage, study = _study_ref(job, storage, study)
+    path = export_trial(storage, study, trial, out, overwrite=overwrite, absolute_paths=absolute_paths,
+                        progress=lambda msg: typer.echo(msg, err=True))
+    typer.echo(f"exported trial {trial} to {path}")
+
+
+@app.command()
 def pick(
-    storage: str = typer.Option(..., help="Optuna storage URL of the study."),
-    study: str = typer.Option(..., help="Study name."),
+    job: Path | None = typer.Argument(None, metavar="[JOB.yaml]", help=JOB_HELP, show_default=False),
+    storage: str | None = typer.Option(None, help=STORAGE_HELP),
+    study: str | None = typer.Option(None, help="Study name."),
     prefer: str = typer.Option("", help="Weights over objectives, e.g. reverse=1,swap=0.5 (default equal)."),
     minimum: list[str] = typer.Option([], "--min", help="Hard bound OBJ=V: at least as good as V (repeatable)."),
     method: str = typer.Option("asf", help="asf, pseudo-weights or knee."),
     out: Path | None = typer.Option(None, help="Export the chosen model to this directory."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out directory."),
-    absolute_paths: bool = typer.Option(False, help="Keep absolute model paths in the exported recipe."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    absolute_paths: bool = typer.Option(False, "--absolute-paths", help="Keep absolute model paths in the recipe."),
 ) -> None:
     """Pick one merged model from the front by preference, and optionally export it."""
     from mergesearch.search.pareto import load_front
     from mergesearch.search.preference import parse_minimums, parse_prefer
     from mergesearch.search.preference import pick as do_pick
 
+    storage, study = _study_ref(job, storage, study)
     result = load_front(storage, study)
     weights = parse_prefer(prefer) if prefer else {name: 1.0 for name, _ in result.objectives}
     choice = do_pick(result, weights, minimums=parse_minimums(minimum), method=method)
@@ -242,13 +395,16 @@ def pick(
         from mergesearch.exporting import export_trial
 
         path = export_trial(storage, study, choice.trial.number, out, overwrite=overwrite,
-                            absolute_paths=absolute_paths)
+                            absolute_paths=absolute_paths, progress=lambda msg: typer.echo(msg, err=True))
         typer.echo(f"exported trial {choice.trial.number} to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning user errors into one line and an exit code."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    # --debug anywhere on the line (before or after the subcommand); click only knows it before
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
     # transformers' per-load progress bars and info lines would drown our one-line messages
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -257,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except MergeSearchError as e:
         if debug:
             raise

@@ -1,20 +1,23 @@
 """Job configuration: frozen pydantic models loaded from a YAML file.
 
-``load_config(path)`` reads a job YAML safely, validates it, resolves relative paths against the YAML's
-folder, and turns any problem into a one-line :class:`ConfigError` that names the file, the key path and,
-for unknown keys, the closest valid key.
+``load_config(path)`` reads a job YAML safely, validates it, resolves relative paths (models, data, task
+folders, Python files) against the YAML's folder — never the working directory — and turns any problem into
+a one-line :class:`ConfigError` that names the file, the key path and, for unknown keys, the closest valid key.
 """
 
 from __future__ import annotations
 
 import difflib
+import keyword
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from mergesearch.errors import ConfigError
+from mergesearch.merging.methods import searchable_params
 
 
 class _Frozen(BaseModel):
@@ -78,19 +81,21 @@ class LayerSpace(_Frozen):
         return value
 
 
-class SpaceConfig(_Frozen):
-    """What is searched: merge methods, per-model weight/density per layer group, method parameters, layers."""
+class _SpaceBase(_Frozen):
+    """What is searched: merge methods, per-model weight/density per layer group, method parameters, layers.
+
+    Besides the keys below, every float parameter of a merge method (``weight``, ``density``, ``lambda``, ``t``,
+    ``epsilon``, ``select_topk``, …; the table in :mod:`mergesearch.merging.methods`) is a key whose value is the
+    range searched (``[low, high]``) or ``null`` (not searched: the method's default applies). A parameter the
+    job leaves out takes the table's default search range (``weight`` [0, 1], ``density`` [0.1, 1]) or is not
+    searched.
+    """
 
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
     #: ``global`` (one value per model), ``per_layer``, or an int N (groups of N consecutive layers).
     granularity: Literal["global", "per_layer"] | int = "global"
     #: split each layer group by tensor-name filters (e.g. ``[self_attn, mlp]``).
     filters: list[str] = Field(default_factory=list)
-    weight: Range | None = Field(default_factory=lambda: Range(low=0.0, high=1.0))
-    density: Range | None = Field(default_factory=lambda: Range(low=0.1, high=1.0))
-    lambda_: Range | None = Field(default=None, alias="lambda")
-    t: Range | None = None
-    epsilon: Range | None = None
     layers: LayerSpace | None = None
 
     @field_validator("granularity")
@@ -106,6 +111,28 @@ class SpaceConfig(_Frozen):
         if not value:
             raise ValueError("space.methods is empty")
         return value
+
+    def ranges(self) -> dict[str, Range | None]:
+        """Parameter name -> searched range (None: not searched), for every float parameter of any method."""
+        return {name: getattr(self, _attr(name)) for name in searchable_params()}
+
+
+def _attr(name: str) -> str:
+    """The Python attribute of a parameter's range (``lambda`` is a keyword: ``lambda_``)."""
+    return f"{name}_" if keyword.iskeyword(name) else name
+
+
+def _range_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, p in searchable_params().items():
+        default = None if p.search is None else Range(low=p.search[0], high=p.search[1])
+        fields[_attr(name)] = (Range | None, Field(default=default, alias=name if _attr(name) != name else None))
+    return fields
+
+
+#: the job's ``space:`` section; one range field per method parameter, generated from the method table.
+SpaceConfig = create_model("SpaceConfig", __base__=_SpaceBase, __module__=__name__, __doc__=_SpaceBase.__doc__,
+                           **_range_fields())
 
 
 class ObjectiveConfig(BaseModel):
@@ -146,8 +173,12 @@ class SearchConfig(_Frozen):
     refine: int = Field(default=0, ge=0)
     #: unit-cube standard deviation of a refinement's first move (halved after each failed attempt).
     refine_step: float = Field(default=0.003, gt=0.0, le=0.5)
-    #: hypervolume reference point per objective name (worst acceptable value); default: from the data.
+    #: hypervolume reference point per objective name (worst acceptable value); default: the base model's
+    #: scores and, for costs, the worst expert's (see :mod:`mergesearch.search.baselines`).
     reference_point: dict[str, float] | None = None
+    #: score the base, each expert and their uniform average once per study, as reference rows for the front
+    #: and the hypervolume (costs len(models) + 2 evaluations, not counted as trials).
+    baselines: bool = True
     #: backend-specific options (population size, batch size, ...).
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -261,11 +292,39 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def _resolve(value: str | None, root: Path) -> str | None:
-    """A relative local path resolved against the config's folder; hub ids and absolute paths unchanged."""
+    """A relative path resolved against the config's folder (whether it exists or not, so that an error about
+    it names the place looked at); absolute paths unchanged."""
     if value is None:
         return None
-    candidate = root / value
-    return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (root / path).resolve())
+
+
+#: ``org/name``: what a hub id looks like (a relative path may too: it is a hub id only when no folder matches)
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _resolve_model(value: str, root: Path, key: str) -> str:
+    """A model reference: a folder relative to the config's folder (as data paths), an absolute folder, or a
+    hub id, which a value is only when no local folder matches.
+
+    Raises:
+        ConfigError: the value names no folder next to the config but one relative to the working directory
+            (which a config never means: it would depend on where the command is run); both places are named.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    here = (root / path).resolve()
+    if here.exists():
+        return str(here)
+    cwd = path.resolve()
+    if cwd.is_dir() and cwd != here:
+        raise ConfigError(f"{key}: '{value}' is not a folder next to the config ({here}), only relative to the "
+                          f"working directory ({cwd}); paths in a config are relative to its folder: fix the "
+                          "path or make it absolute")
+    is_hub_id = _HUB_ID.fullmatch(value) is not None and not value.startswith(".")
+    return value if is_hub_id else str(here)
 
 
 def load_config(path: str | Path) -> JobConfig:
@@ -312,10 +371,9 @@ def load_config(path: str | Path) -> JobConfig:
             file, _, fn = target.rpartition(":")
             upd["target"] = f"{_resolve(file, root)}:{fn}"
         objectives.append(o.model_copy(update=upd) if upd else o)
-    return cfg.model_copy(
-        update={
-            "base_model": _resolve(cfg.base_model, root),
-            "models": [_resolve(m, root) for m in cfg.models],
-            "objectives": objectives,
-        }
-    )
+    try:
+        base_model = _resolve_model(cfg.base_model, root, "base_model")
+        models = [_resolve_model(m, root, f"models[{i}]") for i, m in enumerate(cfg.models)]
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return cfg.model_copy(update={"base_model": base_model, "models": models, "objectives": objectives})

@@ -38,3 +38,7 @@ class ExecutionError(MergeSearchError):
 
 class TrialError(MergeSearchError):
     """A candidate whose evaluation failed (NaN score, bad plan); the trial is stored as failed."""
+
+
+class NonFiniteError(TrialError):
+    """A merge whose result holds NaN or ±inf (e.g. weights that overflow the dtype); names tensor and method."""

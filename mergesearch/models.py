@@ -57,9 +57,21 @@ def resolve_model(ref: str | Path, *, base_dir: Path | None = None) -> Path:
             return Path(snapshot_download(str(ref), allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
                                                                     "*.model", "*.jinja"]))
         except Exception as e:  # offline, unknown repo, auth: all mean "cannot get this model"
-            raise ModelError(f"model {ref!r}: not a local directory and not downloadable from the hub "
-                             f"({type(e).__name__})") from None
-    raise ModelError(f"model {ref!r}: directory {path} does not exist")
+            looked = ", ".join(str(c.resolve()) for c in candidates)
+            raise ModelError(f"model {ref!r}: no local folder ({looked}), and the hub refused it: "
+                             f"{hub_reply(e)}") from None
+    raise ModelError(f"model {ref!r}: directory {path.resolve()} does not exist")
+
+
+def hub_reply(exc: BaseException) -> str:
+    """One line for a hub or network failure: the error type and the host's own first line (status, reason),
+    or, when offline mode refused it, that."""
+    import os
+
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and "offline" not in text.lower():
+        text = f"HF_HUB_OFFLINE is set; {text}" if text else "HF_HUB_OFFLINE is set"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def num_layers_of(config: dict[str, Any]) -> int:

@@ -95,3 +95,30 @@ def write_job(root: Path, models: dict[str, Path], *, objectives: str | None = N
 def tiny_job(tiny_models, tmp_path) -> Path:
     """A job YAML over the tiny models with two task objectives and one cost, local executor."""
     return write_job(tmp_path, tiny_models)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1 for this test session (``tests/support/postgres.py``), stopped and
+    deleted afterwards. Skips when PostgreSQL or psycopg is missing; fails instead under
+    ``MERGESEARCH_REQUIRE_POSTGRES=1`` (``.ci/run``), so CI really runs the PostgreSQL tests."""
+    from tests.support.postgres import PostgresServer, required, unavailable
+
+    reason = unavailable()
+    if reason:
+        if required():
+            pytest.fail(f"MERGESEARCH_REQUIRE_POSTGRES is set but {reason}", pytrace=False)
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, monkeypatch) -> str:
+    """A fresh, empty database on the session's PostgreSQL server: ``postgresql://USER@127.0.0.1:PORT/tN``.
+    The password is in ``PGPASSWORD`` (set for this test and inherited by the processes it starts)."""
+    monkeypatch.setenv("PGPASSWORD", postgres_server.password)
+    return postgres_server.url(postgres_server.create_database())

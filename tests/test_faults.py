@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from mergesearch.search.study import ORPHAN_REASON
@@ -39,7 +40,7 @@ def _slow_job(root: Path, models: dict[str, Path]) -> Path:
     return write_job(root, models, objectives=objectives)
 
 
-def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+def _trials(url: str | BaseStorage, name: str) -> list[optuna.trial.FrozenTrial]:
     try:
         return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     except Exception:  # not created yet, or busy
@@ -52,26 +53,38 @@ def _count(trials, state: TrialState) -> int:
 
 @pytest.mark.slow
 def test_sigkill_and_resume_exact_count_and_second_driver_refused(tiny_models, tmp_path, capsys) -> None:
-    job = _slow_job(tmp_path, tiny_models)
-    db = tmp_path / "k.db"
-    url, target = f"sqlite:///{db}", 10
+    kill_resume_and_second_driver(tiny_models, tmp_path, capsys, f"sqlite:///{tmp_path / 'k.db'}")
+
+
+def kill_resume_and_second_driver(models: dict[str, Path], root: Path, capsys, url: str, *, kills: int = 3,
+                                  target: int = 10, poll: str | BaseStorage | None = None,
+                                  resume_in_process: bool = False) -> None:
+    """SIGKILL a real ``mergesearch run`` on study ``k`` in ``url`` ``kills`` times mid-study (a second driver,
+    started while the first one runs a trial, is refused at once), then re-run the same command: exactly
+    ``target`` trials complete, none is left RUNNING. ``poll``: the storage the test reads the trials from
+    (default ``url``); ``resume_in_process``: the re-run calls the CLI in this process (saves an interpreter
+    start-up). Shared with the PostgreSQL version (tests/search/test_postgres.py)."""
+    job = _slow_job(root, models)
+    poll = poll or url
     argv = ["run", str(job), "--storage", url, "--study", "k", "--trials", str(target), "--executor", "local",
             "--no-progress"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
     rng = random.Random(7)
-    kills, second_checked = 0, False
-    for _ in range(3):
+    killed, second_checked = 0, False
+    for _ in range(kills):
         proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", *argv], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            start_complete = _count(_trials(url, "k"), TrialState.COMPLETE)
+            start_complete = _count(_trials(poll, "k"), TrialState.COMPLETE)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and proc.poll() is None:
-                trials = _trials(url, "k")
+                trials = _trials(poll, "k")
                 if not second_checked and _count(trials, TrialState.RUNNING):
                     # (b) a second driver while the first is alive: refused, study untouched by it
+                    t0 = time.monotonic()
                     code, err = cli(argv, capsys)
                     assert code != 0 and len(err) == 1 and "being run by another driver" in err[0], err
+                    assert time.monotonic() - t0 < 30  # refused at once, not after waiting for the lease
                     second_checked = True
                 if _count(trials, TrialState.COMPLETE) > start_complete:
                     break
@@ -80,18 +93,22 @@ def test_sigkill_and_resume_exact_count_and_second_driver_refused(tiny_models, t
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            kills += 1
+            killed += 1
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert kills == 3
+    assert killed == kills
     assert second_checked
-    assert _count(_trials(url, "k"), TrialState.COMPLETE) < target
-    res = subprocess.run([sys.executable, "-m", "mergesearch.cli", *argv], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    trials = _trials(url, "k")
+    assert _count(_trials(poll, "k"), TrialState.COMPLETE) < target
+    if resume_in_process:
+        code, err = cli(argv, capsys)
+        assert code == 0, err
+    else:
+        res = subprocess.run([sys.executable, "-m", "mergesearch.cli", *argv], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    trials = _trials(poll, "k")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == target  # exactly the requested trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # none left running

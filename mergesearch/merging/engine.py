@@ -8,7 +8,8 @@ from typing import Protocol
 
 import torch
 
-from mergesearch.merging.ops import TensorGroup, get_method
+from mergesearch.merging.methods import get_method
+from mergesearch.merging.ops import TensorGroup
 from mergesearch.merging.resolve import TensorJob
 from mergesearch.merging.sparsify import MagnitudeOrder, l1_by_draw, uniform_draws
 
@@ -78,7 +79,7 @@ def run_job(job: TensorJob, tensor: Callable[[str, str], torch.Tensor], *, seed:
         return l1_by_draw(delta(i), draws(i, tseed + i) if draws else uniform_draws(shape, tseed + i))
 
     group = TensorGroup(job.name, len(job.inputs), b, lambda i: tensor(*job.inputs[i]), delta=delta, order=order,
-                        seed=tseed, draws=draws, l1_table=l1_table, ranks=ranks, out=out)
+                        seed=tseed, draws=draws, l1_table=l1_table, ranks=ranks, out=out, method=method.name)
     result = method.merge(group, job.shared, job.per_input)
     if out is not None and result is not out:
         out.copy_(result)

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mergesearch.errors import ConfigError
-from mergesearch.merging.ops import REQUIRED, check_number, get_method
+from mergesearch.merging.methods import REQUIRED, Param, get_method
 from mergesearch.merging.plan import ConditionalValue, InputSlice, MergePlan, OutputSlice, ParamValue
 from mergesearch.models import layer_key
-
-_RANGE_PARAMS = ("density", "t")
 
 
 class ModelInfo(Protocol):
@@ -82,25 +80,16 @@ def evaluate(value: ParamValue, tensor_name: str, t: float) -> Any:
     return (1 - frac) * value[i0] + frac * value[i1]
 
 
-def _lookup(name: str, scopes: Sequence[Mapping[str, ParamValue] | None], tensor: str, t: float,
-            default: Any, where: str) -> Any:
+def _lookup(param: Param, scopes: Sequence[Mapping[str, ParamValue] | None], tensor: str, t: float,
+            where: str) -> Any:
     for scope in scopes:
-        if scope and name in scope:
-            v = evaluate(scope[name], tensor, t)
+        if scope and param.name in scope:
+            v = evaluate(scope[param.name], tensor, t)
             if v is not None:
-                return _validate(name, v, where)
-    if default is REQUIRED:
-        raise ConfigError(f"missing parameter {name!r} for {where}")
-    return default
-
-
-def _validate(name: str, value: Any, where: str) -> Any:
-    if isinstance(value, bool) or name in ("normalize", "rescale", "int8_mask", "filter_wise"):
-        return bool(value)
-    v = check_number(name, value, where)
-    if name in _RANGE_PARAMS and not 0 <= v <= 1:
-        raise ConfigError(f"parameter {name!r} = {v} for {where} must be in [0, 1]")
-    return v
+                return param.check(v, where)
+    if param.default is REQUIRED:
+        raise ConfigError(f"missing parameter {param.name!r} for {where}")
+    return param.default
 
 
 def plan_slices(plan: MergePlan, models: Mapping[str, ModelInfo]) -> list[OutputSlice]:
@@ -111,7 +100,6 @@ def plan_slices(plan: MergePlan, models: Mapping[str, ModelInfo]) -> list[Output
         if not plan.slices:
             raise ConfigError("'slices' is empty")
         return plan.slices
-    assert plan.models is not None
     if not plan.models:
         raise ConfigError("'models' is empty")
     sources = [InputSlice(model=m.model, layer_range=(0, models[m.model].num_layers), parameters=m.parameters)
@@ -162,16 +150,16 @@ def resolve(plan: MergePlan, models: Mapping[str, ModelInfo], base: str) -> Reso
             bound = f"{m.min_inputs}..{m.max_inputs}" if m.max_inputs else f"at least {m.min_inputs}"
             raise ConfigError(f"merge_method {m.name!r} takes {bound} models including the base, got "
                               f"{len(srcs)}: {model_names}")
-        shared = {k: _lookup(k, [sl.parameters, plan.parameters], out_name, t, d, f"tensor {out_name!r}")
-                  for k, d in m.shared.items()}
+        shared = {k: _lookup(p, [sl.parameters, plan.parameters], out_name, t, f"tensor {out_name!r}")
+                  for k, p in m.shared.items()}
         per_input = []
         for i, (s, in_name) in enumerate(zip(srcs, in_names, strict=True)):
             where = f"model {s.model!r} (tensor {in_name!r})"
             if m.non_base and i == base_index:
                 per_input.append({})
                 continue
-            per_input.append({k: _lookup(k, [s.parameters, sl.parameters, plan.parameters], in_name, t, d, where)
-                              for k, d in m.per_input.items()})
+            per_input.append({k: _lookup(p, [s.parameters, sl.parameters, plan.parameters], in_name, t, where)
+                              for k, p in m.per_input.items()})
         jobs.append(TensorJob(out_name, m.name, tuple(zip(model_names, in_names, strict=True)), base_index, shared,
                               tuple(per_input)))
 

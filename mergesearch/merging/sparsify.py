@@ -11,6 +11,8 @@ real-valued weights such ties are vanishingly rare, and tied zeros contribute no
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mergesearch.errors import ConfigError
@@ -77,37 +79,6 @@ def order_value(tau: torch.Tensor, rank: int, order: MagnitudeOrder | None) -> t
     return select_abs(tau, rank)
 
 
-def _band_mask(tau: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
-    """Boolean mask of entries with lo <= |τ| <= hi (a bound of None is open)."""
-    a = tau.abs()
-    if a.dtype != torch.float32 and a.is_floating_point() and a.device.type == "cpu":
-        a = a.float()
-    mask = a >= lo if lo is not None else torch.ones_like(a, dtype=torch.bool)
-    if hi is not None:
-        mask &= a <= hi
-    return mask
-
-
-def magnitude_mask(tau: torch.Tensor, density: float, order: MagnitudeOrder | None = None) -> torch.Tensor | None:
-    """Keep the ``max(1, int(density·n))`` entries of largest |τ|. None means keep everything.
-
-    Args:
-        tau: task vector, any shape.
-        density: fraction kept, in [0, 1].
-        order: cached magnitude order of ``tau``.
-
-    Returns:
-        Boolean mask with ``tau``'s shape, or None when density >= 1.
-    """
-    n = tau.numel()
-    if density >= 1:
-        return None
-    if density <= 0 or n == 0:
-        return torch.zeros_like(tau, dtype=torch.bool)
-    k = max(1, int(density * n))
-    return _band_mask(tau, order_value(tau, n - k, order), None)
-
-
 def outliers_band(tau: torch.Tensor, density: float, gamma: float, order: MagnitudeOrder | None = None
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Model Breadcrumbs' kept band [lo, hi] of |τ| (density < 1); lo None means nothing is kept.
@@ -126,15 +97,22 @@ def outliers_band(tau: torch.Tensor, density: float, gamma: float, order: Magnit
     return order_value(tau, n_bot, order), None if hi_rank >= n - 1 else order_value(tau, hi_rank, order)
 
 
-def outliers_mask(tau: torch.Tensor, density: float, gamma: float,
-                  order: MagnitudeOrder | None = None) -> torch.Tensor | None:
-    """Boolean Model Breadcrumbs mask (see :func:`outliers_band`); None means keep everything."""
-    if density >= 1:
-        return None
-    lo, hi = outliers_band(tau, density, gamma, order)
-    if lo is None:
-        return torch.zeros_like(tau, dtype=torch.bool)
-    return _band_mask(tau, lo, hi)
+def band_l1(tau: torch.Tensor, lo: float, hi: float | None, order: MagnitudeOrder | None = None
+            ) -> tuple[float, float]:
+    """(‖τ‖₁, Σ |τ| over lo <= |τ| <= hi) in float64, for the L1 rescale of a magnitude band.
+
+    From the cached order when given (a slice of the sorted magnitudes), else one pass over τ.
+    """
+    a = order.sorted if order is not None else _abs_f32(tau)
+    before = a.sum(dtype=torch.float64).item()
+    if order is not None:
+        edges = torch.tensor([lo, math.inf if hi is None else hi], dtype=a.dtype, device=a.device)
+        i, j = torch.searchsorted(a, edges[:1]).item(), torch.searchsorted(a, edges[1:], right=True).item()
+        return before, a[i:j].sum(dtype=torch.float64).item()
+    keep = a >= lo
+    if hi is not None:
+        keep &= a <= hi
+    return before, (a * keep).sum(dtype=torch.float64).item()
 
 
 def uniform_draws(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
@@ -162,13 +140,6 @@ def l1_by_draw(tau: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     hist = torch.zeros(65537, dtype=torch.float64, device=tau.device)
     hist.index_add_(0, draws.reshape(-1).int().add_(32769), tau.detach().reshape(-1).abs().double())
     return hist.cumsum_(0)
-
-
-def random_mask(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor | None:
-    """DARE: keep each entry independently with probability ``density`` (Bernoulli, seeded)."""
-    if keep_below(density) > 32767:  # every int16 draw is kept (and 32768 would wrap around in int16)
-        return None
-    return uniform_draws(tau.shape, seed) < keep_below(density)
 
 
 def della_rank_norm(tau: torch.Tensor) -> torch.Tensor:

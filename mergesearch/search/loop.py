@@ -57,6 +57,39 @@ def fingerprint(config: JobConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _file_digest(path: Path | None) -> str | None:
+    """sha256 (first 16 hex digits) of a data file's bytes; None when absent or not a file."""
+    if path is None or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def job_meaning(config: JobConfig) -> dict[str, Any]:
+    """What gives a study's trials their meaning, as a JSON-ready dict: models (by folder name, so a moved
+    project still resumes), dtype, space, objectives with the contents of their search data.
+
+    Left out on purpose: the search settings (optimizer, budget, seed), execution, ``batch_size`` and the
+    ``test`` files, which change how or when trials run or are re-checked, not what a stored score means.
+    """
+    objectives = []
+    for o in config.objectives:
+        d = o.model_dump(mode="json", exclude={"batch_size", "test", "data"})
+        if o.data is not None:
+            d["data"] = {"file": Path(o.data).name, "sha256": _file_digest(Path(o.data))}
+        objectives.append(d)
+    return {
+        "base_model": Path(config.base_model).name,
+        "models": [Path(m).name for m in config.models],
+        "dtype": config.dtype,
+        "space": config.space.model_dump(mode="json", by_alias=True),
+        "objectives": objectives,
+    }
+
+
 def make_executor(config: JobConfig, workers: int | None = None, address: str | None = None) -> Executor:
     """The executor the config asks for, with a :class:`MergeWorkerFactory` for its workers."""
     from mergesearch.execution.worker import MergeWorkerFactory
@@ -79,14 +112,24 @@ class SearchRun:
     """One invocation of ``mergesearch run``: open (or resume) the study and drive it to ``trials`` completed."""
 
     def __init__(self, config: JobConfig, *, storage: str | None = None, study_name: str | None = None,
-                 trials: int | None = None, optimizer: str | None = None, seed: int | None = None) -> None:
+                 trials: int | None = None, optimizer: str | None = None, seed: int | None = None,
+                 new_study: bool = False) -> None:
+        """Validate the job and open (or create) its study; an existing study is only read here.
+
+        Args:
+            new_study: the study must not exist yet (``--new-study``).
+
+        Raises:
+            ConfigError: bad optimizer, reference point or initial points.
+            StudyError: the storage cannot be opened, or the study exists with ``new_study``. (A job that
+                gives the stored trials another meaning is refused by :meth:`prepare`.)
+        """
         from mergesearch.search.optimizers import OPTIMIZERS, Optimizer
-        from mergesearch.search.study import DriverLease, open_study
+        from mergesearch.search.study import DRIVER_ID, DriverLease, open_study, study_location
         from mergesearch.spaces import build_space, num_layers_of
 
         self.config = config
-        self.study_name = study_name or config.study or "mergesearch"
-        self.storage = storage or config.storage or f"sqlite:///{self.study_name}.db"
+        self.storage, self.study_name = study_location(config, storage, study_name)
         self.target = trials or config.search.trials
         self.objectives = objective_specs(config)
         self.space = build_space(config.space, base_model=config.base_model, models=list(config.models),
@@ -103,32 +146,49 @@ class SearchRun:
 
             raise ConfigError(f"unknown optimizer {optimizer or config.search.optimizer!r}; "
                               f"known: {', '.join(OPTIMIZERS)}")
-        self.study = open_study(self.storage, self.study_name, self.objectives,
-                                config_fingerprint=fingerprint(config))
+        self._initial = self._initial_points()  # before the study is opened: a bad point creates nothing
+        from mergesearch.search.pareto import _local_file
+
+        file = _local_file(self.storage)
+        self._new_file = file if file is not None and not file.exists() else None
+        self.study = open_study(self.storage, self.study_name, self.objectives, config_fingerprint=fingerprint(config),
+                                meaning=job_meaning(config), new=new_study)
+        #: the study was created by this run (so :meth:`abandon` may remove it again)
+        self.created = self.study.user_attrs.get("created_by") == DRIVER_ID
         self.seed = config.search.seed if seed is None else seed
-        self.optimizer = Optimizer(self.study, self.space.distributions, name=optimizer or config.search.optimizer,
-                                   seed=self.seed,
-                                   options=dict(config.search.options), reference_point=self.reference)
-        self._initial = self._initial_points()
-        self.lease = DriverLease(self.study)
-        self.lease.check()  # refuse a study another driver runs before loading any model
         self.recovered = 0
+        #: trials being evaluated right now (kept up to date by :meth:`run`)
+        self.running = 0
         self._prepared = False
+        try:
+            self.optimizer = Optimizer(self.study, self.space.distributions,
+                                       name=optimizer or config.search.optimizer, seed=self.seed,
+                                       options=dict(config.search.options), reference_point=self.reference)
+            self.lease = DriverLease(self.study)
+            self.lease.check()  # refuse a study another driver runs before loading any model
+        except BaseException:
+            self.abandon()
+            raise
 
     def prepare(self) -> None:
-        """Take the study's driver lease, recover orphaned trials, store the config and enqueue initial points.
+        """Check that the job gives the stored trials the same meaning, take the study's driver lease, recover
+        orphaned trials, store the config and enqueue initial points.
 
         The constructor only validates and reads (so a bad input leaves an existing study untouched); this is
         the first write. :meth:`run` calls it when needed; call it earlier to know :attr:`recovered`.
 
         Raises:
-            StudyError: another live driver holds the study's lease.
+            StudyError: the job differs from the stored one (the first difference is named), or another live
+                driver holds the study's lease.
         """
         from mergesearch.exporting import store_config
-        from mergesearch.search.study import recover_orphans
+        from mergesearch.search.study import check_meaning, recover_orphans
 
         if self._prepared:
             return
+        # here, not in the constructor: the workers have checked models and data by now, and a broken model
+        # is a better first message than "the models differ from the stored ones"
+        check_meaning(self.study, self.storage, job_meaning(self.config), fingerprint(self.config))
         try:
             self.lease.acquire()
         except StudyError:
@@ -148,16 +208,43 @@ class SearchRun:
         self._prepared = True
 
     def _initial_points(self) -> list[dict[str, Any]]:
-        """``search.initial`` as parameter dicts (presets by name); checked before anything is written."""
+        """``search.initial`` as complete parameter dicts (presets by name); checked before anything is written.
+
+        A partial dict takes the space's documented defaults for what it leaves out (:meth:`MergeSpace.complete`);
+        left to the sampler, the gaps would be random and the "recipe" a different one on every run.
+        """
+        from mergesearch.errors import ConfigError
+
         presets = self.space.presets()
         points = []
-        for item in self.config.search.initial:
+        for i, item in enumerate(self.config.search.initial):
             if isinstance(item, str) and item not in presets:
-                from mergesearch.errors import ConfigError
-
                 raise ConfigError(f"search.initial: unknown preset '{item}' (known: {', '.join(presets)})")
-            points.append(presets[item] if isinstance(item, str) else item)
+            try:
+                points.append(self.space.complete(presets[item] if isinstance(item, str) else item))
+            except ConfigError as e:
+                raise ConfigError(f"search.initial[{i}]: {str(e).removeprefix('params: ')}") from None
         return points
+
+    def abandon(self) -> bool:
+        """Undo the creation of a study that no trial result ever reached (a run that failed or was stopped
+        before its first result): delete the study, and the storage file if this run created it.
+
+        Returns:
+            True when the study was removed.
+        """
+        import optuna
+
+        if not self.created or any("plan" in t.user_attrs for t in self.study.get_trials(deepcopy=False)):
+            return False
+        storage = self.study._storage
+        optuna.delete_study(study_name=self.study_name, storage=storage)
+        if self._new_file is not None and not optuna.get_all_study_names(storage):
+            engine = getattr(storage, "engine", None)
+            if engine is not None:
+                engine.dispose()  # close SQLite's file handles before the file goes
+            self._new_file.unlink(missing_ok=True)
+        return True
 
     def completed_count(self) -> int:
         from mergesearch.search.study import count_complete
@@ -165,14 +252,18 @@ class SearchRun:
         return count_complete(self.study)
 
     def run(self, executor: Executor, *, on_result: Callable[[TrialResult], None] | None = None,
-            max_consecutive_failures: int = 25) -> RunReport:
+            on_baseline: Callable[[str], None] | None = None, max_consecutive_failures: int = 25) -> RunReport:
         """Drive the study until ``trials`` trials are complete; Ctrl-C stops cleanly (study resumable).
+
+        A study's first run scores the reference rows first (see :mod:`mergesearch.search.baselines`).
 
         Args:
             executor: the worker pool (idle/submit/completed).
             on_result: called after each result is stored (progress display).
+            on_baseline: called with each reference row's name once it is scored.
             max_consecutive_failures: stop with :class:`StudyError` when this many trials fail in a row.
         """
+        from mergesearch.search.baselines import ensure_baselines
         from mergesearch.search.study import Heartbeat, carried_attrs, record_trial
 
         self.prepare()
@@ -186,8 +277,12 @@ class SearchRun:
         self.lease.start()
         # counted once, then kept here: the lease makes this driver the only writer of the study
         complete = self.completed_count()
+        self.running = 0
         try:
+            if complete < self.target:
+                ensure_baselines(self.study, self.config, self.objectives, executor, on_baseline)
             while True:
+                self.running = len(inflight)
                 if self.lease.lost is not None:
                     raise StudyError(f"study '{self.study_name}' was taken over by another driver "
                                      f"({self.lease.lost}); this run stopped")
@@ -250,11 +345,17 @@ class SearchRun:
             self.optimizer.enqueue(params, {"refine_of": parent})
 
     def hypervolume(self) -> float | None:
-        """Hypervolume of the completed trials (reference point from the config, else the nadir)."""
-        from mergesearch.search.pareto import study_hypervolume
+        """Hypervolume of the completed trials, against the study's stored reference point (what ``front``
+        prints); None before the first completed trial."""
+        return self.hypervolume_pair()[0] if self.completed_count() else None
 
+    def hypervolume_pair(self) -> tuple[float, float | None] | None:
+        """``(raw, normalised or None)`` hypervolume, as :meth:`hypervolume`; None before the first trial."""
+        from mergesearch.search.pareto import study_hypervolumes
+
+        stored = "hv_reference" in self.study.user_attrs
         try:
-            return study_hypervolume(self.study, self.reference)
+            return study_hypervolumes(self.study, None if stored else self.reference)
         except StudyError:
             return None
 

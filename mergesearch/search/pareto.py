@@ -5,7 +5,11 @@ any trial carries constraints) and pymoo's; the hypervolume is pymoo's ``HV`` (m
 kept in the user's units everywhere; only inside :func:`hypervolume` are maximised objectives negated so that
 every objective is minimised.
 
-Default reference point (when the config gives none): the *nadir* of the completed trials — the worst value
+Reference point: the one stored with the study (``hv_reference``, see :mod:`mergesearch.search.baselines`:
+the base model's scores and, for costs, the worst expert's, or ``search.reference_point``), so every ``front``
+of a study and its run's progress line measure against the same point; with it, the hypervolume is also given
+normalised to [0, 1] by the box between that point and the best reference row. A study without one (not run by
+mergesearch, or with ``search.baselines: false``) uses the *nadir* of the completed trials — the worst value
 of each objective over all completed feasible trials with finite values — moved a further 10 % of that
 objective's range in the worse direction (10 % of ``max(|nadir|, 1)`` when the range is zero, e.g. one trial),
 so that the extreme points of the front still contribute volume.
@@ -73,6 +77,23 @@ class Front:
     reference_point: dict[str, float]
     all_values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     study_name: str = ""
+    #: the hypervolume in [0, 1] (see :func:`normalised_hypervolume`), when the study stores an ideal point.
+    normalised_hypervolume: float | None = None
+    #: reference rows (base, each expert, uniform average): name → values by objective; never front trials.
+    references: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: where the reference point comes from: ``baselines``, ``config``, ``given`` (argument) or ``nadir``.
+    reference_source: str = "nadir"
+
+    def dominating(self, values: Mapping[str, float]) -> list[int]:
+        """Numbers of the front trials that strictly dominate ``values`` (no worse anywhere, better somewhere)."""
+        signs = _signs(self.directions)
+        target = np.array([values[n] for n in self.names]) * signs
+        out = []
+        for t in self.trials:
+            v = np.array([t.values[n] for n in self.names]) * signs
+            if np.all(v <= target) and np.any(v < target):
+                out.append(t.number)
+        return out
 
     @property
     def names(self) -> list[str]:
@@ -158,6 +179,23 @@ def hypervolume(values: np.ndarray, directions: Sequence[Any], reference_point: 
     return float(HV(ref_point=ref)(values.reshape(-1, len(signs)) * signs))
 
 
+def normalised_hypervolume(values: np.ndarray, directions: Sequence[Any], reference_point: Sequence[float],
+                           ideal_point: Sequence[float]) -> float | None:
+    """The hypervolume of ``values`` as a fraction of the box between ``reference_point`` and ``ideal_point``
+    (values beyond the ideal count as the ideal), so 0 = nothing better than the reference, 1 = the ideal
+    reached; None when the box is empty in some objective."""
+    signs = _signs(directions)
+    ref, ideal = np.asarray(reference_point, dtype=float) * signs, np.asarray(ideal_point, dtype=float) * signs
+    sides = ref - ideal
+    if not np.all(sides > 0):
+        return None
+    f = np.asarray(values, dtype=float).reshape(-1, len(signs)) * signs
+    if len(f) == 0:
+        return 0.0
+    clipped = np.maximum(f, ideal)
+    return float(hypervolume(clipped, ["minimize"] * len(signs), ref) / np.prod(sides))
+
+
 def default_reference_point(values: np.ndarray, directions: Sequence[Any]) -> np.ndarray:
     """The nadir of ``values`` (``(n, m)``, user units) moved by :data:`REFERENCE_MARGIN` of the range."""
     signs = _signs(directions)
@@ -217,29 +255,54 @@ def completed_values(study: optuna.Study) -> np.ndarray:
     return np.array([t.values for t in trials], dtype=float).reshape(len(trials), len(study.directions))
 
 
-def study_hypervolume(study: optuna.Study, reference_point: ReferencePoint = None) -> float:
-    """Hypervolume of a study's completed trials; :class:`StudyError` when none completed."""
+def _stored_reference(study: optuna.Study, reference_point: ReferencePoint) -> tuple[ReferencePoint, Any, str]:
+    """``(reference point, ideal point or None, source)``: the argument when given, else the study's stored one."""
+    from mergesearch.search.baselines import stored_reference
+
+    stored = stored_reference(study)
+    if reference_point is not None:
+        return reference_point, (stored or {}).get("ideal"), "given"
+    if stored is None:
+        return None, None, "nadir"
+    return stored["point"], stored.get("ideal"), str(stored.get("source", "baselines"))
+
+
+def study_hypervolumes(study: optuna.Study, reference_point: ReferencePoint = None) -> tuple[float, float | None]:
+    """``(raw, normalised or None)`` hypervolume of a study's completed trials against the study's stored
+    reference point (unless one is given); :class:`StudyError` when none completed."""
     objectives = objectives_of(study)
     values = completed_values(study)
     if len(values) == 0:
         raise StudyError(f"study '{study.study_name}' has no completed trials")
-    ref = resolve_reference_point(values, objectives, reference_point)
-    return hypervolume(values, [d for _, d in objectives], ref)
+    point, ideal, _ = _stored_reference(study, reference_point)
+    ref = resolve_reference_point(values, objectives, point)
+    dirs = [d for _, d in objectives]
+    norm = None
+    if ideal is not None and set(ideal) >= {n for n, _ in objectives}:
+        norm = normalised_hypervolume(values, dirs, ref, [ideal[n] for n, _ in objectives])
+    return hypervolume(values, dirs, ref), norm
+
+
+def study_hypervolume(study: optuna.Study, reference_point: ReferencePoint = None) -> float:
+    """Hypervolume of a study's completed trials (stored reference point unless one is given); :class:`StudyError`
+    when none completed."""
+    return study_hypervolumes(study, reference_point)[0]
 
 
 def hypervolume_history(study: optuna.Study, reference_point: ReferencePoint = None) -> list[float]:
     """Hypervolume of the first k completed trials (by trial number), for k = 1..n.
 
-    The reference point is fixed for the whole history (default: the nadir of *all* completed trials), so the
-    curve is monotone. Only a trial that is not weakly dominated by the running front changes the value, so
-    the hypervolume is recomputed only then, on the running front: 0.1-0.4 s for 1000 trials in 2-4-D here.
+    The reference point is fixed for the whole history (default: the study's stored one, else the nadir of *all*
+    completed trials), so the curve is monotone. Only a trial that is not weakly dominated by the running front
+    changes the value, so the hypervolume is recomputed only then, on the running front: 0.1-0.4 s for 1000
+    trials in 2-4-D here.
     """
     objectives = objectives_of(study)
     values = completed_values(study)
     if len(values) == 0:
         return []
     dirs = [d for _, d in objectives]
-    ref = resolve_reference_point(values, objectives, reference_point)
+    ref = resolve_reference_point(values, objectives, _stored_reference(study, reference_point)[0])
     f, ref_min, mins = values * _signs(dirs), ref * _signs(dirs), ["minimize"] * len(dirs)
     front = np.zeros((0, f.shape[1]))
     history: list[float] = []
@@ -262,6 +325,38 @@ def _local_file(url: str) -> Path | None:
     return Path(url) if "://" not in url and url.endswith(".log") else None
 
 
+def open_storage(storage: str | Any) -> Any:
+    """An existing storage from a URL (or plain SQLite file path; see :mod:`mergesearch.search.study`), or a
+    ``BaseStorage`` as is. Never creates a storage file.
+
+    Raises:
+        StudyError: the storage file does not exist, or the storage cannot be opened (one line, password masked).
+    """
+    import optuna
+
+    from mergesearch.search.study import HEARTBEAT_INTERVAL, _make_storage, _password, mask_url, storage_url
+
+    if not isinstance(storage, str):
+        return storage
+    url = storage_url(storage)
+    path = _local_file(url)
+    if path is not None and not path.is_file():  # optuna would silently create an empty storage
+        raise StudyError(f"storage file not found: {path}")
+    try:
+        with warnings.catch_warnings():  # the heartbeat option is "experimental"; reading does not use it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            st = _make_storage(url, HEARTBEAT_INTERVAL)
+        optuna.get_all_study_names(storage=st)  # connects: a bad URL or schema fails here, not later
+        return st
+    except StudyError:
+        raise
+    except Exception as e:  # sqlalchemy / driver / schema errors: one line naming the storage
+        first = (str(e).splitlines() or [""])[0]
+        pw = _password(url)
+        raise StudyError(f"cannot open storage {mask_url(url)}: {type(e).__name__}: "
+                         f"{first.replace(pw, '***') if pw else first}") from None
+
+
 def open_existing_study(study_or_storage: optuna.Study | str | Any, study_name: str | None = None) -> optuna.Study:
     """An existing study, from a Study, or a storage (URL as in :mod:`mergesearch.search.study`, or an
     ``optuna.storages.BaseStorage``) and a name. Never creates a storage file or a study.
@@ -272,24 +367,14 @@ def open_existing_study(study_or_storage: optuna.Study | str | Any, study_name: 
     """
     import optuna
 
-    from mergesearch.search.study import HEARTBEAT_INTERVAL, _make_storage, mask_url
+    from mergesearch.search.study import mask_url
 
     if isinstance(study_or_storage, optuna.Study):
         return study_or_storage
-    storage, shown = study_or_storage, str(study_or_storage)
-    if isinstance(storage, str):
-        shown = mask_url(storage)
-        path = _local_file(storage)
-        if path is not None and not path.is_file():  # optuna would silently create an empty storage
-            raise StudyError(f"storage file not found: {path}")
+    shown = mask_url(study_or_storage) if isinstance(study_or_storage, str) else str(study_or_storage)
+    storage = open_storage(study_or_storage)
     try:
-        if isinstance(storage, str):
-            with warnings.catch_warnings():  # the heartbeat option is "experimental"; reading does not use it
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = _make_storage(storage, HEARTBEAT_INTERVAL)
         names = optuna.get_all_study_names(storage=storage)
-    except StudyError:
-        raise
     except Exception as e:  # sqlalchemy / driver / schema errors: one line naming the storage
         first = (str(e).splitlines() or [""])[0]
         raise StudyError(f"cannot open storage {shown}: {type(e).__name__}: {first}") from None
@@ -312,7 +397,7 @@ def load_front(study_or_storage: optuna.Study | str | Any, study_name: str | Non
             an ``optuna.storages.BaseStorage``.
         study_name: the study's name in the storage (optional when it holds exactly one).
         reference_point: hypervolume reference values by objective name (or in objective order); objectives
-            left out default to the nadir-based value.
+            left out default to the nadir-based value. Default: the study's stored reference point.
 
     Raises:
         StudyError: missing storage or study (lists the available ones), or no completed trials.
@@ -331,8 +416,8 @@ def load_front(study_or_storage: optuna.Study | str | Any, study_name: str | Non
         raise StudyError(f"study '{study.study_name}' has no completed trials ({counts['total']} in total, "
                          f"{counts['failed']} failed, {counts['running']} running)")
     values = completed_values(study)
-    ref = resolve_reference_point(values, objectives, reference_point) if len(values) else np.full(
-        len(names), np.nan)
+    point, ideal, source = _stored_reference(study, reference_point)
+    ref = resolve_reference_point(values, objectives, point) if len(values) else np.full(len(names), np.nan)
     best = [t for t in study.best_trials if all(math.isfinite(v) for v in t.values)]
     trials = [FrontTrial(number=t.number, values=dict(zip(names, map(float, t.values), strict=True)),
                          params=dict(t.params), plan=t.user_attrs.get("plan"),
@@ -342,7 +427,14 @@ def load_front(study_or_storage: optuna.Study | str | Any, study_name: str | Non
     hv = hypervolume(np.array([t.values for t in best], dtype=float).reshape(-1, len(names)),
                      [d for _, d in objectives], ref) if best else 0.0
     ref_by_name = dict(zip(names, map(float, ref), strict=True))
-    return Front(objectives, trials, counts, hv, ref_by_name, values, study.study_name)
+    norm = None
+    if ideal is not None and set(ideal) >= set(names):
+        norm = normalised_hypervolume(values, [d for _, d in objectives], ref, [ideal[n] for n in names])
+    from mergesearch.search.baselines import stored_rows
+
+    references = {r["name"]: {n: float(r["values"][n]) for n in names} for r in stored_rows(study)
+                  if set(r["values"]) >= set(names)}
+    return Front(objectives, trials, counts, hv, ref_by_name, values, study.study_name, norm, references, source)
 
 
 def _origin(user_attrs: Mapping[str, Any]) -> str:
@@ -361,10 +453,16 @@ def front_to_json(front: Front) -> dict[str, Any]:
         "hypervolume": front.hypervolume,
         "front": [{"trial": t.number, "values": dict(t.values),
                    **({"test_values": dict(t.test_values)} if t.test_values else {}),
-                   **({"origin": t.origin} if t.origin else {})} for t in front.trials],
+                   **({"origin": t.origin} if t.origin else {}),
+                   **({"params": dict(t.params), "recipe": t.plan} if t.params or t.plan else {})}
+                  for t in front.trials],
         "summary": {str(t.number): t.summary for t in front.trials},
         "counts": dict(front.counts),
         "reference_point": dict(front.reference_point),
+        "reference_source": front.reference_source,
+        "normalised_hypervolume": front.normalised_hypervolume,
+        "references": [{"name": name, "values": dict(v), "reference": True, "dominated_by": front.dominating(v)}
+                       for name, v in front.references.items()],
         "study": front.study_name,
     }
 
@@ -388,17 +486,51 @@ def _rows(front: Front, fmt: str) -> tuple[list[str], list[list[str]]]:
             tv = t.test_values or {}
             row += [format(tv[n], fmt) if n in tv else "" for n in front.names]
         rows.append([*row, f"{t.summary} ({t.origin})" if t.origin else t.summary])
+    for name, v in front.references.items():  # marked "ref" in the trial column: never a trial, never picked
+        row = ["ref"] + [format(v[n], fmt) for n in front.names] + ([""] * len(front.names) if test else [])
+        rows.append([*row, f"reference: {name}"])
     return header, rows
 
 
-def front_caption(front: Front) -> list[str]:
-    """Two lines for above/below the table: what the front is, and the hypervolume and trial counts."""
-    c = front.counts
+_SOURCE = {"baselines": "the base's scores, costs of the worst expert", "config": "search.reference_point",
+           "given": "given", "nadir": "nadir of the trials"}
+
+
+def hypervolume_text(front: Front) -> str:
+    """``hypervolume 0.412 of the box to the best reference row (raw 1.23; reference point base ...)``."""
     ref = ", ".join(f"{n}={v:.4g}" for n, v in front.reference_point.items())
+    where = f"reference point {ref}: {_SOURCE.get(front.reference_source, front.reference_source)}"
+    if front.normalised_hypervolume is None:
+        return f"hypervolume {front.hypervolume:.6g} ({where})"
+    return f"hypervolume {front.normalised_hypervolume:.3f} normalised, {front.hypervolume:.6g} raw ({where})"
+
+
+def dominance_text(front: Front) -> str | None:
+    """One sentence on which reference rows the front strictly dominates (None without reference rows)."""
+    if not front.references:
+        return None
+    beaten = {name: front.dominating(v) for name, v in front.references.items()}
+    yes = [f"{name} (by #{', #'.join(map(str, nums[:3]))}{', ...' if len(nums) > 3 else ''})"
+           for name, nums in beaten.items() if nums]
+    no = [name for name, nums in beaten.items() if not nums]
+    parts = [f"the front strictly dominates {', '.join(yes)}" if yes else "the front strictly dominates no "
+             "reference row"]
+    if no and yes:
+        parts.append(f"not {', '.join(no)}")
+    return "; ".join(parts)
+
+
+def front_caption(front: Front) -> list[str]:
+    """Lines for above/below the table: what the front is; the hypervolume and trial counts (and, with
+    reference rows, which of them the front dominates)."""
+    c = front.counts
+    below = (f"{hypervolume_text(front)}; trials: {c['total']} total, "
+             f"{c['complete']} complete, {c['failed']} failed, {c['running']} running")
+    dom = dominance_text(front)
     return [f"Pareto front{' of ' + front.study_name if front.study_name else ''}: "
-            f"{len(front.trials)} of {c['complete']} completed trials",
-            f"hypervolume {front.hypervolume:.6g} (reference point {ref}); trials: {c['total']} total, "
-            f"{c['complete']} complete, {c['failed']} failed, {c['running']} running"]
+            f"{len(front.trials)} of {c['complete']} completed trials"
+            + (" (rows 'ref': reference models, not trials)" if front.references else ""),
+            below + (f"\n{dom}" if dom else "")]
 
 
 def front_table(front: Front) -> Table:

@@ -52,7 +52,28 @@ def _password(url: str) -> str | None:
     return m.group(1) if m and m.group(1) else None
 
 
+#: the study name when neither the command line nor the job names one
+DEFAULT_STUDY = "mergesearch"
+
+
+def storage_url(value: str) -> str:
+    """A storage URL from what a user typed: a plain file path (``demo.db``, ``runs/x.sqlite``) is a SQLite file
+    (made absolute), a path ending ``.log`` a journal file; URLs (``scheme://...``) are kept as they are."""
+    if "://" in value or value.endswith(".log"):
+        return value
+    return f"sqlite:///{os.path.abspath(value)}"
+
+
+def study_location(config: Any = None, storage: str | None = None, study: str | None = None) -> tuple[str, str]:
+    """``(storage URL, study name)``: the command line's values, else the job's, else ``run``'s defaults
+    (study :data:`DEFAULT_STUDY`, storage ``sqlite:///<study>.db`` in the working directory)."""
+    name = study or (config.study if config is not None else None) or DEFAULT_STUDY
+    url = storage or (config.storage if config is not None else None) or f"sqlite:///{name}.db"
+    return storage_url(url), name
+
+
 def _make_storage(url: str, heartbeat_interval: int) -> BaseStorage:
+    url = storage_url(url)
     if url == "memory://":
         return optuna.storages.InMemoryStorage()
     if url.startswith("journal://") or ("://" not in url and url.endswith(".log")):
@@ -64,9 +85,17 @@ def _make_storage(url: str, heartbeat_interval: int) -> BaseStorage:
             raise StudyError(f"cannot open storage {mask_url(url)}: directory {parent} does not exist")
         return optuna.storages.JournalStorage(JournalFileBackend(path))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+    except ImportError as e:  # the URL's database driver is not installed
+        if url.split("://", 1)[0] in ("postgresql", "postgresql+psycopg"):
+            why = 'the PostgreSQL driver psycopg is not installed; pip install "mergesearch[postgres]"'
+        else:
+            cause = e.__cause__ or e
+            why = f"its database driver is not installed ({type(cause).__name__}: {cause})"
+        raise StudyError(f"cannot open storage {mask_url(url)}: {why}") from None
 
 
 def _objectives_str(names: Sequence[str], directions: Sequence[str]) -> str:
@@ -79,7 +108,9 @@ def open_study(
     objectives: list[tuple[str, str]],
     *,
     config_fingerprint: str | None = None,
+    meaning: Mapping[str, Any] | None = None,
     create: bool = True,
+    new: bool = False,
     heartbeat_interval: int = HEARTBEAT_INTERVAL,
 ) -> optuna.Study:
     """Open (or create) a study whose objectives must be exactly ``objectives``.
@@ -89,11 +120,15 @@ def open_study(
         study_name: the study's name in the storage.
         objectives: (name, direction) per objective, direction ``minimize`` or ``maximize``.
         config_fingerprint: stored in the new study's user attrs (``config_fingerprint``).
+        meaning: what gives the trials their meaning (a JSON-ready dict, e.g. models, dtype, space, objectives
+            and their data); stored in a new study (``job_meaning``); :func:`check_meaning` compares it.
         create: create the study when absent (else StudyError).
+        new: the study must not exist yet (else StudyError).
         heartbeat_interval: seconds between heartbeats on RDB storages (orphans are stale after twice this).
 
     Returns:
         The study; its sampler is a placeholder, set by :class:`~mergesearch.search.optimizers.Optimizer`.
+        A study created here carries the user attr ``created_by`` = :data:`DRIVER_ID`.
     """
     if not objectives:
         raise ConfigError("at least one objective is needed")
@@ -102,7 +137,7 @@ def open_study(
     bad = [d for d in directions if d not in _DIRECTIONS]
     if bad:
         raise ConfigError(f"objective direction must be minimize or maximize, got {bad[0]!r}")
-    url = storage or f"sqlite:///{study_name}.db"
+    url = storage_url(storage or f"sqlite:///{study_name}.db")
     try:
         st = _make_storage(url, heartbeat_interval)
         existing = {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
@@ -115,6 +150,8 @@ def open_study(
             msg = msg.replace(pw, "***")
         raise StudyError(f"cannot open storage {mask_url(url)}: {type(e).__name__}: {msg}") from None
     sampler = optuna.samplers.RandomSampler()
+    if study_name in existing and new:
+        raise StudyError(f"study {study_name!r} already exists in {mask_url(url)}; choose another name")
     if study_name in existing:
         study = optuna.load_study(study_name=study_name, storage=st, sampler=sampler)
         stored_dirs = [d.name.lower() for d in study.directions]
@@ -137,7 +174,80 @@ def open_study(
     study.set_user_attr("objective_directions", directions)
     if config_fingerprint is not None:
         study.set_user_attr("config_fingerprint", config_fingerprint)
+    if meaning is not None:
+        study.set_user_attr(MEANING_ATTR, dict(meaning))
+    study.set_user_attr("created_by", DRIVER_ID)
     return study
+
+
+#: study user attr: what gives the study's trials their meaning (see :func:`open_study`)
+MEANING_ATTR = "job_meaning"
+
+
+def first_difference(stored: Any, new: Any, path: str = "") -> str | None:
+    """The first place where two JSON-like values differ, as ``path: <stored> in the study, <new> in the job``
+    (dict keys in order, then list items); None when equal.
+
+    A key only ``new`` has is not a difference: it is a setting added by a later release, which the stored
+    job ran with at its default.
+    """
+    if isinstance(stored, Mapping) and isinstance(new, Mapping):
+        for key in stored:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in new:
+                return f"{where}: {stored[key]!r} in the study, absent in the job"
+            diff = first_difference(stored[key], new[key], where)
+            if diff:
+                return diff
+        return None
+    if isinstance(stored, list) and isinstance(new, list):
+        for i, (a, b) in enumerate(zip(stored, new, strict=False)):
+            diff = first_difference(a, b, f"{path}[{i}]")
+            if diff:
+                return diff
+        if len(stored) != len(new):
+            return f"{path}: {len(stored)} entries in the study, {len(new)} in the job"
+        return None
+    return None if stored == new else f"{path or '<job>'}: {stored!r} in the study, {new!r} in the job"
+
+
+def check_meaning(study: optuna.Study, url: str, meaning: Mapping[str, Any] | None, fingerprint: str | None) -> None:
+    """Refuse (StudyError naming the first difference) a job that would give the stored trials of ``study``
+    another meaning; studies stored before ``job_meaning`` existed are compared by ``config_fingerprint``."""
+    stored = study.user_attrs.get(MEANING_ATTR)
+    if meaning is not None and stored is not None:
+        diff = first_difference(stored, dict(meaning))
+    elif fingerprint is not None and study.user_attrs.get("config_fingerprint") not in (None, fingerprint):
+        diff = "models or space (config fingerprint)"
+    else:
+        return
+    if diff:
+        raise StudyError(f"study '{study.study_name}' in {mask_url(url)} was run with another job: {diff}; "
+                         "resuming would mix the two in one study (use --new-study NAME)")
+
+
+def list_studies(storage: str) -> list[dict[str, Any]]:
+    """Every study in an existing storage: ``name``, ``objectives`` [(name, direction)], trial ``counts`` by
+    state (``complete``, ``failed``, ``running``, ``waiting``, ``total``), ``created`` (ISO time or None).
+
+    Raises:
+        StudyError: the storage cannot be opened or its file does not exist (nothing is created).
+    """
+    from mergesearch.search.pareto import open_storage
+
+    st = open_storage(storage)
+    out = []
+    for summary in optuna.get_all_study_summaries(st, include_best_trial=False):
+        dirs = [d.name.lower() for d in summary.directions]
+        names = summary.user_attrs.get("objective_names") or [f"obj{i}" for i in range(len(dirs))]
+        states = [t.state for t in st.get_all_trials(summary._study_id, deepcopy=False)]
+        counts = {k: states.count(s) for k, s in (("complete", TrialState.COMPLETE), ("failed", TrialState.FAIL),
+                                                   ("running", TrialState.RUNNING), ("waiting", TrialState.WAITING))}
+        counts["total"] = len(states)
+        created = summary.datetime_start.isoformat(timespec="seconds") if summary.datetime_start else None
+        out.append({"name": summary.study_name, "objectives": list(zip(names, dirs, strict=False)),
+                    "counts": counts, "created": created})
+    return sorted(out, key=lambda s: s["name"])
 
 
 def _heartbeat_enabled(study: optuna.Study) -> bool:

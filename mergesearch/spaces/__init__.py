@@ -7,7 +7,6 @@ maps optimizer parameters to a :class:`~mergesearch.merging.plan.MergePlan` (``d
 
 from __future__ import annotations
 
-from mergesearch.spaces.methods import METHODS
 from mergesearch.spaces.space import MergeSpace, build_space, num_layers_of
 
-__all__ = ["METHODS", "MergeSpace", "build_space", "num_layers_of"]
+__all__ = ["MergeSpace", "build_space", "num_layers_of"]

@@ -3,15 +3,17 @@
 Parameters (a flat, fixed, ordered dict of Optuna distributions, so NSGA-style samplers see one space):
 
 - ``method``: categorical over ``space.methods`` (absent when there is one method);
-- ``lambda``, ``t``, ``epsilon``: one scalar each, when a listed method reads it and its range is set;
 - ``weight.<i>[.<g>][.<filter>|.rest]`` and ``density.<i>...``: per expert ``i`` (0-based index into
   ``models``), per layer group ``g`` (omitted for ``granularity: global``), per tensor-name filter plus a
-  catch-all ``rest`` (only when ``filters`` are set);
+  catch-all ``rest`` (only when ``filters`` are set) — the per-model parameters with a default search range in
+  the method table;
+- every other float parameter a listed method reads (``lambda``, ``t``, ``epsilon``, ``select_topk``, …): one
+  scalar, when its range is set (a per-model one is written at the plan level, which applies to every model);
 - ``layer.<k>`` (categorical over ``layers.choices``) and ``layer_offset.<k>`` (int, when ``depth_offset > 0``)
   per output slot ``k`` (only when ``space.layers`` is set).
 
-A trial's method reads only its own parameters (see ``methods.py``); the others stay in the vector, unused,
-and never reach the plan.
+A trial's method reads only its own parameters (the method table, :mod:`mergesearch.merging.methods`); the
+others stay in the vector, unused, and never reach the plan.
 
 Layer groups are written as mergekit gradients whose length equals the number of layers they span: a
 gradient of ``len == n`` over ``n`` layers puts layer ``j`` at ``s = j/(n-1)·(n-1) = j``, exactly on entry
@@ -30,20 +32,23 @@ from typing import Any
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from mergesearch.config import Range, SpaceConfig
+from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError, ModelError
+from mergesearch.merging.methods import METHODS, REQUIRED, Param, get_method
 from mergesearch.merging.plan import ConditionalValue, InputModel, InputSlice, MergePlan, OutputSlice, ParamValue
 from mergesearch.search import unit
 from mergesearch.spaces.layers import MERGED, SKIP, LayerPlan, Token, resolve_choice, runs
-from mergesearch.spaces.methods import FIXED_DEFAULTS, METHODS
 
-_PER_MODEL = ("weight", "density")
-_SHARED = ("lambda", "t", "epsilon")
-#: value of a parameter a params dict leaves out (clamped into its range): the methods' own defaults.
-_NEUTRAL = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "t": 0.5, "epsilon": 0.15}
+#: value of a required parameter that the space does not search (mergekit has no default for these).
+_FILL = {"weight": 1.0, "t": 0.5}
 #: DELLA needs d - eps > 0; densities below this are raised to it.
 _DELLA_MIN_DENSITY = 0.01
-_SYMBOL = {"weight": "w", "density": "d", "lambda": "λ", "t": "t", "epsilon": "ε"}
+_SYMBOL = {"weight": "w", "density": "d", "lambda": "λ", "epsilon": "ε"}
+
+
+def _neutral(p: Param) -> float:
+    """The value a plan gets for ``p`` when nothing sets it: the method's default, or the fill of a required one."""
+    return _FILL.get(p.name, 1.0) if p.default is REQUIRED else float(p.default)
 
 
 def _fmt(v: float) -> str:
@@ -94,22 +99,29 @@ class MergeSpace:
         n_groups = int(self._group_of[-1]) + 1
         self._filters: list[str | None] = [*space.filters, None] if space.filters else [None]
 
-        used = {p for m in self.methods for p in METHODS[m].per_model + METHODS[m].shared}
-        ranges: dict[str, Range | None] = {"weight": space.weight, "density": space.density,
-                                            "lambda": space.lambda_, "t": space.t, "epsilon": space.epsilon}
-        self.searched = {p for p, r in ranges.items() if r is not None and p in used}
+        #: the float parameters of the listed methods, in table order
+        self._params: dict[str, Param] = {}
+        for m in self.methods:
+            for q in get_method(m).params:
+                if q.kind == "float":
+                    self._params.setdefault(q.name, q)
+        ranges = space.ranges()
+        self.searched = {q for q in self._params if ranges[q] is not None}
+        #: searched per model (and layer group): per-input parameters with a default search range
+        per_model = [q for q in self.searched if self._params[q].per_input and self._params[q].search is not None]
+        self._per_model = frozenset(per_model)
 
         d: dict[str, BaseDistribution] = {}
         if len(self.methods) > 1:
             d["method"] = CategoricalDistribution(list(self.methods))
-        for p in _SHARED:
-            if p in self.searched:
-                r = ranges[p]
-                d[p] = FloatDistribution(r.low, r.high, log=r.log)
+        for q in self._params:
+            if q in self.searched and q not in self._per_model:
+                r = ranges[q]
+                d[q] = FloatDistribution(r.low, r.high, log=r.log)
         #: param -> [model][group][filter] -> distribution name
         self._names: dict[str, list[list[list[str]]]] = {}
-        for p in _PER_MODEL:
-            if p not in self.searched:
+        for p in self._params:
+            if p not in self._per_model:
                 continue
             r = ranges[p]
             table = []
@@ -162,7 +174,7 @@ class MergeSpace:
             elif name.startswith("layer_offset."):
                 out[name] = 0
             else:
-                out[name] = _clamp(dist, _NEUTRAL[name.split(".")[0]])
+                out[name] = _clamp(dist, _neutral(self._params[name.split(".")[0]]))
         return out
 
     def sample(self, trial: Any) -> dict[str, Any]:
@@ -188,8 +200,8 @@ class MergeSpace:
     # ------------------------------------------------------------------ decode
     def _per_layer(self, p: dict[str, Any], param: str, model: int) -> list[np.ndarray]:
         """One ``(L,)`` array per filter key (filters, then the catch-all) of a per-model parameter."""
-        if param not in self.searched:
-            return [np.full(self.num_layers, FIXED_DEFAULTS[param]) for _ in self._filters]
+        if param not in self._per_model:
+            return [np.full(self.num_layers, _neutral(self._params[param])) for _ in self._filters]
         table = self._names[param][model]
         return [np.array([float(p[table[gi][fi]]) for gi in self._group_of]) for fi in range(len(self._filters))]
 
@@ -201,16 +213,20 @@ class MergeSpace:
 
     def _method_values(self, p: dict[str, Any], method: str) -> tuple[list[dict[str, list[np.ndarray]]],
                                                                     dict[str, ParamValue]]:
-        """Per-expert per-layer arrays and the plan-level scalars the method reads."""
-        info = METHODS[method]
-        params = [p_ for p_ in info.per_model if p_ in self.searched or p_ in FIXED_DEFAULTS]
+        """Per-expert per-layer arrays and the plan-level scalars the method reads.
+
+        Searched parameters get their values; a required one the space does not search gets its fill value;
+        the others are left out (the method's default applies).
+        """
+        reads = [q for q in get_method(method).params if q.kind == "float"]
+        params = [q.name for q in reads if q.per_input and (q.name in self._per_model or q.default is REQUIRED)]
         per_model = [{q: self._per_layer(p, q, i) for q in params} for i in range(len(self.models))]
         shared: dict[str, ParamValue] = {}
-        for q in info.shared:
-            if q in self.searched:
-                shared[q] = float(p[q])
-            elif q in FIXED_DEFAULTS:
-                shared[q] = FIXED_DEFAULTS[q]
+        for q in reads:
+            if q.name in self.searched and q.name not in self._per_model:
+                shared[q.name] = float(p[q.name])
+            elif not q.per_input and q.default is REQUIRED:
+                shared[q.name] = _neutral(q)
         if method.startswith("della"):
             # DELLA keeps entries with probability in [d - eps, d + eps], which must lie inside (0, 1);
             # d = 1 means "no pruning" (mergekit returns the tensor unchanged), so it does not bound eps.
@@ -222,7 +238,7 @@ class MergeSpace:
                         inner = x[x < 1.0]
                         if inner.size:
                             bound = min(bound, float(np.minimum(inner, 1.0 - inner).min()))
-            shared["epsilon"] = min(float(shared["epsilon"]), 0.99 * bound)
+            shared["epsilon"] = min(float(shared.get("epsilon", _neutral(self._params["epsilon"]))), 0.99 * bound)
         return per_model, shared
 
     def decode(self, params: Mapping[str, Any]) -> MergePlan:
@@ -233,7 +249,7 @@ class MergeSpace:
         """
         p = self.complete(params)
         method = p.get("method", self.methods[0])
-        info = METHODS[method]
+        info = get_method(method)
         per_model, shared = self._method_values(p, method)
         seed = self.seed if info.random else None
         if self.layers is None:
@@ -241,8 +257,9 @@ class MergeSpace:
                                  or None) for m, v in zip(self.models, per_model, strict=True)]
             if method == "slerp":
                 models = [InputModel(model=self.base_model), InputModel(model=self.models[0])]
-            return MergePlan(merge_method=method, models=models, base_model=self.base_model if info.uses_base else None,
-                             parameters=shared or None, dtype=self.dtype, random_seed=seed)
+            base = self.base_model if info.needs_base else None
+            return MergePlan(merge_method=method, models=models, base_model=base, parameters=shared or None,
+                             dtype=self.dtype, random_seed=seed)
 
         merged_any = False
         slices = []
@@ -257,12 +274,12 @@ class MergeSpace:
                        for m, v in zip(self.models, per_model, strict=True)]
             if method == "slerp":
                 experts = [InputSlice(model=e.model, layer_range=(a, b)) for e in experts]
-            base = [InputSlice(model=self.base_model, layer_range=(a, b))] if info.uses_base else []
+            base = [InputSlice(model=self.base_model, layer_range=(a, b))] if info.needs_base else []
             slices.append(OutputSlice(sources=base + experts,
-                                      base_model=self.base_model if info.uses_base else None))
+                                      base_model=self.base_model if info.needs_base else None))
         if not merged_any:  # only copies: mergekit's passthrough reads this plan the same way
             return MergePlan(merge_method="passthrough", slices=slices, dtype=self.dtype)
-        return MergePlan(merge_method=method, slices=slices, base_model=self.base_model if info.uses_base else None,
+        return MergePlan(merge_method=method, slices=slices, base_model=self.base_model if info.needs_base else None,
                          parameters=shared or None, dtype=self.dtype, random_seed=seed)
 
     def _kept(self, p: dict[str, Any], method: str) -> list[tuple[Token, int]]:
@@ -320,15 +337,15 @@ class MergeSpace:
         """
         p = self.complete(params)
         method = p.get("method", self.methods[0])
-        info = METHODS[method]
+        reads = [q.name for q in get_method(method).params if q.name in self.searched]
         parts = [method]
-        for q in info.per_model:
-            if q in self.searched:
+        for q in reads:
+            if q in self._per_model:
                 means = [np.mean([p[n] for row in self._names[q][i] for n in row]) for i in range(len(self.models))]
-                parts.append(f"{_SYMBOL[q]}=[{','.join(_fmt(v) for v in means)}]")
-        for q in info.shared:
-            if q in self.searched:
-                parts.append(f"{_SYMBOL[q]}={_fmt(p[q])}")
+                parts.append(f"{_SYMBOL.get(q, q)}=[{','.join(_fmt(v) for v in means)}]")
+        for q in reads:
+            if q not in self._per_model:
+                parts.append(f"{_SYMBOL.get(q, q)}={_fmt(p[q])}")
         if self.layers is not None:
             tokens = self.layers.repair([resolve_choice(p[f"layer.{k}"], self.models)
                                          for k in range(self.layers.slots)])
@@ -349,21 +366,27 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
     dup = sorted({m for m in space.methods if space.methods.count(m) > 1})
     if dup:
         raise ConfigError(f"space.methods: '{dup[0]}' listed twice")
-    if "slerp" in space.methods and len(models) != 1:
-        raise ConfigError(f"space.methods: slerp merges the base with exactly one model, got {len(models)} models")
-    if "model_stock" in space.methods and len(models) < 2:
-        raise ConfigError(f"space.methods: model_stock needs at least 2 models, got {len(models)}")
+    for m in space.methods:
+        info = get_method(m)
+        n = len(models) + info.needs_base
+        if m != "passthrough" and (n < info.min_inputs or (info.max_inputs is not None and n > info.max_inputs)):
+            base = " including the base" if info.needs_base else ""
+            bound = (f"exactly {info.min_inputs}" if info.min_inputs == info.max_inputs else
+                     f"{info.min_inputs}..{info.max_inputs}" if info.max_inputs else f"at least {info.min_inputs}")
+            raise ConfigError(f"space.methods: {m} merges {bound} models{base}, got {n} ({len(models)} models"
+                              f"{' + base' if info.needs_base else ''})")
     if "passthrough" in space.methods and space.layers is None:
         raise ConfigError("space.methods: passthrough only copies layers; it needs space.layers")
     if isinstance(space.granularity, int) and space.granularity < 1:
         raise ConfigError(f"space.granularity: must be 'global', 'per_layer' or a positive int, "
                           f"got {space.granularity}")
-    if space.density is not None and (space.density.low < 0 or space.density.high > 1):
-        raise ConfigError(f"space.density: must lie in [0, 1], got [{space.density.low}, {space.density.high}]")
-    if space.t is not None and (space.t.low < 0 or space.t.high > 1):
-        raise ConfigError(f"space.t: must lie in [0, 1], got [{space.t.low}, {space.t.high}]")
-    if space.epsilon is not None and space.epsilon.low < 0:
-        raise ConfigError(f"space.epsilon: must be >= 0, got {space.epsilon.low}")
+    ranges = space.ranges()
+    for m in space.methods:
+        for q in get_method(m).params:
+            r = ranges.get(q.name) if q.bounds is not None else None
+            if r is not None and not q.bounds[0] <= r.low <= r.high <= q.bounds[1]:
+                raise ConfigError(f"space.{q.name}: must lie in [{q.bounds[0]:g}, {q.bounds[1]:g}] ({m}), got "
+                                  f"[{r.low:g}, {r.high:g}]")
     for f in space.filters:
         if not f or f in ("*", "rest"):
             raise ConfigError(f"space.filters: '{f}' is not a tensor-name filter (the catch-all 'rest' is implicit)")

@@ -7,15 +7,17 @@ import torch
 
 from mergesearch.errors import ConfigError
 from mergesearch.merging import sparsify as sp
-from mergesearch.merging.ops import METHODS, get_method, group_of, slerp_tensors
+from mergesearch.merging.methods import METHODS, get_method
+from mergesearch.merging.ops import group_of, slerp_tensors
+from tests.merging.reference import run
 
 
 def merge(method: str, tensors, per_input, shared=None, base_index=None, seed=0):
     m = get_method(method)
-    params = {k: v for k, v in m.shared.items()}
+    params = {k: p.default for k, p in m.shared.items()}
     params.update(shared or {})
-    full = [{**{k: v for k, v in m.per_input.items() if v is not None and not (m.non_base and i == base_index)},
-             **p} for i, p in enumerate(per_input)]
+    full = [{**{k: p.default for k, p in m.per_input.items() if p.default is not None and
+                not (m.non_base and i == base_index)}, **p} for i, p in enumerate(per_input)]
     return m.merge(group_of("x", tensors, base_index, seed), params, full)
 
 
@@ -57,34 +59,56 @@ def test_ties_hand_computed_2x3():
     torch.testing.assert_close(out, expected)
 
 
+def _kept(method: str, tau: torch.Tensor, density: float, gamma: float = 0.01) -> list[bool]:
+    """Which entries of τ survive a one-input sparsifying merge (base 0, weight 1, no rescale)."""
+    out = run(method, torch.zeros_like(tau), [tau], per={"weight": 1.0, "density": density, "gamma": gamma},
+              shared={"rescale": False, "normalize": False})
+    return (out != 0).tolist()
+
+
 def test_magnitude_keeps_at_least_one_and_density_zero_keeps_none():
     tau = torch.tensor([0.1, -5.0, 0.2])
-    assert sp.magnitude_mask(tau, 0.1).tolist() == [False, True, False]
-    assert not sp.magnitude_mask(tau, 0.0).any()
-    assert sp.magnitude_mask(tau, 1.0) is None
+    assert _kept("ties", tau, 0.1) == [False, True, False]
+    assert _kept("ties", tau, 0.0) == [False] * 3
+    assert _kept("ties", tau, 1.0) == [True] * 3
 
 
-def test_cached_order_gives_same_mask_as_kthvalue():
+def test_cached_order_gives_same_thresholds_as_selection():
     tau = torch.randn(50, 40)
     order = sp.MagnitudeOrder(tau)
+    n = tau.numel()
     for d in (0.05, 0.3, 0.77):
-        assert torch.equal(sp.magnitude_mask(tau, d), sp.magnitude_mask(tau, d, order))
-        assert torch.equal(sp.outliers_mask(tau, d, 0.02), sp.outliers_mask(tau, d, 0.02, order))
-        assert sp.magnitude_mask(tau, d).sum().item() == int(d * tau.numel())
+        rank = n - max(1, int(d * n))
+        assert sp.order_value(tau, rank, order).item() == sp.order_value(tau, rank, None).item()
+        assert sp.outliers_band(tau, d, 0.02, order) == sp.outliers_band(tau, d, 0.02)
+        assert sum(_kept("ties", tau.reshape(-1), d)) == int(d * n)
 
 
 def test_breadcrumbs_with_no_top_outliers_keeps_top_entries():
     tau = torch.arange(1.0, 11.0)  # n = 10, int(0.01 * 10) = 0 top entries dropped
-    mask = sp.outliers_mask(tau, 0.3, 0.01)
-    assert mask.tolist() == [False] * 7 + [True] * 3
-    out = merge("breadcrumbs", [torch.zeros(10), tau], [{}, {"weight": 1.0, "density": 0.3}], base_index=0)
-    assert out.abs().sum() > 0
+    assert _kept("breadcrumbs", tau, 0.3) == [False] * 7 + [True] * 3
 
 
 def test_breadcrumbs_drops_outliers_then_smallest():
     tau = torch.arange(1.0, 101.0)  # gamma 0.05 drops 96..100; density 0.2 keeps 20 below them
-    mask = sp.outliers_mask(tau, 0.2, 0.05)
-    assert tau[mask].tolist() == list(map(float, range(76, 96)))
+    kept = _kept("breadcrumbs", tau, 0.2, gamma=0.05)
+    assert tau[torch.tensor(kept)].tolist() == list(map(float, range(76, 96)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_rescale_scales_kept_entries_by_the_l1_ratio(method, dtype):
+    """mergekit rescales for every sparsifier: the kept entries times ‖τ‖₁ / ‖mask⊙τ‖₁."""
+    torch.manual_seed(0)
+    tau = torch.randn(40, 30).to(dtype)
+    base = torch.zeros_like(tau)
+    kw = {"per": {"weight": 1.0, "density": 0.3, "gamma": 0.05}, "shared": {"normalize": False}}
+    plain = run(method, base, [tau], **kw)
+    scaled = run(method, base, [tau], **{**kw, "shared": {"normalize": False, "rescale": True}})
+    kept = plain != 0
+    ratio = tau.double().abs().sum() / tau.double()[kept].abs().sum()
+    assert 1.5 < ratio.item() < 10
+    torch.testing.assert_close(scaled.double(), plain.double() * ratio, rtol=torch.finfo(dtype).eps, atol=0)
 
 
 def test_dare_preserves_expected_value_seeded():

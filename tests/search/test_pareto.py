@@ -143,9 +143,12 @@ def test_json_exact_shape(mixed_study: optuna.Study) -> None:
     out = front_to_json(load_front(mixed_study, reference_point={"acc": 0.0, "size": 10.0}))
     assert list(out)[:3] == ["objectives", "hypervolume", "front"]
     assert out["objectives"] == [{"name": "acc", "direction": "maximize"}, {"name": "size", "direction": "minimize"}]
-    assert out["front"] == [{"trial": 0, "values": {"acc": 0.9, "size": 5.0}},
-                            {"trial": 1, "values": {"acc": 0.8, "size": 3.0}},
-                            {"trial": 5, "values": {"acc": 0.6, "size": 1.0}}]
+    # each point carries what it is made of: its params and its recipe (the stored plan)
+    assert all(set(p) >= {"params", "recipe"} for p in out["front"])
+    assert [{k: v for k, v in p.items() if k not in ("params", "recipe")} for p in out["front"]] == [
+        {"trial": 0, "values": {"acc": 0.9, "size": 5.0}},
+        {"trial": 1, "values": {"acc": 0.8, "size": 3.0}},
+        {"trial": 5, "values": {"acc": 0.6, "size": 1.0}}]
     assert json.loads(json.dumps(out)) == out
 
 

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from mergesearch.config import SpaceConfig
-from mergesearch.spaces import METHODS, build_space
+from mergesearch.spaces import build_space
+from tests.spaces.test_space import _three_expert_methods
 
 run = pytest.importorskip("mergesearch.merging.run", reason="merge engine not available yet")
 
@@ -66,7 +67,7 @@ def test_per_layer_weights_reach_each_layer_exactly(tiny_models, tmp_path):
 def test_every_method_decodes_to_a_plan_the_engine_runs(tiny_models, layers):
     experts = [str(tiny_models[k]) for k in "abc"]
     base = str(tiny_models["base"])
-    methods = [m for m in METHODS if m not in ("slerp", "passthrough")]
+    methods = _three_expert_methods()
     cfg = SpaceConfig.model_validate({"methods": methods, "granularity": "per_layer", "filters": ["mlp"],
                                       "lambda": [0.5, 1.5], "epsilon": [0.05, 0.3], "density": [0.0, 1.0],
                                       "layers": layers})

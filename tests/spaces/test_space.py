@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError
 from mergesearch.merging.plan import ConditionalValue, MergePlan
-from mergesearch.spaces import METHODS, build_space
+from mergesearch.merging.methods import METHODS, REQUIRED
+from mergesearch.spaces import build_space
 
 MODELS = ["/m/a", "/m/b", "/m/c"]
 
@@ -84,21 +85,30 @@ def test_filters_give_conditional_lists_with_catch_all_last():
 
 
 # ---------------------------------------------------------------- methods read their own parameters
+def _three_expert_methods() -> list[str]:
+    """Methods that merge 3 experts (with the base when they use it), except slerp-like two-model ones."""
+    return [n for n, m in METHODS.items() if n != "passthrough" and m.min_inputs <= 3 + m.needs_base and
+            (m.max_inputs is None or m.max_inputs >= 3 + m.needs_base)]
+
+
 def test_methods_pick_their_parameters():
-    sp = space(methods=list(m for m in METHODS if m not in ("slerp", "passthrough")), **{"lambda": [0.5, 2]},
-               epsilon=[0.01, 0.2], t=[0, 1])
-    assert "t" not in sp.distributions  # no listed method reads t
+    methods = _three_expert_methods()
+    sp = space(methods=methods, **{"lambda": [0.5, 2]}, epsilon=[0.01, 0.2], t=[0, 1])
+    assert "t" in sp.distributions or not any("t" in METHODS[m].shared for m in methods)
     p = random_params(sp, np.random.default_rng(3))
-    for method, info in METHODS.items():
-        if method in ("slerp", "passthrough"):
-            continue
+    for method in methods:
+        info = METHODS[method]
         plan = sp.decode({**p, "method": method})
         assert plan.merge_method == method
+        floats = [q for q in info.params if q.kind == "float"]
         keys = set(plan.models[0].parameters or {})
-        assert keys == set(info.per_model), method
-        assert set(plan.parameters or {}) == set(info.shared), method
+        # per model: the per-input parameters searched per model (weight, density) or required
+        assert keys == {q.name for q in floats if q.per_input and q.search is not None}, method
+        # plan level: the other searched parameters, and required shared ones
+        assert set(plan.parameters or {}) == {q.name for q in floats if (q.name in sp.searched and q.search is None)
+                                              or (not q.per_input and q.default is REQUIRED)}, method
         assert (plan.random_seed is not None) == info.random, method
-        assert (plan.base_model is not None) == info.uses_base, method
+        assert (plan.base_model is not None) == info.needs_base, method
     plan = sp.decode({**p, "method": "linear"})
     assert plan.parameters is None and [m.model for m in plan.models] == MODELS
 
@@ -206,10 +216,10 @@ def test_summary():
 
 # ---------------------------------------------------------------- validation
 @pytest.mark.parametrize(("cfg", "models", "match"), [
-    ({"methods": ["tie"]}, MODELS, r"space\.methods: unknown method 'tie' \(known: linear, task_arithmetic"),
-    ({"methods": ["slerp"], "t": [0, 1]}, MODELS, "slerp merges the base with exactly one model, got 3"),
+    ({"methods": ["tie"]}, MODELS, r"space\.methods: unknown method 'tie' \(known: .*task_arithmetic, ties"),
+    ({"methods": ["slerp"], "t": [0, 1]}, MODELS, r"slerp merges exactly 2 models including the base, got 4 \(3 models \+ base\)"),
     ({"methods": ["model_stock"]}, MODELS, "nothing to search"),
-    ({"methods": ["model_stock"], "t": [0, 1]}, ["/m/a"], "model_stock needs at least 2"),
+    ({"methods": ["model_stock"], "t": [0, 1]}, ["/m/a"], "model_stock merges at least 3 models including the base, got 2"),
     ({"methods": ["linear"], "weight": None}, MODELS, "nothing to search"),
     ({"methods": ["ties", "ties"]}, MODELS, "'ties' listed twice"),
     ({"methods": ["passthrough"]}, MODELS, "passthrough only copies layers"),

@@ -1,0 +1,167 @@
+"""Conformance of every merge method × {float32, bfloat16, float16} × {cpu, cuda when present}.
+
+For each: the result is finite, has the inputs' dtype, and equals a float64 run of the same method on the same
+(upcast, hence identical) inputs within one unit in the last place of the dtype (computed in float32, rounded
+once). The task-vector family also equals the independent float64 reference of ``reference.py``, and the compiled
+kernel gives the same bits as the torch path in every dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergesearch.errors import NonFiniteError
+from mergesearch.merging import ops
+from mergesearch.merging.methods import METHODS
+from tests.merging.reference import reference_task_vector, params_for, run
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])]
+TASK_VECTOR = sorted(n for n, m in METHODS.items() if "flags" in m.options)
+
+
+def _experts(method: str) -> int:
+    """How many experts a method takes in these tests: 3 when it can, else its maximum."""
+    m = METHODS[method]
+    base = 1 if (m.needs_base or m.non_base) else 0
+    return 3 if m.max_inputs is None or m.max_inputs - base >= 3 else m.max_inputs - base
+
+
+def _inputs(shape=(61, 29), n=3, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    taus = [torch.randn(shape, generator=g) * 0.05 for _ in range(n)]
+    return base, taus
+
+
+def _ulp_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float,
+               ties: torch.Tensor | None = None) -> None:
+    """|got − want| ≤ one ulp of the dtype at |want| (float32 work: a few ulp), plus cancellation slack.
+
+    ``ties``: entries whose TIES sign election is a near tie (|Σ u| within float32 rounding of 0), where float32
+    and float64 may elect different signs — a discontinuity of the method, not an error; they are skipped.
+    """
+    eps = torch.finfo(dtype).eps
+    ulps = 8 if dtype == torch.float32 else 1
+    tol = ulps * eps * want.abs() + 4 * torch.finfo(torch.float32).eps * scale
+    if ties is not None:
+        assert ties.double().mean().item() < 0.01  # a rare event, not a way around the check
+        tol = torch.where(ties, float("inf"), tol)
+    excess = ((got.double() - want).abs() - tol).max().item()
+    assert excess <= 0, f"off by more than {ulps} ulp (+{excess:.3g})"
+
+
+def _sign_ties(method, base, taus, per=None, per_list=None, shared=None, seed=7):
+    if method not in TASK_VECTOR:
+        return None
+    sh, rows = params_for(method, len(taus), per, shared)
+    for row, extra in zip(rows[1:], per_list or [], strict=False):
+        row.update(extra)
+    m = reference_task_vector(method, base, taus, sh, rows, seed, margin=True)
+    # |Σ u| = 0 exactly where every input was dropped: no tie, both precisions agree there
+    return (m > 0) & (m < 16 * torch.finfo(torch.float32).eps * sum(t.double().abs() for t in taus).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_finite_and_equal_to_float64(method, dtype, device):
+    n = _experts(method)
+    base, taus = _inputs(n=n)
+    # the inputs as the dtype holds them; the float64 run sees the same values
+    base, taus = base.to(dtype), [t.to(dtype) for t in taus]
+    experts = [(base.double() + t.double()).to(dtype) for t in taus]
+    per = {"density": 0.45}
+    got = run(method, base, taus, per=per, dtype=dtype, device=device, experts=experts)
+    assert got.dtype == dtype and got.device.type == device
+    assert torch.isfinite(got).all()
+    want = run(method, base.double(), [t.double() for t in taus], per=per, dtype=torch.float64,
+               experts=[e.double() for e in experts])
+    scale = base.abs().max().item() + sum(t.abs().max().item() for t in taus)
+    _ulp_close(got.cpu(), want, dtype, scale, _sign_ties(method, base, taus, per))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", TASK_VECTOR)
+@pytest.mark.parametrize("shared", [{}, {"lambda": 0.7, "normalize": True, "rescale": True}],
+                         ids=["defaults", "lambda-normalize-rescale"])
+def test_task_vector_family_equals_independent_reference(method, dtype, shared):
+    base, taus = _inputs()
+    base, taus = base.to(dtype), [t.to(dtype).double().round(decimals=2).to(dtype) for t in taus]  # |τ| ties
+    densities = (0.35, 1.0, 0.0)  # a sparsified input, one kept whole, one dropped
+    per = [{"density": d} for d in densities]
+    got = run(method, base, taus, per_list=per, shared=shared, seed=5)
+    sh, rows = params_for(method, 3, shared=shared)
+    for row, d in zip(rows[1:], densities, strict=True):
+        row["density"] = d
+    want = reference_task_vector(method, base, taus, sh, rows, seed=5)
+    margin = reference_task_vector(method, base, taus, sh, rows, seed=5, margin=True)
+    ties = (margin > 0) & (margin < 1e-6)
+    _ulp_close(got, want, dtype, base.abs().max().item() + sum(t.abs().max().item() for t in taus), ties)
+    assert not torch.equal(got, base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", TASK_VECTOR)
+@pytest.mark.parametrize("weights", [(0.6, 1.3, 0.4), (0.5, -0.3, 0.9)])
+def test_kernel_is_bit_identical_to_torch_path(method, dtype, weights, monkeypatch):
+    base, taus = _inputs(shape=(173, 61))  # several kernel blocks and a ragged last one
+    monkeypatch.setattr(ops, "CHUNK", 4096)  # several torch chunks too
+    per = [{"weight": w, "density": d} for w, d in zip(weights, (0.35, 1.0, 0.6), strict=True)]
+    got = run(method, base, taus, per_list=per, dtype=dtype)
+    monkeypatch.setattr(ops, "_kernel_usable", lambda b, o: False)
+    want = run(method, base, taus, per_list=per, dtype=dtype)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_consensus_methods_finite_in_half_precision_regression(method, dtype):
+    """The bug this suite exists for: the consensus clamp used float32's maximum, inf in half precision."""
+    base, taus = _inputs(shape=(256, 64))
+    base, taus = base.to(dtype), [t.to(dtype) for t in taus]
+    got = run(method, base, taus, per={"density": 0.3}, dtype=dtype)
+    assert torch.isfinite(got).all()
+    # the float32 merge of the same (half-precision) inputs, rounded once: equal up to rounding and sign ties
+    f32 = run(method, base.float(), [t.float() for t in taus], per={"density": 0.3}, dtype=torch.float32)
+    scale = base.abs().max().item() + sum(t.abs().max().item() for t in taus)
+    _ulp_close(got, f32.double(), dtype, scale, _sign_ties(method, base, taus, {"density": 0.3}))
+
+
+def test_kernel_threads_give_the_same_bits(monkeypatch):
+    from mergesearch.merging import kernels
+
+    monkeypatch.setattr(kernels, "MIN_PARALLEL", 1 << 12)
+    base, taus = _inputs(shape=(300, 200))
+    one = run("ties", base, taus, per={"density": 0.4}, dtype=torch.bfloat16)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        three = run("ties", base, taus, per={"density": 0.4}, dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, three)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_overflowing_merge_is_refused_naming_tensor_and_method(dtype, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(ops, "_kernel_usable", lambda b, o: False)
+    base, taus = _inputs(shape=(8, 8))
+    taus = [t * 20 for t in taus]  # |τ| ~ 1
+    big = torch.finfo(dtype).max / 2
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*ties.*non-finite"):
+        run("ties", base, taus, per_list=[{"weight": big}, {"weight": big}, {"weight": big}],
+            shared={"normalize": False, "lambda": 4.0}, dtype=dtype)
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "model_stock"])
+def test_other_operators_refuse_non_finite_results(method):
+    base, taus = _inputs(shape=(4, 4), n=_experts(method))
+    taus[0] = taus[0].clone()
+    taus[0][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=method):
+        run(method, base, taus)
