@@ -278,7 +278,9 @@ def front(
     storage: str | None = typer.Option(None, help=STORAGE_HELP),
     study: str | None = typer.Option(None, help="Study name."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
-    plot: Path | None = typer.Option(None, help="Write a plot (.png or .html)."),
+    plot: Path | None = typer.Option(None, help="Write a plot (.png or .html); the knee trial is annotated."),
+    plot_history: Path | None = typer.Option(None, "--plot-history", help="Write the hypervolume over trials "
+                                             "(.png or .html)."),
     test: bool = typer.Option(False, "--test", help="Re-score the front on the held-out test split."),
 ) -> None:
     """Show the Pareto front of a study (optionally re-checked on the test split)."""
@@ -299,14 +301,37 @@ def front(
     if plot is not None:
         from mergesearch.search.plots import plot_front
 
-        plot_front(result, None, plot)
+        plot_front(result, None, plot, picked=_knee(result))
         typer.echo(f"plot written to {plot}", err=True)
+    if plot_history is not None:
+        from mergesearch.search.pareto import hypervolume_history, hypervolume_text, open_existing_study
+        from mergesearch.search.plots import plot_hypervolume_history
+
+        norm = result.normalised_hypervolume is not None
+        history = hypervolume_history(open_existing_study(storage, study), normalised=norm)
+        where = hypervolume_text(result).split(" (", 1)[1].rstrip(")")  # the reference point and its source
+        plot_hypervolume_history({result.study_name: history}, plot_history,
+                                 ylabel="hypervolume" + (" (normalised)" if norm else ""),
+                                 title=f"study {result.study_name}: hypervolume vs completed trials\n{where}")
+        typer.echo(f"hypervolume history written to {plot_history}", err=True)
     if fmt == "json":
         typer.echo(json.dumps(front_to_json(result)))
     elif fmt == "csv":
         typer.echo(front_to_csv(result), nl=False)
     else:
         typer.echo(render_table(result))
+
+
+def _knee(front) -> tuple[int, str] | None:
+    """``(trial, "knee")`` of the front's knee point, to annotate plots; None for a front of one trial."""
+    if len(front.trials) < 2:
+        return None
+    from mergesearch.search.preference import pick as do_pick
+
+    try:
+        return do_pick(front, None, method="knee").trial.number, "knee"
+    except MergeSearchError:
+        return None
 
 
 @app.command()

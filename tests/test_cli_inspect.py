@@ -74,7 +74,7 @@ def test_show_json_and_a_failed_trial_gives_its_reason(job: Path, capsys) -> Non
 
 
 def test_show_unknown_trial_is_one_line(job: Path, capsys) -> None:
-    code, out, err = _cli(["show", str(job), "--trial", "999"], capsys)
+    code, _, err = _cli(["show", str(job), "--trial", "999"], capsys)
     assert code == 1 and err.count("\n") == 1 and "has no trial 999" in err
 
 

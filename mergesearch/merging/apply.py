@@ -2,8 +2,9 @@
 
 ``ResidentMerger`` reads the base and the sources once, keeps τi = θi − θ0 for every source tensor, and writes
 each plan's merged weights straight into the parameters of one ``AutoModelForCausalLM`` (no reload, no disk).
-Magnitude sparsifiers (TIES, breadcrumbs) sort |τ| of a tensor once, the first time it is needed, so merging at
-a new density is an index lookup plus one fused pass. DARE keeps its int16 draws and, per (tensor, input), the
+Magnitude sparsifiers (TIES, breadcrumbs) sort |τ| of a tensor once, the first time it is needed, and keep only
+|τ| at 4097 evenly spaced ranks (:class:`~mergesearch.merging.sparsify.MagnitudeOrder`), so merging at a new density
+is one bracketed selection pass plus one fused pass, and the cache stays 16 KiB a tensor. DARE keeps its int16 draws and, per (tensor, input), the
 cumulative ‖τ‖₁ by draw value, so its L1 rescale at any density is a lookup too; both are reused while the
 plan's ``random_seed`` stays the same (the search fixes it per study). DELLA keeps its per-row ranks.
 
@@ -117,7 +118,7 @@ class ResidentMerger:
                 found = {n: self._shared(shared_deltas, m, n) for n in self.tensor_names}
             # shared task vectors are not pinned: that would copy them out of the shared buffer
             self._deltas.update({(m, n): self._store(t, pin=shared_deltas is None) for n, t in found.items()})
-        self._orders: dict[tuple[str, str], torch.Tensor] = {}  # sorted |τ| (MagnitudeOrder.sorted)
+        self._orders: dict[tuple[str, str], MagnitudeOrder] = {}  # |τ| at evenly spaced ranks (16 KiB a tensor)
         self._raw: dict[tuple[str, str], torch.Tensor] = {}
         self._draws: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._draws_seed: int | None = None
@@ -173,9 +174,11 @@ class ResidentMerger:
         return self._fetch("delta", (model, name), self._deltas[(model, name)])
 
     def order(self, model: str, name: str) -> MagnitudeOrder:
-        """Sorted |τ| of one tensor, computed on first use."""
+        """The magnitude order of one task vector (computed on first use; tiny, so it lives on the merge device)."""
         key = (model, name)
-        return _Sorted(self._cached("order", self._orders, key, lambda: MagnitudeOrder(self.delta(*key)).sorted))
+        if key not in self._orders:
+            self._orders[key] = MagnitudeOrder(self.delta(*key))
+        return self._orders[key]
 
     def ranks(self, model: str, name: str) -> torch.Tensor:
         """DELLA's normalized row ranks of |τ| (computed on first use)."""
@@ -281,11 +284,3 @@ class ResidentMerger:
         cfg.num_hidden_layers = n
         if self._layer_types:
             cfg.layer_types = [self._layer_types[min(s, len(self._layer_types) - 1)] for s in source_layers]
-
-
-class _Sorted(MagnitudeOrder):
-    """A :class:`MagnitudeOrder` around an already sorted |τ| (the merger caches the sorted tensor itself)."""
-
-    def __init__(self, sorted_abs: torch.Tensor):  # no super().__init__: nothing to sort
-        self.sorted = sorted_abs
-        self.numel = sorted_abs.numel()

@@ -172,6 +172,39 @@ def _della(tau, tkind, draws, ranks, p_lo, p_span, out):  # pragma: no cover - r
     return before, after
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _bracket(tau, tkind, lo, hi, buf):  # pragma: no cover - runs compiled
+    below, m, cap = 0, 0, buf.shape[0]
+    blk = np.empty(BLOCK, dtype=np.float32)
+    n = tau.shape[0]
+    for start in range(0, n, BLOCK):
+        k = min(BLOCK, n - start)
+        t = _load(tau, tkind, start, k, blk)
+        for j in range(k):
+            a = abs(t[j])
+            below += a < lo
+            if (a >= lo) & (a <= hi):  # rare (about n / QUANTILES entries): a well-predicted branch
+                if m < cap:
+                    buf[m] = a
+                m += 1
+    return below, m
+
+
+def bracket_select(tau: torch.Tensor, rank: int, lo: float, hi: float, width: int) -> float | None:
+    """The |τ| of ascending rank ``rank`` when it lies in [lo, hi] (about ``width`` entries there), in one pass.
+
+    Returns:
+        The value, or None when the bracket held far more entries than ``width`` (ties) or missed the rank.
+    """
+    src, kind = _array(tau)
+    buf = np.empty(2 * width + 1024, dtype=np.float32)
+    below, m = _bracket(src, kind, np.float32(lo), np.float32(hi), buf)
+    k = rank - below
+    if m > buf.shape[0] or not 0 <= k < m:
+        return None
+    return float(np.partition(buf[:m], k)[k])
+
+
 def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo: float,
                p_span: float) -> tuple[torch.Tensor, float, float]:
     """DELLA's mask⊙τ in one pass, with ‖τ‖₁ and ‖mask⊙τ‖₁ (float64 sums) for the rescale.

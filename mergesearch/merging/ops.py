@@ -258,7 +258,7 @@ def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVector
                 return inp
         inp.band = (lo.item(), None if hi is None else hi.item())
         if rescale and flags.rescale_variant == "l1":
-            inp.coef = weight * sp.l1_rescale_factor(*sp.band_l1(tau, *inp.band, order))
+            inp.coef = weight * sp.l1_rescale_factor(*sp.band_l1(tau, *inp.band))
     if rescale and flags.rescale_variant == "inverse_density":
         inp.coef = weight / d
     return inp

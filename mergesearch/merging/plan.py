@@ -122,3 +122,52 @@ def plan_to_yaml(plan: MergePlan, *, strict_mergekit: bool = False) -> str:
     if strict_mergekit:
         data.pop("random_seed", None)
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def mergekit_equivalent(plan: MergePlan) -> tuple[MergePlan | None, str]:
+    """A plan ``mergekit-yaml`` replays with the same semantics, or (None, why not).
+
+    Methods mergekit names differently are rewritten: the ``*_invdensity`` variants (kept DARE entries scaled by
+    1/d) are mergekit's DARE with ``rescale: false`` and weights w/d — exact when weight and density are plain
+    numbers and the merge does not normalise (the divisor would see w/d). Random masks are drawn by mergekit's
+    own generator, so a random method replays the same distribution, not the same bits.
+    """
+    from mergesearch.merging.methods import get_method
+
+    method = get_method(plan.merge_method)
+    if method.mergekit is None:
+        return None, f"mergekit has no method {plan.merge_method!r}"
+    if method.mergekit == plan.merge_method:
+        return plan, ""
+    flags = method.options["flags"]
+    shared = dict(plan.parameters or {})
+    if not shared.get("rescale", flags.rescale):
+        return plan.model_copy(update={"merge_method": method.mergekit}), ""
+    if shared.get("normalize", flags.normalize):
+        return None, f"{plan.merge_method} with normalize: true has no mergekit equivalent"
+    density = shared.get("density")
+
+    def rewrite(params: dict[str, ParamValue] | None, where: str) -> dict[str, ParamValue]:
+        p = dict(params or {})
+        w, d = p.get("weight"), p.get("density", density)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (w, d)) or d == 0:
+            raise ValueError(f"{where}: weight and density are not plain numbers")
+        p["weight"] = float(w) / float(d)
+        return p
+
+    shared["rescale"] = False
+    try:
+        if plan.models is not None:
+            models = [m.model_copy(update={"parameters": rewrite(m.parameters, m.model)}) if m.model !=
+                      plan.base_model else m for m in plan.models]
+            return plan.model_copy(update={"merge_method": method.mergekit, "models": models,
+                                           "parameters": shared}), ""
+        slices = []
+        for sl in plan.slices or []:
+            base = sl.base_model or plan.base_model
+            sources = [s.model_copy(update={"parameters": rewrite(s.parameters, s.model)}) if s.model != base
+                       else s for s in sl.sources]
+            slices.append(sl.model_copy(update={"sources": sources}))
+        return plan.model_copy(update={"merge_method": method.mergekit, "slices": slices, "parameters": shared}), ""
+    except ValueError as e:
+        return None, f"{plan.merge_method}: {e}, so w/d cannot be written for mergekit"

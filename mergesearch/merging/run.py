@@ -13,7 +13,7 @@ import torch
 
 from mergesearch.errors import ConfigError, ModelError
 from mergesearch.merging.engine import run_job
-from mergesearch.merging.plan import MergePlan, load_plan, plan_to_yaml
+from mergesearch.merging.plan import MergePlan, load_plan, mergekit_equivalent, plan_to_yaml
 from mergesearch.merging.resolve import Resolved, plan_models, resolve
 from mergesearch.models import Checkpoint, check_compatible, num_layers_of, to_dtype
 
@@ -104,9 +104,15 @@ def _tokenizer_dir(plan: MergePlan, base: str, models: Mapping[str, Checkpoint],
 
 
 def write_recipe(plan: MergePlan, dst: Path) -> None:
-    """``mergekit_config.yml`` (what mergekit-yaml replays) and ``recipe.yaml`` (everything, with the seed)."""
-    (dst / "mergekit_config.yml").write_text(plan_to_yaml(plan, strict_mergekit=True))
-    (dst / "recipe.yaml").write_text(plan_to_yaml(plan))
+    """``recipe.yaml`` (everything, with the seed) and ``mergekit_config.yml`` (what mergekit-yaml replays with the
+    same semantics), or, where mergekit cannot, a note saying why at the top of ``recipe.yaml``."""
+    equivalent, why = mergekit_equivalent(plan)
+    note = ""
+    if equivalent is not None:
+        (dst / "mergekit_config.yml").write_text(plan_to_yaml(equivalent, strict_mergekit=True))
+    else:
+        note = f"# no mergekit_config.yml: {why}; replay with `mergesearch merge recipe.yaml OUT`\n"
+    (dst / "recipe.yaml").write_text(note + plan_to_yaml(plan))
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], dst: Path, shard_bytes: int = SHARD_BYTES) -> None:

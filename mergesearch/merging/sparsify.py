@@ -11,7 +11,7 @@ real-valued weights such ties are vanishingly rare, and tied zeros contribute no
 
 from __future__ import annotations
 
-import math
+import bisect
 
 import torch
 
@@ -22,27 +22,70 @@ SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALE_VARIANTS = ("l1", "inverse_density")
 
 
-class MagnitudeOrder:
-    """|τ| of one tensor sorted ascending (float32, flattened), so order statistics are index lookups.
+#: evenly spaced ranks whose |τ| a MagnitudeOrder keeps (16 KiB a tensor); a rank between two of them costs one
+#: pass over τ that gathers the ~n/QUANTILES entries of that bracket
+QUANTILES = 4096
 
-    Sorted as the int32 bit patterns of the float32 magnitudes: for non-negative floats that order is the
-    numeric order, and torch sorts int32 with a radix sort, ~5x faster than a float sort.
+
+class MagnitudeOrder:
+    """Order statistics of |τ| of one tensor, kept compact for a resident merger.
+
+    One sort (of the int32 bit patterns of the float32 magnitudes: for non-negative floats that order is the
+    numeric order, and torch sorts int32 with a radix sort, ~5x faster than a float sort) gives the exact |τ| at
+    ``QUANTILES + 1`` evenly spaced ranks; the sort itself is dropped, so the cache is 16 KiB a tensor instead of
+    a float32 copy of τ. The value at any other rank lies between two kept ones: :func:`bracket_select` finds
+    it exactly with one pass over τ. Tensors of at most ``QUANTILES + 1`` entries keep their full sort.
     """
 
     def __init__(self, tau: torch.Tensor):
-        bits = _abs_f32(tau).view(torch.int32)
-        self.sorted = bits.sort().values.view(torch.float32)
-        self.numel = self.sorted.numel()
+        s = _abs_f32(tau).view(torch.int32).sort().values.view(torch.float32)
+        self.numel = n = s.numel()
+        self.ranks: list[int] | None = None
+        if n > QUANTILES + 1:
+            self.ranks = [i * (n - 1) // QUANTILES for i in range(QUANTILES + 1)]
+            s = s[torch.tensor(self.ranks, device=s.device)].clone()
+        self.table = s
 
-    def value(self, rank: int) -> torch.Tensor:
-        """The |τ| of ascending rank ``rank`` (0 = smallest), a 0-d tensor."""
-        return self.sorted[rank]
+    def value(self, rank: int, tau: torch.Tensor) -> torch.Tensor:
+        """The |τ| of ascending rank ``rank`` (0 = smallest) of ``tau`` (the tensor this order was made from)."""
+        if self.ranks is None:
+            return self.table[rank]
+        i = bisect.bisect_right(self.ranks, rank) - 1
+        if self.ranks[i] == rank or self.table[i] == self.table[i + 1]:
+            return self.table[i]
+        return bracket_select(tau, rank, self.table[i].item(), self.table[i + 1].item(),
+                              self.ranks[i + 1] - self.ranks[i])
 
 
 def _abs_f32(tau: torch.Tensor) -> torch.Tensor:
     """|τ| flattened as a fresh float32 tensor (abs maps −0 to +0, so bit patterns order like values)."""
     flat = tau.detach().reshape(-1)
     return flat.abs() if flat.dtype == torch.float32 else flat.float().abs_()
+
+
+def bracket_select(tau: torch.Tensor, rank: int, lo: float, hi: float, width: int) -> torch.Tensor:
+    """The |τ| of ascending rank ``rank``, known to lie in [lo, hi] with about ``width`` entries in between.
+
+    One pass counts the entries below ``lo`` and gathers those in [lo, hi]; a selection on that small set
+    answers. On the CPU the pass is compiled and reads τ in its own dtype (no float32 copy).
+    """
+    if tau.device.type == "cpu" and tau.is_contiguous() and tau.dtype in (torch.float32, torch.bfloat16,
+                                                                          torch.float16):
+        from mergesearch.merging import kernels
+
+        v = kernels.bracket_select(tau, rank, lo, hi, width)
+        if v is not None:
+            return torch.tensor(v, dtype=torch.float32)
+    return _select_in(_abs_f32(tau), rank, torch.tensor(lo, device=tau.device), torch.tensor(hi, device=tau.device))
+
+
+def _select_in(a: torch.Tensor, rank: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The value of ascending rank ``rank`` of ``a`` (flat, non-negative), searched within [lo, hi] first."""
+    below = int(torch.lt(a, lo).sum().item())
+    inside = a[torch.ge(a, lo).logical_and_(torch.le(a, hi))]
+    if below <= rank < below + inside.numel():
+        return inside.kthvalue(rank - below + 1).values
+    return a.kthvalue(rank + 1).values
 
 
 #: below this size, order statistics come straight from kthvalue
@@ -65,17 +108,13 @@ def select_abs(tau: torch.Tensor, rank: int) -> torch.Tensor:
     q = rank / (n - 1)
     lo = sample[max(0, int((q - 0.03) * (m - 1)))]
     hi = sample[min(m - 1, int((q + 0.03) * (m - 1)) + 1)]
-    below = int(torch.lt(a, lo).sum().item())
-    inside = a[torch.ge(a, lo).logical_and_(torch.le(a, hi))]
-    if below <= rank < below + inside.numel():
-        return inside.kthvalue(rank - below + 1).values
-    return a.kthvalue(rank + 1).values
+    return _select_in(a, rank, lo, hi)
 
 
 def order_value(tau: torch.Tensor, rank: int, order: MagnitudeOrder | None) -> torch.Tensor:
     """The |τ| of ascending rank ``rank``, from the cache or by selection."""
     if order is not None:
-        return order.value(rank)
+        return order.value(rank, tau)
     return select_abs(tau, rank)
 
 
@@ -97,22 +136,13 @@ def outliers_band(tau: torch.Tensor, density: float, gamma: float, order: Magnit
     return order_value(tau, n_bot, order), None if hi_rank >= n - 1 else order_value(tau, hi_rank, order)
 
 
-def band_l1(tau: torch.Tensor, lo: float, hi: float | None, order: MagnitudeOrder | None = None
-            ) -> tuple[float, float]:
-    """(‖τ‖₁, Σ |τ| over lo <= |τ| <= hi) in float64, for the L1 rescale of a magnitude band.
-
-    From the cached order when given (a slice of the sorted magnitudes), else one pass over τ.
-    """
-    a = order.sorted if order is not None else _abs_f32(tau)
-    before = a.sum(dtype=torch.float64).item()
-    if order is not None:
-        edges = torch.tensor([lo, math.inf if hi is None else hi], dtype=a.dtype, device=a.device)
-        i, j = torch.searchsorted(a, edges[:1]).item(), torch.searchsorted(a, edges[1:], right=True).item()
-        return before, a[i:j].sum(dtype=torch.float64).item()
+def band_l1(tau: torch.Tensor, lo: float, hi: float | None) -> tuple[float, float]:
+    """(‖τ‖₁, Σ |τ| over lo <= |τ| <= hi) in float64, for the L1 rescale of a magnitude band (one pass)."""
+    a = _abs_f32(tau)
     keep = a >= lo
     if hi is not None:
         keep &= a <= hi
-    return before, (a * keep).sum(dtype=torch.float64).item()
+    return a.sum(dtype=torch.float64).item(), (a * keep).sum(dtype=torch.float64).item()
 
 
 def uniform_draws(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:

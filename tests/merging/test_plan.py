@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from mergesearch.errors import ConfigError
 from mergesearch.merging.plan import MergePlan, parse_plan, plan_to_yaml
@@ -111,3 +112,34 @@ def test_malformed_yaml_names_line():
         parse_plan("merge_method: ties\nmodels:\n  - model: [a\n", "cfg.yml")
     with pytest.raises(ConfigError, match="models"):
         parse_plan("merge_method: ties\nmodels: 3\n", "cfg.yml")
+
+
+def test_invdensity_exports_as_mergekit_dare_with_weights_over_density(tiny_models, tmp_path):
+    """mergekit has no 1/d variant: its DARE with rescale off and weights w/d is the same merge."""
+    from mergesearch.merging.plan import mergekit_equivalent
+    from mergesearch.merging.run import merge_plan_tensors, open_models
+
+    base = str(tiny_models["base"])
+    plan = MergePlan.model_validate({
+        "merge_method": "dare_ties_invdensity", "base_model": base, "random_seed": 2, "parameters": {"lambda": 0.8},
+        "models": [{"model": str(tiny_models[k]), "parameters": {"weight": w, "density": 0.4}}
+                   for k, w in (("a", 0.6), ("b", 1.2))]})
+    eq, why = mergekit_equivalent(plan)
+    assert why == "" and eq.merge_method == "dare_ties" and eq.parameters["rescale"] is False
+    assert [m.parameters["weight"] for m in eq.models] == pytest.approx([1.5, 3.0])
+    names, models = open_models(plan)
+    _, ours = merge_plan_tensors(plan, names, models)
+    _, theirs = merge_plan_tensors(eq, names, models)  # same seed: same masks, so the same merge
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-6, atol=1e-7)
+    # a gradient weight cannot be divided exactly: no file, a note in recipe.yaml instead
+    grad = plan.model_copy(update={"models": [m.model_copy(update={"parameters": {"weight": [0.2, 0.9],
+                                                                                   "density": 0.4}})
+                                              for m in plan.models]})
+    assert mergekit_equivalent(grad)[0] is None
+    from mergesearch.merging.run import write_recipe
+
+    write_recipe(grad, tmp_path)
+    assert not (tmp_path / "mergekit_config.yml").exists()
+    assert (tmp_path / "recipe.yaml").read_text().startswith("# no mergekit_config.yml: dare_ties_invdensity")
+    assert parse_plan((tmp_path / "recipe.yaml").read_text()) == grad

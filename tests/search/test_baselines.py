@@ -104,6 +104,7 @@ def test_config_reference_point_overrides_and_is_stored(tiny_job: Path, tmp_path
     assert "baselines" not in study.user_attrs
     assert study.user_attrs["hv_reference"]["point"] == {"reverse": -1.0, "sort_ll": -50.0, "l1": 1000.0}
     code, out, _ = _cli(["front", "--storage", str(db), "--study", "s", "--format", "json"], capsys)
+    assert code == 0
     data = json.loads(out)
     assert data["reference_point"] == {"reverse": -1.0, "sort_ll": -50.0, "l1": 1000.0}
     assert data["reference_source"] == "config" and data["references"] == []
