@@ -81,19 +81,56 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(e - mant)
 
 
-def accuracy_rule(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, unit: torch.Tensor) -> dict:
+def accuracy_rule(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, unit: torch.Tensor,
+                  at_tie: torch.Tensor | None = None) -> dict:
     """|ours − ref| ≤ |theirs − ref| + unit, entry by entry (all float64 after conversion).
 
+    Args:
+        at_tie: entries where a magnitude selection meets a tie at its cut-off (reported apart; may be None).
+
     Returns:
-        {"entries", "violations", "worst_excess_ulps" (max of (|o − r| − |t − r|)/unit − 1; ≤ 0 is fine),
-        "ours_max", "ours_sum", "theirs_max", "theirs_sum" (absolute errors against ref)}.
+        {"entries", "violations", "violations_at_tie", "worst_excess_ulps" (max of (|o − r| − |t − r|)/unit − 1;
+        ≤ 0 is fine), "worst_excess_ulps_not_at_tie", "ours_max", "ours_sum", "theirs_max", "theirs_sum"
+        (absolute errors against ref)}.
     """
     r = ref.double()
     eo, et = (ours.double() - r).abs(), (theirs.double() - r).abs()
     excess = (eo - et) / unit - 1
-    return {"entries": eo.numel(), "violations": int((excess > 0).sum()), "worst_excess_ulps":
-            float(excess.max()) if excess.numel() else 0.0, "ours_max": float(eo.max()), "ours_sum": float(eo.sum()),
-            "theirs_max": float(et.max()), "theirs_sum": float(et.sum())}
+    tie = torch.zeros_like(excess, dtype=torch.bool) if at_tie is None else at_tie.reshape(excess.shape)
+    bad = excess > 0
+    rest = excess[~tie]
+    return {"entries": eo.numel(), "violations": int(bad.sum()), "violations_at_tie": int((bad & tie).sum()),
+            "worst_excess_ulps": float(excess.max()) if excess.numel() else 0.0,
+            "worst_excess_ulps_not_at_tie": float(rest.max()) if rest.numel() else -1.0,
+            "ours_max": float(eo.max()), "ours_sum": float(eo.sum()), "theirs_max": float(et.max()),
+            "theirs_sum": float(et.sum())}
+
+
+def cutoff_ties(taus: list[torch.Tensor], params: list[dict], sparsifier: str) -> torch.Tensor:
+    """Entries where some expert's |τ| equals a magnitude cut-off of its selection (ties there are kept by us
+    and broken arbitrarily by mergekit's argsort). ``taus`` in the job dtype, as both tools compute them.
+
+    Args:
+        params: per expert {"density", "gamma"} (plain numbers).
+        sparsifier: ``magnitude`` (cut at the k-th largest, k = max(1, int(d·n))) or ``magnitude_outliers``
+            (the two band edges of Model Breadcrumbs).
+    """
+    from mergesearch.merging.sparsify import outliers_band
+
+    out = torch.zeros(taus[0].shape, dtype=torch.bool)
+    for tau, p in zip(taus, params, strict=True):
+        a = tau.float().abs()
+        d, n = float(p.get("density", 1.0)), a.numel()
+        if d >= 1 or d <= 0 or n == 0:
+            continue
+        if sparsifier == "magnitude":
+            edges = [a.reshape(-1).topk(max(1, int(d * n))).values[-1]]
+        else:
+            lo, hi = outliers_band(a, d, float(p.get("gamma", 0.01)))
+            edges = [e for e in (lo, hi) if e is not None]
+        for e in edges:
+            out |= a == e
+    return out
 
 
 def change_stats(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -190,6 +227,22 @@ def _inputs_of(cfg: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def selection_inputs(method: str, cfg: dict, states: dict[str, dict[str, torch.Tensor]]):
+    """(base state, expert states, expert params, sparsifier) for magnitude-selecting methods with plain
+    per-expert densities, else None (no cut-off tie classification)."""
+    from mergesearch.merging.methods import get_method
+
+    flags = get_method(method).options.get("flags")
+    if flags is None or flags.sparsifier not in ("magnitude", "magnitude_outliers") or not cfg.get("models"):
+        return None
+    shared = cfg.get("parameters") or {}
+    experts = [m for m in cfg["models"] if m["model"] != cfg.get("base_model")]
+    params = [{**shared, **(m.get("parameters") or {})} for m in experts]
+    if not all(isinstance(p.get(k, 0.0), (int, float)) for p in params for k in ("density", "gamma")):
+        return None
+    return states[cfg["base_model"]], [states[m["model"]] for m in experts], params, flags.sparsifier
+
+
 def compare_case(method: str, dtype: str, ours_dir: Path, ref_dir: Path, mk_dir: Path | None, cfg: dict,
                  states: dict[str, dict[str, torch.Tensor]], base_state: dict[str, torch.Tensor]) -> dict:
     """One (method, dtype): errors against the float64 reference, the accuracy rule, statistics when random."""
@@ -205,21 +258,27 @@ def compare_case(method: str, dtype: str, ours_dir: Path, ref_dir: Path, mk_dir:
     if theirs is not None and set(theirs) != set(ours):
         row["error"] = f"tensor names differ: {sorted(set(theirs) ^ set(ours))[:4]}"
         theirs = None
-    tot = {"entries": 0, "violations": 0, "worst_excess_ulps": -1.0, "ours_max": 0.0, "ours_sum": 0.0,
-           "theirs_max": 0.0, "theirs_sum": 0.0}
+    tot = {"entries": 0, "violations": 0, "violations_at_tie": 0, "worst_excess_ulps": -1.0,
+           "worst_excess_ulps_not_at_tie": -1.0, "ours_max": 0.0, "ours_sum": 0.0, "theirs_max": 0.0,
+           "theirs_sum": 0.0}
     bit_equal = 0
+    sel = selection_inputs(method, cfg, states)
     for name, o in ours.items():
         r = ref[name]
         mag = torch.stack([r.double().abs(), *(s[name].double().abs() for s in inputs if name in s
                                                and s[name].shape == r.shape)]).amax(0)
         unit = ulp(mag, td)
         t = theirs[name] if theirs is not None else o  # without mergekit the rule is vacuous; errors still count
-        res = accuracy_rule(o, t, r, unit)
+        tie = None
+        if sel is not None:
+            base_t, experts, params, kind = sel
+            tie = cutoff_ties([e[name] - base_t[name] for e in experts], params, kind)
+        res = accuracy_rule(o, t, r, unit, tie)
         if theirs is not None:
             bit_equal += int((o == t).sum())
-        for k in ("entries", "violations", "ours_sum", "theirs_sum"):
+        for k in ("entries", "violations", "violations_at_tie", "ours_sum", "theirs_sum"):
             tot[k] += res[k]
-        for k in ("worst_excess_ulps", "ours_max", "theirs_max"):
+        for k in ("worst_excess_ulps", "worst_excess_ulps_not_at_tie", "ours_max", "theirs_max"):
             tot[k] = max(tot[k], res[k])
     n = tot["entries"]
     row.update(ours_max_err=tot["ours_max"], ours_mean_err=tot["ours_sum"] / n)
@@ -235,7 +294,10 @@ def compare_case(method: str, dtype: str, ours_dir: Path, ref_dir: Path, mk_dir:
                    rule="statistics (mergekit's RNG draws different masks)")
     else:
         row.update(rule_violation_fraction=tot["violations"] / n, worst_excess_ulps=tot["worst_excess_ulps"],
-                   ok=tot["violations"] == 0)
+                   violations_at_cutoff_tie=tot["violations_at_tie"],
+                   violations_not_at_tie=tot["violations"] - tot["violations_at_tie"],
+                   worst_excess_ulps_not_at_tie=tot["worst_excess_ulps_not_at_tie"],
+                   ok=tot["violations"] == tot["violations_at_tie"])
     return row
 
 
@@ -341,19 +403,20 @@ def summarize(rows: list[dict]) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'method':23} {'dtype':8} {'ours max':>9} {'mk max':>9} {'ours mean':>9} {'mk mean':>9} "
-          f"{'viol.frac':>9} {'excess':>7} {'bit-eq':>6}  ok / note")
+          f"{'viol.frac':>9} {'excess':>7} {'non-tie':>7} {'excess':>7} {'bit-eq':>6}  ok / note")
+
     def f(r: dict, k: str, fmt: str = ".2e") -> str:
         v = r.get(k)
         return "" if v is None else format(v, fmt)
 
     for r in rows:
-
         note = r.get("mergekit") or r.get("error") or ""
         if r.get("statistical") and "l1_ratio" in r:
             note = f"stats: L1 ratio {r['l1_ratio']:.4f}, changed {r['changed_ours']:.4f}/{r['changed_mergekit']:.4f}"
         print(f"{r['method']:23} {r['dtype']:8} {f(r, 'ours_max_err'):>9} {f(r, 'mergekit_max_err'):>9} "
               f"{f(r, 'ours_mean_err'):>9} {f(r, 'mergekit_mean_err'):>9} "
               f"{f(r, 'rule_violation_fraction', '.1e'):>9} {f(r, 'worst_excess_ulps', '.2f'):>7} "
+              f"{f(r, 'violations_not_at_tie', 'd'):>7} {f(r, 'worst_excess_ulps_not_at_tie', '.2f'):>7} "
               f"{f(r, 'bit_equal_fraction', '.3f'):>6}  {r.get('ok')} {note}")
 
 

@@ -125,12 +125,8 @@ def triad(mib: int = 256, threads: int = 1, repeat: int = 5) -> dict:
         n = mib * MIB // 4
         b, c = torch.rand(n), torch.rand(n)
         a = torch.zeros(n)  # touched: no page faults inside the timed pass
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            torch.add(b, c, alpha=3.0, out=a)
-            best = min(best, time.perf_counter() - t)
-        return {"threads": threads, "mib": mib, "best_s": best, "gbps": triad_bytes(n) / best / 1e9,
+        best, cpu = best_of_cpu(lambda: torch.add(b, c, alpha=3.0, out=a), repeat)
+        return {"threads": threads, "mib": mib, "best_s": best, "cpu_s": cpu, "gbps": triad_bytes(n) / best / 1e9,
                 "gbps_stream": triad_bytes(n, write_allocate=False) / best / 1e9}
     finally:
         torch.set_num_threads(old)
@@ -143,12 +139,22 @@ def floor_s(method: str, numel: int, n_experts: int, dtype: str, gbps: float) ->
 
 def best_of(fn, repeat: int) -> float:
     """Minimum wall time of ``repeat`` calls."""
-    times = []
+    return best_of_cpu(fn, repeat)[0]
+
+
+def best_of_cpu(fn, repeat: int) -> tuple[float, float]:
+    """(wall, process CPU time) of the fastest of ``repeat`` calls.
+
+    On a shared machine the CPU time tells descheduling apart from slow code: with one thread, wall ≫ CPU
+    means the process waited for a core (memory stalls still count as CPU time).
+    """
+    best = (float("inf"), float("inf"))
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        run = (time.perf_counter() - t, time.process_time() - c)
+        best = min(best, run)
+    return best
 
 
 def parse_time_v(text: str) -> dict:
@@ -219,7 +225,22 @@ def machine_info() -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "torch": torch.__version__, "numba": numba_version, "numpy": np.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "engine": engine_revision()}
+
+
+def engine_revision() -> dict:
+    """The commit the engine was measured at and the engine files changed on top of it (the tree is shared)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "modified": git("status", "--short", "--", "mergesearch/merging").splitlines()}
 
 
 def load1() -> float:
@@ -281,7 +302,8 @@ def n_params(m: dict[str, Path]) -> int:
 # ------------------------------------------------------------------------------------------ in-place part
 
 
-def in_place(m: dict[str, Path], dtype: str, methods: list[str], bandwidth: dict[int, list[dict]]) -> list[dict]:
+def in_place(m: dict[str, Path], dtype: str, methods: list[str], bandwidth: dict[int, list[dict]],
+             new_density: bool = True) -> list[dict]:
     """Time every method at every thread count on one ResidentMerger of ``dtype``; triads around each method."""
     from mergesearch.merging.apply import ResidentMerger
     from mergesearch.merging.plan import MergePlan
@@ -308,11 +330,14 @@ def in_place(m: dict[str, Path], dtype: str, methods: list[str], bandwidth: dict
             for _ in range(CONFIG["warmup"]):
                 merger.apply(plan)
             load_before = load1()
-            warm = best_of(lambda p=plan, mg=merger: mg.apply(p), CONFIG["repeat"])
-            new = [MergePlan.model_validate(plan_dict(method, m, dtype, d)) for d in CONFIG["new_densities"]]
-            warm_new = best_of(lambda it=iter(new), mg=merger: mg.apply(next(it)), CONFIG["new_density_repeat"])
+            warm, warm_cpu = best_of_cpu(lambda p=plan, mg=merger: mg.apply(p), CONFIG["repeat"])
+            warm_new = None
+            if new_density:  # what a search sees: every trial a new density (caches reused)
+                new = [MergePlan.model_validate(plan_dict(method, m, dtype, d)) for d in CONFIG["new_densities"]]
+                warm_new = best_of(lambda it=iter(new), mg=merger: mg.apply(next(it)), CONFIG["new_density_repeat"])
             row = {"method": method, "dtype": dtype, "threads": th, "cold_s": round(cold, 3),
-                   "warm_s": round(warm, 4), "warm_new_density_s": round(warm_new, 4),
+                   "warm_s": round(warm, 4), "warm_cpu_s": round(warm_cpu, 4),
+                   "warm_new_density_s": None if warm_new is None else round(warm_new, 4),
                    "bytes": ideal_bytes(method, numel, len(EXPERTS), _ELEM[dtype]),
                    "load1_before": load_before, "load1_after": load1()}
             print(json.dumps(row), flush=True)
@@ -337,7 +362,8 @@ def finish_in_place(result: dict) -> None:
             continue
         r["floor_s"] = round(r["bytes"] / (gbps * 1e9), 4)
         r["ratio"] = round(r["warm_s"] / r["floor_s"], 2)
-        r["ratio_new_density"] = round(r["warm_new_density_s"] / r["floor_s"], 2)
+        nd = r.get("warm_new_density_s")
+        r["ratio_new_density"] = None if nd is None else round(nd / r["floor_s"], 2)
         r["target"] = TARGETS.get(r["method"])
         r["met"] = None if r["target"] is None else r["ratio"] <= r["target"]
     by = {(r["method"], r["dtype"], r["threads"]): r for r in rows}
@@ -360,8 +386,9 @@ def print_in_place(result: dict) -> None:
             bf_s = "" if bf is None else f"{bf:.2f}{'' if r['bf16_per_byte_met'] else '!'}"
             tgt = r.get("target")
             met = "" if r.get("met") is None else ("yes" if r["met"] else "MISS")
+            nd = r.get("warm_new_density_s")
             print(f"{r['method']:17} {r['dtype']:9} {r['threads']:>3} {r['warm_s']:>8.3f} "
-                  f"{r['warm_new_density_s']:>8.3f} {r.get('floor_s', float('nan')):>8.3f} "
+                  f"{'' if nd is None else format(nd, '.3f'):>8} {r.get('floor_s', float('nan')):>8.3f} "
                   f"{r.get('ratio', float('nan')):>6.2f} {'' if tgt is None else tgt:>6} {met:>5} {bf_s:>7} "
                   f"{r['load1_before']:>5}")
 
@@ -415,7 +442,10 @@ def end_to_end(m: dict[str, Path], work: Path, dtype: str, mergekit_yaml: str | 
         res["mergekit"] = f"skipped: mergekit-yaml not found at {mergekit_yaml!r}"
         print(json.dumps(res), flush=True)
         return res
-    res["mergekit_yaml_s"] = round(_run_timed([mergekit_yaml, str(cfg), str(theirs_dir)], env)[0], 2)
+    # the synthetic checkpoints have no tokenizer: nothing to copy on either side
+    mk_cmd = [mergekit_yaml, str(cfg), str(theirs_dir), "--no-copy-tokenizer"]
+    res["mergekit_command"] = " ".join([*mk_cmd[:1], "CONFIG", "OUT", *mk_cmd[3:]])
+    res["mergekit_yaml_s"] = round(_run_timed(mk_cmd, env)[0], 2)
     res["speedup"] = round(res["mergekit_yaml_s"] / res["mergesearch_merge_s"], 2)
     res["speedup_target"] = E2E_TARGET
     res["speedup_met"] = res["speedup"] >= E2E_TARGET
@@ -554,6 +584,8 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=Path("/tmp/mergesearch-bench-models"),
                     help="where the synthetic checkpoints are built (reused across runs)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--skip-new-density", action="store_true",
+                    help="do not time the extra new-density merges (shorter run on a loaded machine)")
     ap.add_argument("--fresh", action="store_true", help="start a new JSON instead of updating the stored one")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -572,7 +604,7 @@ def main() -> None:
     result: dict = {}
     if run_in_place:
         bandwidth: dict[int, list[dict]] = {th: [] for th in CONFIG["threads"]}
-        rows = {dt: in_place(m, dt, args.methods.split(","), bandwidth) for dt in dtypes}
+        rows = {dt: in_place(m, dt, args.methods.split(","), bandwidth, not args.skip_new_density) for dt in dtypes}
         stored = json.loads(args.out.read_text()).get("bandwidth", {}) if args.out.is_file() else {}
         merged_bw = {str(th): [*(stored.get(str(th), []) if not args.fresh else []), *runs]
                      for th, runs in bandwidth.items()}

@@ -96,12 +96,10 @@ def recipe_params(space: Any, method: str, values: dict[str, float]) -> dict[str
     """``space``'s params for a recipe that sets every per-model and shared parameter uniformly, or None when
     the recipe lies outside the space (method not searched, a value outside its range, or a parameter the space
     does not search set to something else than its neutral value)."""
-    from mergesearch.spaces.space import _NEUTRAL
-
     if method not in space.methods:
         return None
     searched = {key.split(".")[0] for key in space.distributions}
-    if any(q not in searched and v != _NEUTRAL[q] for q, v in values.items()):
+    if any(q not in searched and v != space.neutral(q) for q, v in values.items()):
         return None
     p: dict[str, Any] = {"method": method} if "method" in space.distributions else {}
     for key, dist in space.distributions.items():

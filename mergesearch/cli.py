@@ -114,17 +114,23 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
                 else:
                     report = run.run(pool, on_baseline=baseline)
             finally:
+                import time as _t; _t0 = _t.monotonic(); print("DBG close start", _t.time(), file=sys.stderr)  # noqa
                 pool.close()
+                print("DBG close took", _t.monotonic() - _t0, file=sys.stderr)  # noqa
         except BaseException:
             run.abandon()
             raise
         if report.interrupted:
             run.abandon()
         status = "interrupted; run the same command to resume" if report.interrupted else "done"
+        if report.terminated:
+            status = "terminated (SIGTERM); run the same command to resume"
         typer.echo(f"{status}: {report.completed_this_run} completed, {report.failed_this_run} failed in "
                    f"{report.elapsed:.1f}s", err=True)
         if report.interrupted:
-            raise typer.Exit(130)
+            from mergesearch.execution.stop import EXIT_TERMINATED
+
+            raise typer.Exit(EXIT_TERMINATED if report.terminated else 130)
     typer.echo(render_table(load_front(run.study)))
 
 
@@ -437,16 +443,24 @@ def main(argv: list[str] | None = None) -> None:
     # typer vendors click: its usage errors are typer._click exceptions, not click's
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
+    from mergesearch.execution.stop import EXIT_TERMINATED, Terminated, received, sigterm_as_interrupt
+
     try:
-        code = app(args=args, standalone_mode=False)
+        with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C (trials re-queued, Ray shut down), exit 143
+            code = app(args=args, standalone_mode=False)
+            # typer turns a KeyboardInterrupt (Terminated included) into a silent return of 130
+            if code == 130 and received():
+                typer.echo("terminated (SIGTERM)", err=True)
+                code = EXIT_TERMINATED
     except MergeSearchError as e:
         if debug:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort) as e:  # click turns Ctrl-C (and SIGTERM: Terminated) into Abort
+        terminated = isinstance(e, Terminated) or isinstance(e.__cause__, Terminated)
+        typer.echo("terminated (SIGTERM)" if terminated else "interrupted", err=True)
+        sys.exit(EXIT_TERMINATED if terminated else 130)
     except NoArgsIsHelpError as e:
         e.show()
         sys.exit(e.exit_code)
@@ -455,14 +469,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"error: {e.format_message()} (see --help)", err=True)
         sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(130)
     except OSError as e:  # the environment, not the input: disk full, permission denied, too many files
         if debug:
             raise
         where = f": {e.filename}" if e.filename else ""
         typer.echo(f"error: {e.strerror or type(e).__name__}{where}", err=True)
         sys.exit(1)
+    import time as _t; import threading as _th; print("DBG main end", _t.time(), [(x.name, x.daemon) for x in _th.enumerate()], file=sys.stderr)  # noqa
+    import atexit as _a; print("DBG atexit n", _a._ncallbacks(), file=sys.stderr)  # noqa
+    import faulthandler as _f; _f.dump_traceback_later(1.5, repeat=True, file=sys.stderr)  # noqa
     if isinstance(code, int) and code:  # typer.Exit(n) in non-standalone mode comes back as a return value
         sys.exit(code)
 

@@ -190,6 +190,8 @@ class RayExecutor:
         return [r for _, r in sorted(finished, key=lambda pair: pair[0])]
 
     def close(self) -> None:
+        """Kill the actors; a Ray this executor started is shut down and every process it spawned is gone
+        when this returns (``ray.shutdown`` leaves its agents to notice on their own, minutes later)."""
         import ray
 
         for slot in self._slots:
@@ -197,8 +199,8 @@ class RayExecutor:
                 ray.kill(slot.actor, no_restart=True)
         self._slots, self._inflight = [], {}
         self._pending.clear()
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+        if self._owns_ray:
+            _shutdown_local_ray()
         self._owns_ray = False
 
     def __enter__(self) -> RayExecutor:
@@ -224,7 +226,11 @@ class RayExecutor:
         import ray
 
         refs = [slot.actor.ready.remote() for slot in self._slots]
-        _, missing = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        # short waits: a signal handler (Ctrl-C, SIGTERM) runs only when the main thread is back in Python
+        deadline = time.monotonic() + timeout
+        missing = refs
+        while missing and time.monotonic() < deadline:
+            missing = ray.wait(refs, num_returns=len(refs), timeout=min(0.5, max(0.0, deadline - time.monotonic())))[1]
         if missing:
             raise ExecutionError(
                 f"{len(missing)} of {len(refs)} Ray workers not started after {timeout:g} s "
@@ -313,24 +319,67 @@ def _connect(address: str | None, num_cpus: int) -> bool:
         _check_reachable(address)
     if ray.is_initialized():  # the caller's own Ray session: use it, leave it running
         return False
+    from mergesearch.execution.stop import restore_after
+
     if address is None:
         try:
             # "local" always starts a fresh instance, never a leftover cluster named in /tmp/ray.
-            ray.init(
+            restore_after(lambda: ray.init(
                 address="local",
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=False,
-            )
+            ))
         except Exception as exc:
+            _shutdown_local_ray()
             raise ExecutionError(f"cannot start a local Ray instance: {one_line(exc)}") from exc
+        except BaseException:  # Ctrl-C / SIGTERM while Ray starts: what started must not outlive the driver
+            _shutdown_local_ray()
+            raise
         return True
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        restore_after(lambda: ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False))
     except Exception as exc:
         raise ExecutionError(f"cannot attach to the Ray cluster at {address!r}: {one_line(exc)}") from exc
+    except BaseException:
+        if ray.is_initialized():
+            ray.shutdown()
+        raise
     return True
+
+
+def _ray_descendants() -> list[Any]:
+    """This process's descendant processes that belong to Ray (raylet, GCS, agents, workers)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "ray" in " ".join(p.cmdline()[:3]).lower() or "ray" in p.name().lower():
+                out.append(p)
+    return out
+
+
+def _shutdown_local_ray(grace: float = 3.0) -> None:
+    """``ray.shutdown()``, then terminate (after ``grace`` seconds: kill) any Ray process this driver spawned
+    that is still alive."""
+    import psutil
+    import ray
+
+    procs = _ray_descendants()
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray.shutdown()
+    procs = [p for p in {*procs, *_ray_descendants()} if p.is_running()]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def _check_reachable(address: str) -> None:

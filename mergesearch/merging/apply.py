@@ -3,10 +3,11 @@
 ``ResidentMerger`` reads the base and the sources once, keeps τi = θi − θ0 for every source tensor, and writes
 each plan's merged weights straight into the parameters of one ``AutoModelForCausalLM`` (no reload, no disk).
 Magnitude sparsifiers (TIES, breadcrumbs) sort |τ| of a tensor once, the first time it is needed, and keep only
-|τ| at 4097 evenly spaced ranks (:class:`~mergesearch.merging.sparsify.MagnitudeOrder`), so merging at a new density
-is one bracketed selection pass plus one fused pass, and the cache stays 16 KiB a tensor. DARE keeps its int16 draws and, per (tensor, input), the
-cumulative ‖τ‖₁ by draw value, so its L1 rescale at any density is a lookup too; both are reused while the
-plan's ``random_seed`` stays the same (the search fixes it per study). DELLA keeps its per-row ranks.
+|τ| at 4097 evenly spaced ranks (:class:`~mergesearch.merging.sparsify.MagnitudeOrder`), so merging at a new
+density is one bracketed selection pass plus one fused pass, and the cache stays 16 KiB a tensor. DARE keeps its
+int16 draws and, per (tensor, input), the cumulative ‖τ‖₁ by draw value, so its L1 rescale at any density is a
+lookup too; both are reused while the plan's ``random_seed`` stays the same (the search fixes it per study). DELLA
+keeps its per-row ranks.
 
 Memory: with ``offload=True`` the task vectors and the per-tensor caches derived from them live in CPU memory
 (pinned when merging on CUDA) and each tensor's entries are copied to the device only while that tensor is merged,
@@ -82,6 +83,8 @@ class ResidentMerger:
         num_layers: the base's layer count.
         tensor_names: the base's tensor names, in checkpoint order.
         tokenizer_path: directory of the base's tokenizer files.
+        layer_map: after ``apply``, the base layer each output decoder layer stands for (also stored on the
+            model as ``mergesearch_source_layers``, which ``l1_from_base``/``nonzero_delta`` read).
 
     Raises:
         ModelError: incompatible checkpoints, or ``shared_deltas`` missing a tensor or of the wrong shape/dtype.
@@ -236,6 +239,9 @@ class ResidentMerger:
             self._l1.clear()
             self._draws_seed = plan.random_seed
         self._set_layers([src_layer for _, src_layer in resolved.layer_map])
+        # output layer i stands for base layer layer_map[i] (cost objectives compare by it; read-only)
+        self.layer_map = tuple(src_layer for _, src_layer in resolved.layer_map)
+        self.model.mergesearch_source_layers = self.layer_map
         try:
             with torch.no_grad():
                 for job in resolved.jobs:

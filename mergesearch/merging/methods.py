@@ -77,7 +77,9 @@ class Method:
         name: the ``merge_method`` value.
         operator: ``"module:function"`` of ``f(group, shared, per_input, **options) -> tensor``.
         params: its parameters, per model and shared.
-        needs_base: the base model must be among the inputs (task vectors, slerp's first end, model_stock).
+        base: ``required`` (the base must be among the inputs: task vectors, slerp's first end, model_stock),
+            ``optional`` (with a base the method works on task vectors, without it on the raw weights; a search
+            passes the base) or ``unused``.
         non_base: per-input parameters apply to the non-base inputs only (the base's are ``{}``).
         min_inputs, max_inputs: how many inputs a tensor takes, base included.
         random: the result depends on the plan's ``random_seed``.
@@ -88,13 +90,18 @@ class Method:
     name: str
     operator: str
     params: tuple[Param, ...] = ()
-    needs_base: bool = False
+    base: Literal["required", "optional", "unused"] = "unused"
     non_base: bool = False
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
     mergekit: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_base(self) -> bool:
+        """The base model must be among the inputs."""
+        return self.base == "required"
 
     @property
     def shared(self) -> dict[str, Param]:
@@ -162,7 +169,7 @@ def _task_vector(name: str, flags: TaskVectorFlags, *extra: Param, mergekit: str
     per = (WEIGHT,) if flags.sparsifier is None else (WEIGHT, DENSITY)
     shared = (Param("int8_mask", False, kind="bool"), Param("normalize", flags.normalize, kind="bool"),
               Param("rescale", flags.rescale, kind="bool"), LAMBDA)
-    return Method(name, f"{_OPS}:task_vector_merge", (*per, *extra, *shared), needs_base=True, non_base=True,
+    return Method(name, f"{_OPS}:task_vector_merge", (*per, *extra, *shared), base="required", non_base=True,
                   random=flags.sparsifier in ("random", "della_magprune"), mergekit=mergekit or name,
                   options={"flags": flags})
 
@@ -170,9 +177,9 @@ def _task_vector(name: str, flags: TaskVectorFlags, *extra: Param, mergekit: str
 register(Method("linear", f"{_OPS}:linear", (WEIGHT, Param("normalize", True, kind="bool")), mergekit="linear"))
 register(Method("passthrough", f"{_OPS}:passthrough", (Param("scale", None, per_input=True),), max_inputs=1,
                 mergekit="passthrough"))
-register(Method("slerp", f"{_OPS}:slerp", (Param("t", bounds=(0.0, 1.0)),), needs_base=True, min_inputs=2,
+register(Method("slerp", f"{_OPS}:slerp", (Param("t", bounds=(0.0, 1.0)),), base="required", min_inputs=2,
                 max_inputs=2, mergekit="slerp"))
-register(Method("model_stock", f"{_OPS}:model_stock", (Param("filter_wise", False, kind="bool"),), needs_base=True,
+register(Method("model_stock", f"{_OPS}:model_stock", (Param("filter_wise", False, kind="bool"),), base="required",
                 min_inputs=3, mergekit="model_stock"))
 _GAMMA = Param("gamma", 0.01, per_input=True, bounds=(0.0, 1.0))
 _DELLA_EPS = Param("epsilon", 0.15, per_input=True, bounds=(0.0, 0.5))
@@ -195,7 +202,7 @@ register(_task_vector("della_linear", TaskVectorFlags("della_magprune", False, F
 _M = "mergesearch.merging"
 _INT8_MASK = Param("int8_mask", False, kind="bool")
 _RAM_EPS = Param("epsilon", 1e-5)
-register(Method("sce", f"{_M}.sce:sce", (Param("select_topk", 1.0), _INT8_MASK), needs_base=True, non_base=True,
+register(Method("sce", f"{_M}.sce:sce", (Param("select_topk", 1.0), _INT8_MASK), base="required", non_base=True,
                 mergekit="sce"))
 register(Method("karcher", f"{_M}.spherical:karcher", (Param("max_iter", 10, kind="int"), Param("tol", 1e-5)),
                 mergekit="karcher"))
@@ -203,15 +210,15 @@ register(Method("karcher", f"{_M}.spherical:karcher", (Param("max_iter", 10, kin
 # the operator checks that exactly two others remain)
 register(Method("nuslerp", f"{_M}.spherical:nuslerp", (WEIGHT, Param("nuslerp_flatten", True, kind="bool"),
                                                        Param("nuslerp_row_wise", False, kind="bool")),
-                non_base=True, min_inputs=2, max_inputs=3, mergekit="nuslerp"))
+                base="optional", non_base=True, min_inputs=2, max_inputs=3, mergekit="nuslerp"))
 register(Method("multislerp", f"{_M}.spherical:multislerp", (WEIGHT, Param("normalize_weights", True, kind="bool"),
                                                              Param("eps", 1e-8)),
-                non_base=True, mergekit="multislerp"))
-register(Method("nearswap", f"{_M}.nearswap:nearswap", (Param("t"),), needs_base=True, min_inputs=2, max_inputs=2,
+                base="optional", non_base=True, mergekit="multislerp"))
+register(Method("nearswap", f"{_M}.nearswap:nearswap", (Param("t"),), base="required", min_inputs=2, max_inputs=2,
                 mergekit="nearswap"))
 # random: above 1M entries the quantiles come from a seeded sample
-register(Method("arcee_fusion", f"{_M}.arcee_fusion:arcee_fusion", (), needs_base=True, min_inputs=2, max_inputs=2,
+register(Method("arcee_fusion", f"{_M}.arcee_fusion:arcee_fusion", (), base="required", min_inputs=2, max_inputs=2,
                 random=True, mergekit="arcee_fusion"))
-register(Method("ram", f"{_M}.ram:ram", (_RAM_EPS,), needs_base=True, non_base=True, mergekit="ram"))
+register(Method("ram", f"{_M}.ram:ram", (_RAM_EPS,), base="required", non_base=True, mergekit="ram"))
 register(Method("ramplus_tl", f"{_M}.ram:ramplus_tl", (Param("r", 0.1), Param("alpha", 0.2), _RAM_EPS),
-                needs_base=True, non_base=True, mergekit="ramplus_tl"))
+                base="required", non_base=True, mergekit="ramplus_tl"))

@@ -33,6 +33,8 @@ class RunReport:
     hypervolume: float | None = None
     interrupted: bool = False
     best: dict[str, float] = field(default_factory=dict)
+    #: stopped by SIGTERM rather than Ctrl-C (the CLI then exits 143, not 130)
+    terminated: bool = False
 
 
 def objective_specs(config: JobConfig) -> list[tuple[str, str]]:
@@ -263,6 +265,7 @@ class SearchRun:
             on_baseline: called with each reference row's name once it is scored.
             max_consecutive_failures: stop with :class:`StudyError` when this many trials fail in a row.
         """
+        from mergesearch.execution.stop import Terminated, received
         from mergesearch.search.baselines import ensure_baselines
         from mergesearch.search.study import Heartbeat, carried_attrs, record_trial
 
@@ -271,7 +274,7 @@ class SearchRun:
         inflight: dict[int, dict[str, Any]] = {}
         done_run = failed_run = streak = 0
         last_error = ""
-        interrupted = False
+        interrupted = terminated = False
         heartbeat = Heartbeat(self.study)
         heartbeat.start()
         self.lease.start()
@@ -314,20 +317,39 @@ class SearchRun:
                         on_result(res)
                     if streak >= max_consecutive_failures:
                         raise StudyError(f"{streak} trials failed in a row; last: {last_error}")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Ray's waits re-raise it as a plain KeyboardInterrupt)
             interrupted = True
+            terminated = isinstance(e, Terminated) or received()
+            import sys as _s; import time as _t; print("DBG caught", _t.time(), file=_s.stderr)  # noqa
         finally:
             heartbeat.stop()
             self.lease.stop()
-            # In-flight trials are failed and re-enqueued so a resumed run evaluates them again.
-            for number, job in inflight.items():
-                self.optimizer.tell(number, None, error="interrupted (run stopped)")
-                self.optimizer.enqueue(job["params"], job["attrs"])
+            self._requeue_running(inflight)
             self.lease.release()
+        import sys as _s; import time as _t; print("DBG report", _t.time(), file=_s.stderr)  # noqa
         return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
                          failed_this_run=failed_run, completed_this_run=done_run,
                          elapsed=time.perf_counter() - start, interrupted=interrupted,
-                         hypervolume=self.hypervolume(), best=self.best())
+                         hypervolume=self.hypervolume(), best=self.best(), terminated=terminated)
+
+    def _requeue_running(self, inflight: dict[int, dict[str, Any]]) -> None:
+        """Fail and re-enqueue every trial of this run still RUNNING, so a resumed run evaluates it again.
+
+        Not only ``inflight``: an interrupt can land between ``ask`` creating a trial and its submission, or
+        between a result's arrival and its ``tell``. While the lease is held no other driver has RUNNING
+        trials here, so every RUNNING trial is this run's; after losing it, only the ones it created.
+        """
+        from optuna.trial import TrialState
+
+        from mergesearch.search.study import DRIVER_ID, carried_attrs
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if self.lease.lost is not None and t.number not in inflight and t.user_attrs.get("driver") != DRIVER_ID:
+                continue
+            job = inflight.get(t.number)
+            self.optimizer.tell(t.number, None, error="interrupted (run stopped)")
+            self.optimizer.enqueue(job["params"] if job else dict(t.params),
+                                   job["attrs"] if job else carried_attrs(t.user_attrs))
 
     def _enqueue_refinements(self, n: int, started: int) -> None:
         """Enqueue refinements for those of the next ``n`` trials (``started`` done or running before them) that

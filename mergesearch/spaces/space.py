@@ -177,6 +177,10 @@ class MergeSpace:
                 out[name] = _clamp(dist, _neutral(self._params[name.split(".")[0]]))
         return out
 
+    def neutral(self, param: str) -> float:
+        """The value a plan gets for a parameter of a listed method when nothing sets it."""
+        return _neutral(self._params[param])
+
     def sample(self, trial: Any) -> dict[str, Any]:
         """Draw every parameter from an ``optuna.Trial`` with the public ``suggest_*`` calls."""
         out: dict[str, Any] = {}
@@ -257,7 +261,7 @@ class MergeSpace:
                                  or None) for m, v in zip(self.models, per_model, strict=True)]
             if method == "slerp":
                 models = [InputModel(model=self.base_model), InputModel(model=self.models[0])]
-            base = self.base_model if info.needs_base else None
+            base = self.base_model if info.base != "unused" else None
             return MergePlan(merge_method=method, models=models, base_model=base, parameters=shared or None,
                              dtype=self.dtype, random_seed=seed)
 
@@ -274,13 +278,14 @@ class MergeSpace:
                        for m, v in zip(self.models, per_model, strict=True)]
             if method == "slerp":
                 experts = [InputSlice(model=e.model, layer_range=(a, b)) for e in experts]
-            base = [InputSlice(model=self.base_model, layer_range=(a, b))] if info.needs_base else []
+            base = [InputSlice(model=self.base_model, layer_range=(a, b))] if info.base != "unused" else []
             slices.append(OutputSlice(sources=base + experts,
-                                      base_model=self.base_model if info.needs_base else None))
+                                      base_model=self.base_model if info.base != "unused" else None))
         if not merged_any:  # only copies: mergekit's passthrough reads this plan the same way
             return MergePlan(merge_method="passthrough", slices=slices, dtype=self.dtype)
-        return MergePlan(merge_method=method, slices=slices, base_model=self.base_model if info.needs_base else None,
-                         parameters=shared or None, dtype=self.dtype, random_seed=seed)
+        base = self.base_model if info.base != "unused" else None
+        return MergePlan(merge_method=method, slices=slices, base_model=base, parameters=shared or None,
+                         dtype=self.dtype, random_seed=seed)
 
     def _kept(self, p: dict[str, Any], method: str) -> list[tuple[Token, int]]:
         """``(token, source_depth)`` of each kept slot after the min/max repair, in output order."""
@@ -368,13 +373,14 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
         raise ConfigError(f"space.methods: '{dup[0]}' listed twice")
     for m in space.methods:
         info = get_method(m)
-        n = len(models) + info.needs_base
+        with_base = info.base != "unused"  # a search passes the base to methods that can use it
+        n = len(models) + with_base
         if m != "passthrough" and (n < info.min_inputs or (info.max_inputs is not None and n > info.max_inputs)):
-            base = " including the base" if info.needs_base else ""
+            base = " including the base" if with_base else ""
             bound = (f"exactly {info.min_inputs}" if info.min_inputs == info.max_inputs else
                      f"{info.min_inputs}..{info.max_inputs}" if info.max_inputs else f"at least {info.min_inputs}")
             raise ConfigError(f"space.methods: {m} merges {bound} models{base}, got {n} ({len(models)} models"
-                              f"{' + base' if info.needs_base else ''})")
+                              f"{' + base' if with_base else ''})")
     if "passthrough" in space.methods and space.layers is None:
         raise ConfigError("space.methods: passthrough only copies layers; it needs space.layers")
     if isinstance(space.granularity, int) and space.granularity < 1:

@@ -64,3 +64,22 @@ def test_which_methods_are_compared_by_statistics(cm) -> None:
     assert cm.is_statistical("dare_ties", 100) and cm.is_statistical("della_linear", 100)
     assert not cm.is_statistical("ties", 100) and not cm.is_statistical("arcee_fusion", 100)
     assert cm.is_statistical("arcee_fusion", 2_000_000)
+
+
+def test_cutoff_ties(cm) -> None:
+    tau = torch.tensor([0.5, -0.25, 0.25, 0.125, 1.0])
+    # density 0.6: k = 3 largest |τ| -> cut at 0.25, held by two entries
+    ties = cm.cutoff_ties([tau], [{"density": 0.6}], "magnitude")
+    assert ties.tolist() == [False, True, True, False, False]
+    assert not cm.cutoff_ties([tau], [{"density": 1.0}], "magnitude").any()
+    # breadcrumbs, gamma 0.2: drop the largest (1.0), keep 3 of the rest -> band [0.25, 0.5]
+    band = cm.cutoff_ties([tau], [{"density": 0.6, "gamma": 0.2}], "magnitude_outliers")
+    assert band.tolist() == [True, True, True, False, False]
+
+
+def test_accuracy_rule_separates_cutoff_ties(cm) -> None:
+    ref = torch.zeros(2, dtype=torch.float64)
+    unit = torch.ones(2, dtype=torch.float64)
+    r = cm.accuracy_rule(torch.tensor([5.0, 3.0]), torch.zeros(2), ref, unit, torch.tensor([True, False]))
+    assert r["violations"] == 2 and r["violations_at_tie"] == 1
+    assert r["worst_excess_ulps"] == 4.0 and r["worst_excess_ulps_not_at_tie"] == 2.0

@@ -14,7 +14,7 @@ import torch
 from mergesearch.errors import NonFiniteError
 from mergesearch.merging import ops
 from mergesearch.merging.methods import METHODS
-from tests.merging.reference import reference_task_vector, params_for, run
+from tests.merging.reference import params_for, reference_task_vector, run
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(

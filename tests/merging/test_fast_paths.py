@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergesearch.merging import ops
 from mergesearch.merging import sparsify as sp
 from mergesearch.merging.apply import ResidentMerger
 from mergesearch.merging.plan import MergePlan

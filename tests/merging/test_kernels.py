@@ -1,4 +1,5 @@
-"""The compiled kernel: closed forms, the path choice, DELLA masks (bit identity with the torch path: test_conformance)."""
+"""The compiled kernel: closed forms, the path choice, DELLA masks (bit identity with the torch path: see
+test_conformance)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from mergesearch.merging import ops
 from mergesearch.merging.methods import get_method
+
 
 def test_ties_closed_form_through_kernel():
     base = torch.zeros(2, 3)

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from mergesearch.errors import ConfigError
 from mergesearch.search.optimizers import OPTIMIZERS, BatchSampler, Optimizer
+from mergesearch.search.optimizers.base import FALLBACK_ATTR
 from mergesearch.search.study import open_study
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,6 +27,8 @@ SPACE = {
     "k": IntDistribution(0, 5),
     "c": CategoricalDistribution(["a", "b", "c"]),
 }
+#: hm3 searches layer paths: its conformance space adds four layer slots to the same problem
+LAYER_SPACE = {**SPACE, **{f"layer.{k}": CategoricalDistribution(["merged", "base", "skip"]) for k in range(4)}}
 OBJECTIVES = [("f1", "minimize"), ("f2", "minimize")]
 # small populations and a capped GP so the whole suite stays fast
 CHEAP = {
@@ -38,15 +41,23 @@ CHEAP = {
     "pymoo-nsga3": {"pop_size": 4},
     "pymoo-smsemoa": {"pop_size": 4},
     "cmaes-sum": {"popsize": 4},
+    "hm3": {"n_startup": 4, "steps": 10, "update_steps": 2, "hidden": 16},
 }
 BACKENDS = sorted(OPTIMIZERS)
 
 
 def zdt1(p: dict) -> list[float]:
-    """ZDT1 over the unit-cube image of the params: f1 = x0, f2 = g·(1 − sqrt(x0/g))."""
-    x = np.array([p[f"x{i}"] for i in range(4)] + [(np.log10(p["lr"]) + 4) / 3, p["k"] / 5, "abc".index(p["c"]) / 2])
+    """ZDT1 over the unit-cube image of the params: f1 = x0, f2 = g·(1 − sqrt(x0/g)); layer slots (hm3's
+    space) add to g: 0 for ``base``, 0.5 for ``merged``, 1 for ``skip`` (the same weight as one float)."""
+    x = [p[f"x{i}"] for i in range(4)] + [(np.log10(p["lr"]) + 4) / 3, p["k"] / 5, "abc".index(p["c"]) / 2]
+    x += [["base", "merged", "skip"].index(p[k]) / 2 for k in sorted(p) if k.startswith("layer.")]
+    x = np.array(x)
     g = 1 + 9 * x[1:].mean()
     return [float(x[0]), float(g * (1 - np.sqrt(x[0] / g)))]
+
+
+def space_of(name: str) -> dict:
+    return LAYER_SPACE if name == "hm3" else SPACE
 
 
 def key(params: dict) -> tuple:
@@ -55,11 +66,29 @@ def key(params: dict) -> tuple:
 
 def make(name: str, storage: str = "memory://", seed: int = 0) -> tuple[optuna.Study, Optimizer]:
     study = open_study(storage, "s", OBJECTIVES)
-    return study, Optimizer(study, SPACE, name=name, seed=seed, options=CHEAP[name])
+    return study, Optimizer(study, space_of(name), name=name, seed=seed, options=CHEAP[name])
 
 
 def valid(params: dict) -> bool:
-    return set(params) == set(SPACE) and all(d._contains(d.to_internal_repr(params[k])) for k, d in SPACE.items())
+    space = LAYER_SPACE if any(k.startswith("layer.") for k in params) else SPACE
+    return set(params) == set(space) and all(d._contains(d.to_internal_repr(params[k])) for k, d in space.items())
+
+
+def fell_back(study: optuna.Study) -> list[int]:
+    """Numbers of the trials a batch backend left to random sampling (its proposal raised or came up short)."""
+    return [t.number for t in study.get_trials(deepcopy=False) if FALLBACK_ATTR in t.user_attrs]
+
+
+def check_backend(name: str) -> None:
+    """The conformance run of one backend: asks and tells past its start-up, two idle workers, no trial left to
+    the random fallback (a backend whose proposals always fail would otherwise pass as random search)."""
+    study, opt = make(name)
+    for _ in range(8):
+        trials = opt.ask(2)
+        assert all(valid(t.params) for t in trials)
+        for t in trials:
+            opt.tell(t.number, zdt1(t.params))
+    assert not fell_back(study), f"{name}: trials {fell_back(study)} fell back to random sampling"
 
 
 def test_cheap_options_cover_every_backend():
@@ -117,6 +146,8 @@ def test_same_seed_same_first_asks(name):
 def test_enqueued_points_served_first(name):
     _, opt = make(name)
     p1 = {"x0": 0.5, "x1": 0.0, "x2": 0.0, "x3": 0.0, "lr": 1e-3, "k": 0, "c": "a"}
+    if name == "hm3":
+        p1.update({f"layer.{k}": "base" for k in range(4)})
     p2 = {"x0": 0.1, "k": 5}  # partial: the rest is sampled
     opt.enqueue(p1)
     opt.enqueue(p2)
@@ -160,15 +191,40 @@ def test_resume_from_sqlite(name, tmp_path):
     assert all(valid(t.params) for t in trials)
 
 
-def test_failed_proposal_falls_back_to_random():
-    class Broken(BatchSampler):
-        def propose(self, study, n):
-            raise RuntimeError("singular matrix")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_proposals_do_not_fall_back(name):
+    check_backend(name)
 
-    _, opt = make("random")
+
+class Broken(BatchSampler):
+    def propose(self, study, n):
+        raise RuntimeError("singular matrix")
+
+
+def test_failed_proposal_falls_back_to_random_and_says_so():
+    study, opt = make("random")
     opt.sampler = opt.study.sampler = Broken(SPACE, 0)
     trials = opt.ask(2)
     assert all(valid(t.params) for t in trials) and len({key(t.params) for t in trials}) == 2
+    stored = study.get_trials(deepcopy=False)
+    assert [t.user_attrs[FALLBACK_ATTR] for t in stored] == ["random (RuntimeError: singular matrix)"] * 2
+
+
+def test_conformance_fails_for_a_backend_that_always_falls_back(monkeypatch):
+    from mergesearch.search import optimizers
+
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "broken", (lambda c: Broken(c.distributions, c.seed), frozenset()))
+    monkeypatch.setitem(CHEAP, "broken", {})
+    with pytest.raises(AssertionError, match="fell back to random"):
+        check_backend("broken")
+
+    class Empty(BatchSampler):  # proposes nothing: every trial is random
+        def propose(self, study, n):
+            return []
+
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "broken", (lambda c: Empty(c.distributions, c.seed), frozenset()))
+    with pytest.raises(AssertionError, match="fell back to random"):
+        check_backend("broken")
 
 
 def test_unknown_optimizer_lists_known_names():

@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError
-from mergesearch.merging.plan import ConditionalValue, MergePlan
 from mergesearch.merging.methods import METHODS, REQUIRED
+from mergesearch.merging.plan import ConditionalValue, MergePlan
 from mergesearch.spaces import build_space
 
 MODELS = ["/m/a", "/m/b", "/m/c"]
@@ -87,8 +87,8 @@ def test_filters_give_conditional_lists_with_catch_all_last():
 # ---------------------------------------------------------------- methods read their own parameters
 def _three_expert_methods() -> list[str]:
     """Methods that merge 3 experts (with the base when they use it), except slerp-like two-model ones."""
-    return [n for n, m in METHODS.items() if n != "passthrough" and m.min_inputs <= 3 + m.needs_base and
-            (m.max_inputs is None or m.max_inputs >= 3 + m.needs_base)]
+    return [n for n, m in METHODS.items() if n != "passthrough" and m.min_inputs <= 3 + (m.base != "unused") and
+            (m.max_inputs is None or m.max_inputs >= 3 + (m.base != "unused"))]
 
 
 def test_methods_pick_their_parameters():
@@ -108,7 +108,7 @@ def test_methods_pick_their_parameters():
         assert set(plan.parameters or {}) == {q.name for q in floats if (q.name in sp.searched and q.search is None)
                                               or (not q.per_input and q.default is REQUIRED)}, method
         assert (plan.random_seed is not None) == info.random, method
-        assert (plan.base_model is not None) == info.needs_base, method
+        assert (plan.base_model is not None) == (info.base != "unused"), method
     plan = sp.decode({**p, "method": "linear"})
     assert plan.parameters is None and [m.model for m in plan.models] == MODELS
 
@@ -217,9 +217,11 @@ def test_summary():
 # ---------------------------------------------------------------- validation
 @pytest.mark.parametrize(("cfg", "models", "match"), [
     ({"methods": ["tie"]}, MODELS, r"space\.methods: unknown method 'tie' \(known: .*task_arithmetic, ties"),
-    ({"methods": ["slerp"], "t": [0, 1]}, MODELS, r"slerp merges exactly 2 models including the base, got 4 \(3 models \+ base\)"),
+    ({"methods": ["slerp"], "t": [0, 1]}, MODELS,
+     r"slerp merges exactly 2 models including the base, got 4 \(3 models \+ base\)"),
     ({"methods": ["model_stock"]}, MODELS, "nothing to search"),
-    ({"methods": ["model_stock"], "t": [0, 1]}, ["/m/a"], "model_stock merges at least 3 models including the base, got 2"),
+    ({"methods": ["model_stock"], "t": [0, 1]}, ["/m/a"],
+     "model_stock merges at least 3 models including the base, got 2"),
     ({"methods": ["linear"], "weight": None}, MODELS, "nothing to search"),
     ({"methods": ["ties", "ties"]}, MODELS, "'ties' listed twice"),
     ({"methods": ["passthrough"]}, MODELS, "passthrough only copies layers"),

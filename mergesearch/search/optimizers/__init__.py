@@ -12,6 +12,9 @@ samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, stea
   ``mc_samples`` (64), ``alpha`` (box-decomposition approximation; default exact up to 3 objectives, 1e-2 above)
 - pymoo-nsga3: ``pop_size`` (20), ``n_partitions`` (auto) · pymoo-smsemoa: ``pop_size`` (20)
 - cmaes-sum: ``weights`` (equal), ``popsize`` (cma default), ``sigma0`` (0.25)
+- hm3 (layer spaces only; see :mod:`.hm3`): ``n_startup`` (10), ``steps`` (60), ``update_steps`` (8),
+  ``hidden`` (48), ``lr`` (3e-3),
+  ``sigma`` (0.15), ``entropy`` (0.05), ``min_layers`` / ``max_layers`` (default: the stored job's space.layers)
 """
 
 from __future__ import annotations
@@ -145,6 +148,14 @@ def _cmaes_sum(c: _Context) -> optuna.samplers.BaseSampler:
     )
 
 
+def _hm3(c: _Context) -> optuna.samplers.BaseSampler:
+    from mergesearch.search.optimizers.hm3 import HM3Sampler, check_layer_space, validate_options
+
+    check_layer_space(c.distributions)  # one line naming the fix, before anything else
+    # the user's seed as given: proposals depend on it and the stored trials only, so a resume reproduces them
+    return HM3Sampler(c.distributions, c.base_seed, **validate_options(c.options))
+
+
 #: name -> (factory, accepted option keys)
 OPTIMIZERS: dict[str, tuple[Callable[[_Context], optuna.samplers.BaseSampler], frozenset[str]]] = {
     "random": (_random, frozenset()),
@@ -156,6 +167,8 @@ OPTIMIZERS: dict[str, tuple[Callable[[_Context], optuna.samplers.BaseSampler], f
     "pymoo-nsga3": (_pymoo("nsga3"), frozenset({"pop_size", "n_partitions"})),
     "pymoo-smsemoa": (_pymoo("smsemoa"), frozenset({"pop_size"})),
     "cmaes-sum": (_cmaes_sum, frozenset({"weights", "popsize", "sigma0"})),
+    "hm3": (_hm3, frozenset({"n_startup", "steps", "update_steps", "hidden", "lr", "sigma", "entropy", "min_layers",
+                             "max_layers"})),
 }
 
 

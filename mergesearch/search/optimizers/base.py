@@ -17,13 +17,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mergesearch.search.unit import to_unit
 
+#: user attr of a trial whose parameters were sampled at random because the batch backend proposed nothing for it
+FALLBACK_ATTR = "proposal_fallback"
+
 
 class BatchSampler(optuna.samplers.BaseSampler):
     """Base of batch backends: ``sample_relative`` pops from a queue that :meth:`propose` refills.
 
     Subclasses implement :meth:`propose`. The driver sets :attr:`batch_hint` to the number of idle workers
     before asking, and :meth:`clear` drops proposals left over from an earlier batch (they were made with
-    older data).
+    older data). A trial that gets no proposal (``propose`` raised, or returned fewer points than trials asked)
+    is sampled at random, and the trial records why in its user attr :data:`FALLBACK_ATTR`.
 
     Args:
         distributions: the full, fixed search space (every parameter suggested every trial).
@@ -37,6 +41,7 @@ class BatchSampler(optuna.samplers.BaseSampler):
         self._queue: list[dict[str, Any]] = []
         self._n_batches = 0
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self._failure: str | None = None  # why the last propose gave nothing (its exception), if it failed
 
     def propose(self, study: optuna.Study, n: int) -> list[dict[str, Any]]:
         """Propose n new parameter sets from the trials stored in ``study``.
@@ -68,14 +73,21 @@ class BatchSampler(optuna.samplers.BaseSampler):
         if not search_space or "fixed_params" in trial.system_attrs:
             return {}  # an enqueued trial: its params are fixed, do not waste a proposal on it
         if not self._queue:
+            self._failure = None
             try:
                 self._queue = list(self.propose(study, max(1, self.batch_hint)))
-            except Exception:  # a numerical failure (e.g. a GP fit) must not stop a long search
+            except Exception as e:  # a numerical failure (e.g. a GP fit) must not stop a long search
                 optuna.logging.get_logger(__name__).warning(
                     "%s: proposal failed, sampling at random for this trial", type(self).__name__, exc_info=True
                 )
+                self._failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
             self._n_batches += 1
-        return self._queue.pop(0) if self._queue else {}
+        if self._queue:
+            return self._queue.pop(0)
+        # sampled at random instead: say so on the trial, or a broken backend passes for random search
+        reason = self._failure or "the backend proposed fewer points than asked"
+        study._storage.set_trial_user_attr(trial._trial_id, FALLBACK_ATTR, f"random ({reason})")
+        return {}
 
     def sample_independent(
         self,
