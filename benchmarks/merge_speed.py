@@ -303,7 +303,7 @@ def n_params(m: dict[str, Path]) -> int:
 
 
 def in_place(m: dict[str, Path], dtype: str, methods: list[str], bandwidth: dict[int, list[dict]],
-             new_density: bool = True) -> list[dict]:
+             new_density: bool = True, on_method=None) -> list[dict]:
     """Time every method at every thread count on one ResidentMerger of ``dtype``; triads around each method."""
     from mergesearch.merging.apply import ResidentMerger
     from mergesearch.merging.plan import MergePlan
@@ -313,9 +313,12 @@ def in_place(m: dict[str, Path], dtype: str, methods: list[str], bandwidth: dict
     merger = ResidentMerger(str(m["base"]), [str(m[e]) for e in EXPERTS], dtype=dtype)
     print(f"[{dtype}] ResidentMerger built in {time.perf_counter() - t:.1f}s (load {load1()})", flush=True)
 
-    def measure_triads() -> None:
+    def measure_triads() -> dict[int, float]:
+        got = {}
         for th in CONFIG["threads"]:
             bandwidth[th].append({**triad(CONFIG["triad_mib"], th, CONFIG["triad_repeat"]), "load1": load1()})
+            got[th] = bandwidth[th][-1]["gbps"]
+        return got
 
     rows = []
     for method in methods:
@@ -324,7 +327,8 @@ def in_place(m: dict[str, Path], dtype: str, methods: list[str], bandwidth: dict
         t = time.perf_counter()
         merger.apply(plan)  # fills this method's caches (sorted |τ|, draws, L1 tables, ranks, raw inputs)
         cold = time.perf_counter() - t
-        measure_triads()
+        before = measure_triads()
+        first = len(rows)
         for th in CONFIG["threads"]:
             torch.set_num_threads(th)
             for _ in range(CONFIG["warmup"]):
@@ -342,7 +346,11 @@ def in_place(m: dict[str, Path], dtype: str, methods: list[str], bandwidth: dict
                    "load1_before": load_before, "load1_after": load1()}
             print(json.dumps(row), flush=True)
             rows.append(row)
-        measure_triads()
+        after = measure_triads()
+        for r in rows[first:]:  # the bandwidth the machine gave right around this method's timings
+            r["triad_gbps_adjacent"] = round(max(before[r["threads"]], after[r["threads"]]), 2)
+        if on_method is not None:  # partial results survive an interrupted run
+            on_method(rows)
     torch.set_num_threads(max(CONFIG["threads"]))
     return rows
 
@@ -364,6 +372,9 @@ def finish_in_place(result: dict) -> None:
         r["ratio"] = round(r["warm_s"] / r["floor_s"], 2)
         nd = r.get("warm_new_density_s")
         r["ratio_new_density"] = None if nd is None else round(nd / r["floor_s"], 2)
+        if r.get("triad_gbps_adjacent"):  # against the bandwidth measured next to it (contention shared)
+            r["floor_adjacent_s"] = round(r["bytes"] / (r["triad_gbps_adjacent"] * 1e9), 4)
+            r["ratio_adjacent"] = round(r["warm_s"] / r["floor_adjacent_s"], 2)
         r["target"] = TARGETS.get(r["method"])
         r["met"] = None if r["target"] is None else r["ratio"] <= r["target"]
     by = {(r["method"], r["dtype"], r["threads"]): r for r in rows}
@@ -378,8 +389,8 @@ def finish_in_place(result: dict) -> None:
 
 def print_in_place(result: dict) -> None:
     print(f"\nbest triad bandwidth (write-allocate GB/s) by threads: {result.get('best_gbps')}")
-    print(f"{'method':17} {'dtype':9} {'thr':>3} {'warm s':>8} {'new-d s':>8} {'floor s':>8} {'ratio':>6} "
-          f"{'target':>6} {'met':>5} {'bf16/B':>7} {'load':>5}")
+    print(f"{'method':17} {'dtype':9} {'thr':>3} {'warm s':>8} {'cpu s':>7} {'new-d s':>8} {'floor s':>8} "
+          f"{'ratio':>6} {'target':>6} {'met':>5} {'adj.GB/s':>8} {'adj.ratio':>9} {'bf16/B':>7} {'load':>5}")
     for dt in result.get("in_place", {}).values():
         for r in dt:
             bf = r.get("bf16_per_byte_vs_f32")
@@ -387,10 +398,13 @@ def print_in_place(result: dict) -> None:
             tgt = r.get("target")
             met = "" if r.get("met") is None else ("yes" if r["met"] else "MISS")
             nd = r.get("warm_new_density_s")
+            cpu = r.get("warm_cpu_s")
             print(f"{r['method']:17} {r['dtype']:9} {r['threads']:>3} {r['warm_s']:>8.3f} "
+                  f"{'' if cpu is None else format(cpu, '.3f'):>7} "
                   f"{'' if nd is None else format(nd, '.3f'):>8} {r.get('floor_s', float('nan')):>8.3f} "
-                  f"{r.get('ratio', float('nan')):>6.2f} {'' if tgt is None else tgt:>6} {met:>5} {bf_s:>7} "
-                  f"{r['load1_before']:>5}")
+                  f"{r.get('ratio', float('nan')):>6.2f} {'' if tgt is None else tgt:>6} {met:>5} "
+                  f"{r.get('triad_gbps_adjacent', float('nan')):>8.2f} {r.get('ratio_adjacent', float('nan')):>9.2f} "
+                  f"{bf_s:>7} {r['load1_before']:>5}")
 
 
 # ------------------------------------------------------------------------------------------------ e2e part
@@ -508,8 +522,13 @@ def memory_worker(models_dir: Path, dtype: str) -> None:
     for d in CONFIG["memory_densities"]:
         merger.apply(MergePlan.model_validate(plan_dict("ties", m, dtype, d)))
 
-    def nbytes(ts) -> int:
-        return sum(t.numel() * t.element_size() for t in ts)
+    def nbytes(items) -> int:  # tensors, or cache objects holding tensors (e.g. a compact magnitude order)
+        total = 0
+        for x in items:
+            parts = [x] if isinstance(x, torch.Tensor) else [v for v in vars(x).values()
+                                                              if isinstance(v, torch.Tensor)]
+            total += sum(t.numel() * t.element_size() for t in parts)
+        return total
 
     print("CACHES " + json.dumps({
         "base_state": nbytes(merger.base_state.values()), "task_vectors": nbytes(merger._deltas.values()),
@@ -604,12 +623,16 @@ def main() -> None:
     result: dict = {}
     if run_in_place:
         bandwidth: dict[int, list[dict]] = {th: [] for th in CONFIG["threads"]}
-        rows = {dt: in_place(m, dt, args.methods.split(","), bandwidth, not args.skip_new_density) for dt in dtypes}
         stored = json.loads(args.out.read_text()).get("bandwidth", {}) if args.out.is_file() else {}
-        merged_bw = {str(th): [*(stored.get(str(th), []) if not args.fresh else []), *runs]
-                     for th, runs in bandwidth.items()}
-        result = _save(args.out, {"config": CONFIG, "params": n_params(m), "bandwidth": merged_bw,
-                                  "in_place": rows, "machine_in_place": {",".join(dtypes): machine_info()}})
+
+        def save(dt: str, rows: list[dict]) -> dict:
+            merged_bw = {str(th): [*stored.get(str(th), []), *runs] for th, runs in bandwidth.items()}
+            return _save(args.out, {"config": CONFIG, "params": n_params(m), "bandwidth": merged_bw,
+                                    "in_place": {dt: rows}, "machine_in_place": {dt: machine_info()}})
+
+        for dt in dtypes:
+            result = save(dt, in_place(m, dt, args.methods.split(","), bandwidth, not args.skip_new_density,
+                                       lambda rows, dt=dt: save(dt, rows)))
         print_in_place(result)
     if args.e2e:
         e2e = {dt: end_to_end(m, args.models_dir, dt, args.mergekit_yaml) for dt in dtypes}

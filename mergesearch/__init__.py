@@ -29,12 +29,14 @@ _LAZY = {
     "stored_config": "mergesearch.exporting",
     "validate_front": "mergesearch.exporting",
     "build_demo": "mergesearch.demo.build",
+    "load_model": "mergesearch.candidates",
 }
 _ALIASES = {"export": "export_trial"}
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
+    from mergesearch.candidates import load_model
     from mergesearch.config import JobConfig, load_config
     from mergesearch.demo.build import build_demo
     from mergesearch.exporting import export_trial as export

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from mergesearch.errors import MergeSearchError
+from mergesearch.errors import ConfigError, MergeSearchError
 
 # plain click help: rich's help panels print a type column (``<bool>`` next to every flag) and fold options
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -114,9 +114,7 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
                 else:
                     report = run.run(pool, on_baseline=baseline)
             finally:
-                import time as _t; _t0 = _t.monotonic(); print("DBG close start", _t.time(), file=sys.stderr)  # noqa
                 pool.close()
-                print("DBG close took", _t.monotonic() - _t0, file=sys.stderr)  # noqa
         except BaseException:
             run.abandon()
             raise
@@ -131,6 +129,9 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
             from mergesearch.execution.stop import EXIT_TERMINATED
 
             raise typer.Exit(EXIT_TERMINATED if report.terminated else 130)
+    else:
+        typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials complete; "
+                   "nothing to run (--trials raises the target)", err=True)
     typer.echo(render_table(load_front(run.study)))
 
 
@@ -181,15 +182,28 @@ def demo(
     optimizer: str | None = typer.Option(None, help="Optimizer backend (default from the demo config)."),
     seed: int = typer.Option(0, help="Seed of the models and the search."),
     executor: str | None = typer.Option(None, help="local (in-process) or ray (default)."),
+    fast: bool = typer.Option(False, "--fast", hidden=True, help="The smaller demo variant used by the tests."),
 ) -> None:
     """Build the demo experts if absent, search merges of them, and print the Pareto front."""
     from mergesearch.config import load_config
     from mergesearch.demo.build import build_demo, write_demo_config
 
-    build_demo(out, seed=seed, progress=lambda msg: typer.echo(msg, err=True))
-    config = load_config(write_demo_config(out))
-    _run_search(config, storage=f"sqlite:///{(out / 'demo.db').resolve()}", study="demo", trials=trials,
-                optimizer=optimizer, seed=seed, workers=workers, address=None, executor=executor, progress=True)
+    build_demo(out, seed=seed, fast=fast, progress=lambda msg: typer.echo(msg, err=True))
+    config = load_config(write_demo_config(out, trials=trials))
+    storage = f"sqlite:///{(out / 'demo.db').resolve()}"
+    _run_search(config, storage=storage, study="demo", trials=trials, optimizer=optimizer, seed=seed,
+                workers=workers, address=None, executor=executor, progress=True)
+    from mergesearch.demo.summary import recipe_values, summary
+    from mergesearch.search.pareto import load_front, open_existing_study
+    from mergesearch.search.plots import plot_front
+
+    front_ = load_front(storage, "demo")
+    png = plot_front(front_, None, out / "front.png", picked=_knee(front_))
+    typer.echo("")
+    for line in summary(front_, recipe_values(open_existing_study(storage, "demo"), front_.names)):
+        typer.echo(line)
+    typer.echo(f"Plot of the front: {png}. Inspect a trial: mergesearch show {out / 'demo.yaml'} --trial N "
+               f"--storage {out / 'demo.db'} --study demo")
 
 
 @app.command("eval")
@@ -407,6 +421,7 @@ def pick(
     prefer: str = typer.Option("", help="Weights over objectives, e.g. reverse=1,swap=0.5 (default equal)."),
     minimum: list[str] = typer.Option([], "--min", help="Hard bound OBJ=V: at least as good as V (repeatable)."),
     method: str = typer.Option("asf", help="asf, pseudo-weights or knee."),
+    family: str | None = typer.Option(None, help="Pick only among candidates of this family: static or twin."),
     out: Path | None = typer.Option(None, help="Export the chosen model to this directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     absolute_paths: bool = typer.Option(False, "--absolute-paths", help="Keep absolute model paths in the recipe."),
@@ -418,6 +433,14 @@ def pick(
 
     storage, study = _study_ref(job, storage, study)
     result = load_front(storage, study)
+    if family is not None:
+        from dataclasses import replace
+
+        kept = [t for t in result.trials if t.family == family]
+        if not kept:
+            raise ConfigError(f"--family {family}: no trial of that family is on the front (families there: "
+                              f"{', '.join(sorted({t.family for t in result.trials}))})")
+        result = replace(result, trials=kept)
     weights = parse_prefer(prefer) if prefer else {name: 1.0 for name, _ in result.objectives}
     choice = do_pick(result, weights, minimums=parse_minimums(minimum), method=method)
     for line in choice.explanation:
@@ -475,9 +498,12 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {e.filename}" if e.filename else ""
         typer.echo(f"error: {e.strerror or type(e).__name__}{where}", err=True)
         sys.exit(1)
-    import time as _t; import threading as _th; print("DBG main end", _t.time(), [(x.name, x.daemon) for x in _th.enumerate()], file=sys.stderr)  # noqa
-    import atexit as _a; print("DBG atexit n", _a._ncallbacks(), file=sys.stderr)  # noqa
-    import faulthandler as _f; _f.dump_traceback_later(1.5, repeat=True, file=sys.stderr)  # noqa
+    if code == EXIT_TERMINATED:
+        # Everything is stored and every worker is gone; the interpreter's own teardown (Ray's C++ core
+        # finalisers) would take seconds more, which a scheduler stopping this process does not give.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if isinstance(code, int) and code:  # typer.Exit(n) in non-standalone mode comes back as a return value
         sys.exit(code)
 

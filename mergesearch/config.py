@@ -81,6 +81,45 @@ class LayerSpace(_Frozen):
         return value
 
 
+class TwinSpace(_Frozen):
+    """Twin-Merging for every candidate of the space: the candidate's merge is shared, each expert keeps its
+    exclusive part θt − θ* at rank ``rank`` (a fixed int, or ``[low, high]``: searched), mixed per input by a
+    router trained on the tasks' search prompts.
+
+    ``experts`` maps task objective names to models (a path as in ``models`` or its index); by default the task
+    objectives and the models pair up in order. ``router``: router settings (``width``, ``steps``, ``lr``,
+    ``window``).
+    """
+
+    rank: int | Range
+    experts: dict[str, str] | None = None
+    router: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _index_as_name(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value: int | Range) -> int | Range:
+        low = value if isinstance(value, int) else value.low
+        if low < 0 or (isinstance(value, Range) and (value.low != int(value.low) or value.high != int(value.high))):
+            raise ValueError("rank is a non-negative int or [low, high] of ints")
+        return value
+
+    @field_validator("router")
+    @classmethod
+    def _router_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        known = {"width", "steps", "lr", "weight_decay", "window", "chat_template", "batch_size"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown router setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return value
+
+
 class _SpaceBase(_Frozen):
     """What is searched: merge methods, per-model weight/density per layer group, method parameters, layers.
 
@@ -97,6 +136,7 @@ class _SpaceBase(_Frozen):
     #: split each layer group by tensor-name filters (e.g. ``[self_attn, mlp]``).
     filters: list[str] = Field(default_factory=list)
     layers: LayerSpace | None = None
+    twin: TwinSpace | None = None
 
     @field_validator("granularity")
     @classmethod

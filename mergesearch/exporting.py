@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mergesearch.candidates import stored_candidate
 from mergesearch.config import JobConfig
 from mergesearch.errors import StudyError
 from mergesearch.merging.plan import MergePlan
@@ -160,7 +161,6 @@ def export_trial(storage: Any, study_name: str | None, trial_number: int, out_di
         progress: called with a short line before each slow step (loading, merging, writing).
     """
     from mergesearch.merging.apply import ResidentMerger
-    from mergesearch.merging.run import save_model_dir
     from mergesearch.search.pareto import open_existing_study
 
     say = progress or (lambda _msg: None)
@@ -175,26 +175,41 @@ def export_trial(storage: Any, study_name: str | None, trial_number: int, out_di
     if info.plan is None:
         raise StudyError(f"study '{study.study_name}': trial {trial_number} ({info.state}) has not been evaluated: "
                          "it has no recipe yet")
-    plan = MergePlan.model_validate(info.plan)
+    candidate = stored_candidate(_trial(study, trial_number).user_attrs)
     say(f"loading the base and {len(config.models)} models")
     merger = ResidentMerger(config.base_model, list(config.models), dtype=config.dtype,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
-    say(f"merging trial {trial_number} ({info.summary or plan.merge_method})")
-    model = merger.apply(plan)
-    recipe = plan if absolute_paths else portable_plan(plan, out)
-    scores = {"study": study.study_name, "trial": info.number, "state": info.state, "values": info.values}
+    ctx = candidate_context(config, merger)
+    say(f"merging trial {trial_number} ({info.summary or candidate.plan.merge_method})")
+    model = candidate.build(ctx)
+    recipe = candidate.plan if absolute_paths else portable_plan(candidate.plan, out)
+    scores = {"study": study.study_name, "trial": info.number, "state": info.state, "values": info.values,
+              "family": candidate.family}
     from safetensors import SafetensorError
 
     say(f"writing {out}")
     try:
-        return save_model_dir(model, out, tokenizer_source=merger.tokenizer_path, recipe=recipe,
-                              overwrite=overwrite, extra_files={"scores.json": json.dumps(scores, indent=2) + "\n"})
+        return candidate.export(ctx, model, out, recipe=recipe, overwrite=overwrite,
+                                extra_files={"scores.json": json.dumps(scores, indent=2) + "\n"})
     except (OSError, SafetensorError) as e:  # a full disk, no permission (safetensors raises its own type)
         from mergesearch.errors import ModelError
 
         reason = (f"{e.strerror}: {e.filename}" if e.filename else e.strerror) if isinstance(e, OSError) and \
             e.strerror else (str(e).splitlines() or [""])[0]
         raise ModelError(f"cannot write {out} (nothing was exported): {reason}") from None
+
+
+def candidate_context(config: JobConfig, merger: Any) -> Any:
+    """What building a stored candidate needs outside a worker: the tokenizer and the search-split prompts."""
+    from transformers import AutoTokenizer
+
+    from mergesearch.candidates import CandidateContext, objective_prompts
+    from mergesearch.objectives import ObjectiveContext, build_objectives
+
+    tokenizer = AutoTokenizer.from_pretrained(merger.tokenizer_path)
+    objectives = build_objectives([o for o in config.objectives if o.data is not None],
+                                  ObjectiveContext(base_state=merger.base_state, split="search"))
+    return CandidateContext(merger, tokenizer, objective_prompts(objectives), seed=config.search.seed)
 
 
 def validate_front(storage: Any, study_name: str | None, front: Any,
@@ -207,8 +222,6 @@ def validate_front(storage: Any, study_name: str | None, front: Any,
     Returns:
         The front with each trial's ``test_values`` filled in.
     """
-    from transformers import AutoTokenizer
-
     from mergesearch.errors import ConfigError
     from mergesearch.merging.apply import ResidentMerger
     from mergesearch.objectives import ObjectiveContext, build_objectives, evaluate
@@ -223,11 +236,15 @@ def validate_front(storage: Any, study_name: str | None, front: Any,
     say(f"loading the base and {len(config.models)} models")
     merger = ResidentMerger(config.base_model, list(config.models), dtype=config.dtype,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(merger.tokenizer_path)
+    ctx = candidate_context(config, merger)
     objectives = build_objectives(with_test, ObjectiveContext(base_state=merger.base_state, split="test"))
     trials = []
     for i, t in enumerate(front.trials):
         say(f"test split: trial {t.number} ({i + 1}/{len(front.trials)})")
-        model = merger.apply(MergePlan.model_validate(t.plan))
-        trials.append(replace(t, test_values=evaluate(objectives, model, tokenizer)))
+        candidate = stored_candidate(_trial(study, t.number).user_attrs)
+        model = candidate.build(ctx)
+        try:
+            trials.append(replace(t, test_values=evaluate(objectives, model, ctx.tokenizer)))
+        finally:
+            candidate.release(model)
     return replace(front, trials=trials)

@@ -69,3 +69,19 @@ def test_hub_failure_is_one_line_naming_model_place_and_reply(monkeypatch, tmp_p
     assert "\n" not in msg
     assert "'not-a-user/not-a-model'" in msg and str(tmp_path / "not-a-user" / "not-a-model") in msg
     assert "hub refused it:" in msg and "Error" in msg  # the host's (here: offline mode's) reply, with its type
+
+
+def test_relative_storage_refused_under_ray_job_submit(tiny_job: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for the driver
+    monkeypatch.chdir(tmp_path)
+    for storage in ([], ["--storage", "runs.db"], ["--storage", "sqlite:///runs.db"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as code:
+            main(["run", str(tiny_job), "--no-progress", *storage])
+        assert code.value.code == 2
+        err = capsys.readouterr().err
+        assert "ray job submit" in err and "absolute" in err
+    assert not list(tmp_path.glob("*.db"))
+    capsys.readouterr()
+    main(["run", str(tiny_job), "--no-progress", "--trials", "1", "--storage", f"sqlite:///{tmp_path / 'abs.db'}"])
+    assert f"in sqlite:///{tmp_path / 'abs.db'}" in capsys.readouterr().err  # every run says where its study is

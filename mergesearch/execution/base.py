@@ -8,10 +8,11 @@ from typing import Any, Protocol
 
 
 class Worker(Protocol):
-    """Evaluates plans on a resident model; built once per worker process by a picklable factory."""
+    """Evaluates candidates on a resident model; built once per worker process by a picklable factory."""
 
-    def evaluate(self, plan: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
-        """Apply the plan (``MergePlan.to_dict()``) and score it.
+    def evaluate(self, spec: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+        """Build the candidate (a :mod:`mergesearch.candidates` spec, or a bare ``MergePlan.to_dict()``) and
+        score it.
 
         Returns:
             ``({objective name: value}, {"merge": seconds, "eval": seconds})``.

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from mergesearch.candidates import CandidateContext, candidate_from, objective_prompts
 from mergesearch.config import JobConfig
 
 if TYPE_CHECKING:
@@ -53,16 +54,22 @@ class MergeWorker:
             raise ModelError(f"model {config.base_model!r}: cannot load its tokenizer ({reason})") from None
         context = ObjectiveContext(base_state=self.merger.base_state, device=ex.device, split="search")
         self.objectives = build_objectives(config.objectives, context)
+        self.context = CandidateContext(self.merger, self.tokenizer, objective_prompts(self.objectives),
+                                        seed=config.search.seed)
 
-    def evaluate(self, plan: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
-        """Merge ``plan`` into the resident model and score it; see :class:`~mergesearch.execution.base.Worker`."""
-        from mergesearch.merging.plan import MergePlan
+    def evaluate(self, spec: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+        """Build the candidate ``spec`` describes (:mod:`mergesearch.candidates`; a bare plan dict is a static
+        merge) on the resident model and score it; see :class:`~mergesearch.execution.base.Worker`."""
         from mergesearch.objectives import evaluate
 
         t0 = time.perf_counter()
-        model = self.merger.apply(MergePlan.model_validate(plan))
+        candidate = candidate_from(spec)
+        model = candidate.build(self.context)
         t1 = time.perf_counter()
-        values = evaluate(self.objectives, model, self.tokenizer)
+        try:
+            values = evaluate(self.objectives, model, self.tokenizer)
+        finally:
+            candidate.release(model)
         t2 = time.perf_counter()
         return values, {"merge": t1 - t0, "eval": t2 - t1}
 

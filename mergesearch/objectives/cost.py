@@ -38,6 +38,15 @@ from mergesearch.objectives.scoring import model_device
 SOURCE_LAYERS_ATTR = "mergesearch_source_layers"
 
 
+def static_part(model: Any) -> Any:
+    """The one static model inside a candidate's model: itself, or a routed family's ``shared`` model.
+
+    Distances from the base measure this part; what a family adds around it (low-rank experts, a router) is
+    counted by ``extra_params``.
+    """
+    return getattr(model, "shared", model)
+
+
 def source_layers(model: Any, n_layers: int) -> list[int]:
     """The base layer each of the model's ``n_layers`` decoder layers stands for (identity when not recorded)."""
     found = getattr(model, SOURCE_LAYERS_ATTR, None)
@@ -66,6 +75,7 @@ class CostObjective(ObjectiveBase):
         Returns:
             ``(total, entries)``: the summed measure and the number of entries it covers.
         """
+        model = static_part(model)
         base = self.require_base()  # may be lazy (read from disk per tensor): hold names, fetch when measuring
         base_layers: dict[int, dict[str, str]] = {}  # base depth -> {name pattern: base tensor name}
         for name in base:
@@ -158,8 +168,18 @@ class ParamCount(CostObjective):
         return float(sum(p.numel() for p in model.parameters()))
 
 
+class ExtraParams(CostObjective):
+    """Parameters a candidate adds to its static merge (a twin's low-rank experts and router), as a fraction of
+    the static model's (0 for a static merge)."""
+
+    def __call__(self, model: Any, tokenizer: Any) -> float:
+        static = sum(p.numel() for p in static_part(model).parameters())
+        return float(sum(p.numel() for p in model.parameters()) - static) / static
+
+
 def decoder_layers(model: Any) -> int:
     """Length of the decoder's layer list (``model.layers``, ``transformer.h``, ...), else the config's count."""
+    model = static_part(model)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
             return len(module)

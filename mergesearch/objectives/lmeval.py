@@ -53,7 +53,14 @@ class LmEval(ObjectiveBase):
                 break
         else:
             raise ConfigError(f"objective '{self.name}': unknown lm-eval task '{p.task}'")
-        self.task_dict = get_task_dict([p.task], manager)
+        try:
+            self.task_dict = get_task_dict([p.task], manager)
+        except Exception as e:  # the task's dataset from the hub: offline, unknown, refused
+            from mergesearch.errors import DataError
+            from mergesearch.models import hub_reply
+
+            raise DataError(f"objective '{self.name}': lm-eval task '{p.task}' could not load its data: "
+                            f"{hub_reply(e)}") from None
         for task in self.task_dict.values():
             if p.num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=p.num_fewshot)

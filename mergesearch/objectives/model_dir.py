@@ -77,17 +77,17 @@ def evaluate_model_dir(
     Raises:
         ModelError: the model cannot be loaded. ConfigError / DataError: bad objectives or data.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from mergesearch.candidates import load_model
 
     folder = _local_dir(model_dir)
     base = SafetensorsState(base_model) if base_model is not None else None
     objectives = build_objectives(configs, ObjectiveContext(base_state=base, device=device, split=split))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
-        ).to(device)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"{model_dir}: cannot load model ({reason})") from None
+    model = load_model(folder, device=device, dtype=torch.float32)  # any candidate family's export
     return evaluate(objectives, model, tokenizer)

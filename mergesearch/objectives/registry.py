@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from mergesearch.errors import ConfigError, TrialError
 from mergesearch.objectives.base import Objective, ObjectiveBase, ObjectiveContext
 from mergesearch.objectives.choice import Choice
-from mergesearch.objectives.cost import L1FromBase, Latency, LayerCount, NonzeroDelta, ParamCount
+from mergesearch.objectives.cost import ExtraParams, L1FromBase, Latency, LayerCount, NonzeroDelta, ParamCount
 from mergesearch.objectives.exact_match import ExactMatch
 from mergesearch.objectives.lmeval import LmEval
 from mergesearch.objectives.loglik import LogLik
@@ -38,6 +38,7 @@ OBJECTIVES: dict[str, type[ObjectiveBase]] = {
     "params": ParamCount,
     "layers": LayerCount,
     "latency": Latency,
+    "extra_params": ExtraParams,
 }
 
 

@@ -136,7 +136,8 @@ class SearchRun:
         self.objectives = objective_specs(config)
         self.space = build_space(config.space, base_model=config.base_model, models=list(config.models),
                                  num_layers=num_layers_of(config.base_model),
-                                 dtype=config.dtype, seed=config.search.seed if seed is None else seed)
+                                 dtype=config.dtype, seed=config.search.seed if seed is None else seed,
+                                 objectives=[o.label for o in config.objectives if o.data is not None])
         ref = config.search.reference_point
         if ref and set(ref) != {n for n, _ in self.objectives}:
             from mergesearch.errors import ConfigError
@@ -148,6 +149,13 @@ class SearchRun:
 
             raise ConfigError(f"unknown optimizer {optimizer or config.search.optimizer!r}; "
                               f"known: {', '.join(OPTIMIZERS)}")
+        if config.space.twin is not None:  # checked before a new study is created
+            from mergesearch.candidates import check_twin_rank
+            from mergesearch.models import Checkpoint
+
+            rank = config.space.twin.rank
+            check_twin_rank(rank if isinstance(rank, int) else int(rank.high),
+                            Checkpoint(config.base_model, allow_pickle=config.allow_pickle).shapes)
         self._initial = self._initial_points()  # before the study is opened: a bad point creates nothing
         from mergesearch.search.pareto import _local_file
 
@@ -295,13 +303,13 @@ class SearchRun:
                 if n > 0:
                     self._enqueue_refinements(n, complete + len(inflight))
                     for trial in self.optimizer.ask(n):
-                        plan = self.space.decode(trial.params).to_dict()
-                        executor.submit(trial.number, plan)
-                        inflight[trial.number] = {"params": trial.params, "plan": plan,
+                        spec = self.space.candidate(trial.params)
+                        executor.submit(trial.number, spec)
+                        inflight[trial.number] = {"params": trial.params, "spec": spec,
                                                   "attrs": carried_attrs(trial.user_attrs)}
                 for res in executor.completed(timeout=0.5):
                     job = inflight.pop(res.trial)
-                    record_trial(self.study, res.trial, plan=job["plan"], worker=res.worker, timings=res.timings,
+                    record_trial(self.study, res.trial, spec=job["spec"], worker=res.worker, timings=res.timings,
                                  attempts=res.attempts, summary=self.space.summary(job["params"]))
                     if res.ok and res.values is not None:
                         self.optimizer.tell(res.trial, [res.values[n] for n, _ in self.objectives])
@@ -320,13 +328,11 @@ class SearchRun:
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Ray's waits re-raise it as a plain KeyboardInterrupt)
             interrupted = True
             terminated = isinstance(e, Terminated) or received()
-            import sys as _s; import time as _t; print("DBG caught", _t.time(), file=_s.stderr)  # noqa
         finally:
             heartbeat.stop()
             self.lease.stop()
             self._requeue_running(inflight)
             self.lease.release()
-        import sys as _s; import time as _t; print("DBG report", _t.time(), file=_s.stderr)  # noqa
         return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
                          failed_this_run=failed_run, completed_this_run=done_run,
                          elapsed=time.perf_counter() - start, interrupted=interrupted,

@@ -53,6 +53,8 @@ class FrontTrial:
     test_values: dict[str, float] | None = None
     #: where the trial came from, when not the optimizer: ``recipe`` (``search.initial``) or ``refines #n``.
     origin: str = ""
+    #: the candidate family (:mod:`mergesearch.candidates`): ``static`` or ``twin``.
+    family: str = "static"
 
 
 @dataclass
@@ -438,7 +440,8 @@ def load_front(study_or_storage: optuna.Study | str | Any, study_name: str | Non
     trials = [FrontTrial(number=t.number, values=dict(zip(names, map(float, t.values), strict=True)),
                          params=dict(t.params), plan=t.user_attrs.get("plan"),
                          summary=str(t.user_attrs.get("summary", "")),
-                         test_values=t.user_attrs.get("test_values"), origin=_origin(t.user_attrs)) for t in best]
+                         test_values=t.user_attrs.get("test_values"), origin=_origin(t.user_attrs),
+                         family=str(t.user_attrs.get("family", "static"))) for t in best]
     trials.sort(key=lambda t: _sort_key(t, objectives))
     hv = hypervolume(np.array([t.values for t in best], dtype=float).reshape(-1, len(names)),
                      [d for _, d in objectives], ref) if best else 0.0
@@ -521,7 +524,7 @@ def hypervolume_text(front: Front) -> str:
     where = f"reference point {ref}: {_SOURCE.get(front.reference_source, front.reference_source)}"
     if front.normalised_hypervolume is None:
         return f"hypervolume {front.hypervolume:.6g} ({where})"
-    return f"hypervolume {front.normalised_hypervolume:.3f} normalised, {front.hypervolume:.6g} raw ({where})"
+    return f"hypervolume {front.normalised_hypervolume:.3g} normalised, {front.hypervolume:.6g} raw ({where})"
 
 
 def dominance_text(front: Front) -> str | None:

@@ -115,7 +115,7 @@ class RunProgress:
         hv_text = ""
         if hv is not None:
             raw, norm = hv
-            hv_text = f" hv={norm:.3f} (raw {raw:.4g})" if norm is not None else f" hv={raw:.4g}"
+            hv_text = f" hv={norm:.3g} (raw {raw:.4g})" if norm is not None else f" hv={raw:.4g}"
         best = " ".join(f"{k}={v:.4g}" for k, v in self.best.items())
         return f"failed={self.failed} running={self.run.running}{eta}{hv_text} best: {best}"
 

@@ -69,7 +69,24 @@ def study_location(config: Any = None, storage: str | None = None, study: str | 
     (study :data:`DEFAULT_STUDY`, storage ``sqlite:///<study>.db`` in the working directory)."""
     name = study or (config.study if config is not None else None) or DEFAULT_STUDY
     url = storage or (config.storage if config is not None else None) or f"sqlite:///{name}.db"
+    if os.environ.get(RAY_JOB_ENV) and _relative_file(url):
+        # `ray job submit` runs the driver in a temporary copy of --working-dir, gone when the cluster restarts
+        raise ConfigError(f"storage {mask_url(url)} is a relative path, and under `ray job submit` the working "
+                          "directory is Ray's temporary copy (lost on restart): pass an absolute one, e.g. "
+                          f"--storage sqlite:////abs/path/{name}.db")
     return storage_url(url), name
+
+
+#: set by Ray's job supervisor in the environment of a driver started by `ray job submit`
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _relative_file(url: str) -> bool:
+    """Whether ``url`` names a local file (SQLite, journal, plain path) by a relative path."""
+    for prefix in ("sqlite:///", "journal://"):
+        if url.startswith(prefix):
+            return not url[len(prefix):].startswith("/")
+    return "://" not in url and not os.path.isabs(url)
 
 
 def _make_storage(url: str, heartbeat_interval: int) -> BaseStorage:
@@ -277,19 +294,21 @@ def record_trial(
     study: optuna.Study,
     trial_number: int,
     *,
-    plan: dict,
+    spec: dict,
     worker: str,
     timings: dict,
     attempts: int,
     summary: str = "",
 ) -> None:
-    """Store a trial's decoded plan (and its one-line summary), worker, timings (seconds by phase) and attempts;
-    call before tell."""
-    set_trial_attrs(
-        study,
-        trial_number,
-        {"plan": plan, "summary": summary, "worker": worker, "timings": timings, "attempts": attempts},
-    )
+    """Store a trial's candidate (see :mod:`mergesearch.candidates`: its plan, its ``family`` and, for a family
+    beyond a static merge, the rest of its spec under ``candidate``), its one-line summary, worker, timings
+    (seconds by phase) and attempts; call before tell."""
+    spec = dict(spec)
+    attrs = {"plan": spec.pop("plan"), "family": spec.pop("family", "static")}
+    if spec:
+        attrs["candidate"] = spec
+    set_trial_attrs(study, trial_number,
+                    {**attrs, "summary": summary, "worker": worker, "timings": timings, "attempts": attempts})
 
 
 def count_complete(study: optuna.Study) -> int:

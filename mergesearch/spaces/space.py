@@ -25,13 +25,14 @@ entry, so those tensors take layer 0's group value (the ``rest`` value when filt
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from mergesearch.candidates import Static, Twin, twin_experts
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError, ModelError
 from mergesearch.merging.methods import METHODS, REQUIRED, Param, get_method
@@ -85,7 +86,7 @@ class MergeSpace:
     """
 
     def __init__(self, space: SpaceConfig, *, base_model: str, models: list[str], num_layers: int,
-                 dtype: str, seed: int) -> None:
+                 dtype: str, seed: int, objectives: Sequence[str] = ()) -> None:
         _check(space, models, num_layers)
         self.methods: tuple[str, ...] = tuple(space.methods)
         self.base_model, self.models, self.num_layers = base_model, list(models), num_layers
@@ -135,6 +136,11 @@ class MergeSpace:
                     rows.append(names)
                 table.append(rows)
             self._names[p] = table
+        self.twin = space.twin
+        #: (objective, model) pairs of a twin space (router outputs in this order)
+        self.twin_experts = () if space.twin is None else twin_experts(space.twin.experts, objectives, self.models)
+        if space.twin is not None and not isinstance(space.twin.rank, int):
+            d["twin.rank"] = IntDistribution(int(space.twin.rank.low), int(space.twin.rank.high))
         if self.layers is not None:
             for k in range(self.layers.slots):
                 d[f"layer.{k}"] = CategoricalDistribution(list(self.layers.choices))
@@ -173,6 +179,8 @@ class MergeSpace:
                 out[name] = self.layers.choices[self.layers.tokens.index(self.layers.fill)]
             elif name.startswith("layer_offset."):
                 out[name] = 0
+            elif name == "twin.rank":
+                out[name] = (dist.low + dist.high) // 2
             else:
                 out[name] = _clamp(dist, _neutral(self._params[name.split(".")[0]]))
         return out
@@ -287,6 +295,16 @@ class MergeSpace:
         return MergePlan(merge_method=method, slices=slices, base_model=base, parameters=shared or None,
                          dtype=self.dtype, random_seed=seed)
 
+    def candidate(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The stored spec of the candidate for ``params`` (:mod:`mergesearch.candidates`): the decoded plan,
+        as a twin family when the space has ``twin``."""
+        plan = self.decode(params)
+        if self.twin is None:
+            return Static(plan).spec()
+        p = self.complete(params)
+        rank = self.twin.rank if isinstance(self.twin.rank, int) else int(p["twin.rank"])
+        return Twin(plan, rank, self.twin_experts, self.twin.router).spec()
+
     def _kept(self, p: dict[str, Any], method: str) -> list[tuple[Token, int]]:
         """``(token, source_depth)`` of each kept slot after the min/max repair, in output order."""
         lp = self.layers
@@ -356,6 +374,8 @@ class MergeSpace:
                                          for k in range(self.layers.slots)])
             code = "".join("M" if t == MERGED else "-" if t == SKIP else "b" if t == -1 else str(t) for t in tokens)
             parts.append(f"layers={sum(t != SKIP for t in tokens)}:{code}")
+        if self.twin is not None:
+            parts.append(f"twin r={self.twin.rank if isinstance(self.twin.rank, int) else p['twin.rank']}")
         return " ".join(parts)
 
 
@@ -381,6 +401,8 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
                      f"{info.min_inputs}..{info.max_inputs}" if info.max_inputs else f"at least {info.min_inputs}")
             raise ConfigError(f"space.methods: {m} merges {bound} models{base}, got {n} ({len(models)} models"
                               f"{' + base' if with_base else ''})")
+    if space.twin is not None and space.layers is not None:
+        raise ConfigError("space.twin: the shared model must keep the base's layers; remove space.layers")
     if "passthrough" in space.methods and space.layers is None:
         raise ConfigError("space.methods: passthrough only copies layers; it needs space.layers")
     if isinstance(space.granularity, int) and space.granularity < 1:
@@ -401,7 +423,7 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
 
 
 def build_space(space: SpaceConfig, *, base_model: str, models: list[str], num_layers: int,
-                dtype: str = "float32", seed: int = 0) -> MergeSpace:
+                dtype: str = "float32", seed: int = 0, objectives: Sequence[str] = ()) -> MergeSpace:
     """Build and validate the search space of a job.
 
     Args:
@@ -411,11 +433,13 @@ def build_space(space: SpaceConfig, *, base_model: str, models: list[str], num_l
         num_layers: the base's ``num_hidden_layers``.
         dtype: the plans' ``dtype``.
         seed: ``random_seed`` of DARE/DELLA plans, so a plan is reproducible.
+        objectives: the job's task objective names (a twin space pairs them with the experts).
 
     Raises:
         ConfigError: one line naming the offending ``space`` key.
     """
-    return MergeSpace(space, base_model=base_model, models=models, num_layers=num_layers, dtype=dtype, seed=seed)
+    return MergeSpace(space, base_model=base_model, models=models, num_layers=num_layers, dtype=dtype, seed=seed,
+                      objectives=objectives)
 
 
 def num_layers_of(model: str | Path) -> int:

@@ -89,6 +89,7 @@ class RoutedModel(nn.Module):
                                     for m in self.targets)
         self._alpha: torch.Tensor | None = None
         self._handles = []
+        self._detached = False
         if factors.rank > 0:
             for name, mixer in zip(self.targets, self.mixers, strict=True):
                 module = shared.get_submodule(name)
@@ -159,6 +160,8 @@ class RoutedModel(nn.Module):
                    position_ids: torch.Tensor | None, alpha: torch.Tensor | int | str | None,
                    prompt_lengths: torch.Tensor | Sequence[int] | None,
                    routing_mask: torch.Tensor | None) -> torch.Tensor:
+        if self._detached:  # its hooks are gone: a call would silently be the shared model
+            raise RuntimeError("this routed model was detached from its shared model")
         if alpha is None:
             return self.route(input_ids, attention_mask, position_ids, prompt_lengths=prompt_lengths,
                               routing_mask=routing_mask)
@@ -218,10 +221,11 @@ class RoutedModel(nn.Module):
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def detach(self) -> nn.Module:
-        """Remove the hooks from the shared model and return it (this routed model is unusable afterwards)."""
+        """Remove the hooks from the shared model and return it; calling this routed model afterwards raises."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._detached = True
         return self.shared
 
     def __enter__(self) -> RoutedModel:

@@ -110,7 +110,8 @@ def test_plain_optuna_loads_the_study(tmp_path):
     study = open_study(url, "s", OBJ)
     opt = run(study, 2)
     (t,) = opt.ask(1)
-    record_trial(study, t.number, plan={"method": "ties"}, worker="w0", timings={"eval": 1.5}, attempts=1)
+    record_trial(study, t.number, spec={"family": "static", "plan": {"method": "ties"}}, worker="w0",
+                 timings={"eval": 1.5}, attempts=1)
     opt.tell(t.number, None, error="bad plan")
     plain = optuna.load_study(study_name="s", storage=url)
     assert [d.name for d in plain.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -120,6 +121,7 @@ def test_plain_optuna_loads_the_study(tmp_path):
     assert failed.state == TrialState.FAIL
     assert failed.user_attrs["fail_reason"] == "bad plan"
     assert failed.user_attrs["plan"] == {"method": "ties"} and failed.user_attrs["timings"] == {"eval": 1.5}
+    assert failed.user_attrs["family"] == "static" and "candidate" not in failed.user_attrs
 
 
 def test_orphans_without_heartbeat_are_failed_and_rerun(tmp_path):

@@ -47,8 +47,9 @@ def test_export_load_same_logits(exported):
     routed, out = exported
     loaded = load_twin(out)
     assert loaded.shared.dtype == routed.shared.dtype and loaded.names == routed.names
-    ids, mask, pos = batch(routed.shared.config and __import__("transformers").AutoTokenizer.from_pretrained(out),
-                           TEXTS, "left")
+    from transformers import AutoTokenizer
+
+    ids, mask, pos = batch(AutoTokenizer.from_pretrained(out), TEXTS, "left")
     with torch.no_grad():
         for alpha in (None, "sort"):
             want = routed(input_ids=ids, attention_mask=mask, position_ids=pos, alpha=alpha).logits
@@ -71,12 +72,12 @@ def test_load_errors_name_the_file(exported, tmp_path):
     import shutil
 
     _, out = exported
-    with pytest.raises(ModelError, match="twin.json"):
+    with pytest.raises(ModelError, match=r"twin\.json"):
         load_twin(tmp_path)
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "adapters" / "swap" / "adapter_model.safetensors").unlink()
-    with pytest.raises(ModelError, match="adapter_model.safetensors: missing"):
+    with pytest.raises(ModelError, match=r"adapter_model\.safetensors: missing"):
         load_twin(broken)
 
 

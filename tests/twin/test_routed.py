@@ -73,10 +73,15 @@ def test_hooks_are_inert_outside_routed_calls_and_removed_by_detach(merger):
         assert torch.equal(merger.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, before)
         routed.detach()
     assert not any(m._forward_hooks for m in merger.model.modules())
-    with pytest.raises(ConfigError, match="no router"):
-        routed(input_ids=ids)
-    with pytest.raises(ConfigError, match="unknown twin expert"):
-        routed(input_ids=ids, alpha="chess")
+    with pytest.raises(RuntimeError, match="detached"):
+        routed(input_ids=ids, alpha=0)
+    with RoutedModel(merger.model, compute_factors(merger, 1)) as plain:
+        with pytest.raises(ConfigError, match="no router"):
+            plain(input_ids=ids)
+        with pytest.raises(ConfigError, match="unknown twin expert"):
+            plain(input_ids=ids, alpha="chess")
+        with pytest.raises(ConfigError, match=r"alpha must be \[batch, experts\]"):
+            plain(input_ids=ids, alpha=torch.ones(2, 3))
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +152,31 @@ def test_bfloat16_full_rank_oracle_is_finite_and_close(twin_models, merger):
             want = expert_logits(twin_models[task], ids, mask, pos).float()  # the float32 expert
             err = (got.float()[real] - want[real]).abs().max()
             assert err < 0.05 * want[real].abs().max(), float(err)
+
+
+def test_objectives_score_the_routed_model_without_task_labels(merger, routed, tmp_path):
+    """The exact-match and loglik objectives take a routed model as they take a HF model."""
+    import json
+
+    from mergesearch.config import ObjectiveConfig
+    from mergesearch.objectives import ObjectiveContext, build_objectives, evaluate
+    from mergesearch.objectives.scoring import pad, pad_id
+
+    tok = merger.tokenizer
+    texts = [p for t in EXPERTS for p in prompts(t, 4, seed=3)]
+    ids, mask, _, _ = pad([tok(t)["input_ids"] for t in texts], pad_id(tok), "left", torch.device("cpu"))
+    new = routed.generate(ids, mask, max_new_tokens=3, do_sample=False, pad_token_id=pad_id(tok))[:, ids.shape[1] :]
+    rows = []
+    for text, out in zip(texts, new.tolist(), strict=True):
+        words = [tok.convert_ids_to_tokens(i) for i in out]
+        words = words[: next((k for k, w in enumerate(words) if w.startswith("<")), len(words))]
+        if words:  # the routed model's own greedy answer, cut before any special token
+            rows.append({"prompt": text, "answer": " ".join(words)})
+    assert len(rows) >= 6
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    objectives = build_objectives([ObjectiveConfig.model_validate(c) for c in (
+        {"type": "exact_match", "name": "em", "data": str(data), "eos": False, "batch_size": 5},
+        {"type": "loglik", "name": "ll", "data": str(data)})], ObjectiveContext())
+    scores = evaluate(objectives, routed, tok)
+    assert scores["em"] == 1.0 and scores["ll"] < 0

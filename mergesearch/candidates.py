@@ -1,0 +1,255 @@
+"""What a trial evaluates: a candidate built on the resident merger — one seam for every family.
+
+A **static** candidate is one merge plan written into the resident model. A **twin** candidate (Twin-Merging,
+Lu et al. 2024) is a static plan (the shared model θ*) plus, for each expert, the rank-r truncated SVD of
+θt − θ* mixed per input by a router trained on the tasks' search prompts. The worker, the exporter and the cost
+objectives see only this interface:
+
+- ``spec()``: what the study stores (``candidate_from(spec)`` rebuilds the candidate; a bare plan dict, as older
+  studies stored, is a static candidate);
+- ``build(ctx)``: a model the objectives can run (a HF causal LM or a routed model with the same surface);
+- ``release(model)``: undo what ``build`` attached to the resident model before the next trial;
+- ``export(ctx, model, out_dir, …)``: write it where users load it (``mergesearch.load_model``).
+
+A new family is one class here plus one entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from mergesearch.errors import ConfigError
+from mergesearch.merging.plan import MergePlan
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mergesearch.merging.apply import ResidentMerger
+
+
+@dataclass(frozen=True)
+class CandidateContext:
+    """What building a candidate may use, held by a worker (or the exporter).
+
+    Attributes:
+        merger: the resident merger (base, experts' task vectors, the resident model).
+        tokenizer: the base's tokenizer.
+        prompts: objective name -> its search-split prompts (to train a router on).
+        seed: the study's seed (randomized SVDs, router initialisation).
+    """
+
+    merger: ResidentMerger
+    tokenizer: Any
+    prompts: Callable[[str], list[str]]
+    seed: int = 0
+
+
+class Candidate(Protocol):
+    """A family member a trial evaluates (see the module docstring)."""
+
+    family: ClassVar[str]
+    plan: MergePlan
+
+    def spec(self) -> dict[str, Any]: ...
+
+    def build(self, ctx: CandidateContext) -> nn.Module: ...
+
+    def release(self, model: nn.Module) -> None: ...
+
+    def export(self, ctx: CandidateContext, model: nn.Module, out_dir: Path, *, recipe: MergePlan,
+               extra_files: Mapping[str, str], overwrite: bool = False) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Static:
+    """One merge plan written into the resident model."""
+
+    plan: MergePlan
+    family: ClassVar[str] = "static"
+
+    def spec(self) -> dict[str, Any]:
+        return {"family": self.family, "plan": self.plan.to_dict()}
+
+    def build(self, ctx: CandidateContext) -> nn.Module:
+        return ctx.merger.apply(self.plan)
+
+    def release(self, model: nn.Module) -> None:
+        """Nothing to undo: the next plan overwrites every merged tensor."""
+
+    def export(self, ctx: CandidateContext, model: nn.Module, out_dir: Path, *, recipe: MergePlan,
+               extra_files: Mapping[str, str], overwrite: bool = False) -> Path:
+        from mergesearch.merging.run import save_model_dir
+
+        return save_model_dir(model, out_dir, tokenizer_source=ctx.merger.tokenizer_path, recipe=recipe,
+                              overwrite=overwrite, extra_files=extra_files)
+
+
+@dataclass(frozen=True)
+class Twin:
+    """Twin-Merging: the plan's merge shared, each expert's exclusive part at rank ``rank``, a router mixing them.
+
+    Attributes:
+        plan: the shared merge θ*.
+        rank: r of every exclusive part (0: the shared model alone).
+        experts: (objective name, model) pairs: expert ``model`` serves the task scored by that objective, whose
+            search prompts train the router; router outputs follow this order.
+        router: :class:`~mergesearch.twin.router.RouterSettings` fields (e.g. ``{"width": 64}``).
+    """
+
+    plan: MergePlan
+    rank: int
+    experts: tuple[tuple[str, str], ...]
+    router: Mapping[str, Any] = field(default_factory=dict)
+    family: ClassVar[str] = "twin"
+
+    def spec(self) -> dict[str, Any]:
+        return {"family": self.family, "plan": self.plan.to_dict(), "rank": self.rank,
+                "experts": [list(e) for e in self.experts], "router": dict(self.router)}
+
+    def build(self, ctx: CandidateContext) -> nn.Module:
+        from mergesearch.twin import RouterSettings, build_twin
+
+        prompts = [ctx.prompts(objective) for objective, _ in self.experts]
+        return build_twin(ctx.merger, self.plan, self.rank, prompts, experts=[m for _, m in self.experts],
+                          names=[o for o, _ in self.experts], router=RouterSettings(**self.router),
+                          tokenizer=ctx.tokenizer, seed=ctx.seed)
+
+    def release(self, model: nn.Module) -> None:
+        model.detach()  # type: ignore[operator]  # remove the adapters' hooks from the resident model
+
+    def export(self, ctx: CandidateContext, model: nn.Module, out_dir: Path, *, recipe: MergePlan,
+               extra_files: Mapping[str, str], overwrite: bool = False) -> Path:
+        from mergesearch.merging.plan import plan_to_yaml
+        from mergesearch.twin import export_twin
+
+        meta = {"candidate": self.spec(), "recipe": plan_to_yaml(recipe)}
+        out = export_twin(out_dir, model.shared, ctx.merger.tokenizer_path, model.factors,  # type: ignore[union-attr]
+                          model.router, meta, overwrite=overwrite)  # type: ignore[union-attr]
+        for name, text in extra_files.items():
+            (out / name).write_text(text)
+        (out / "recipe.yaml").write_text(plan_to_yaml(recipe))  # the shared merge, replayable alone
+        return out
+
+
+FAMILIES: dict[str, Callable[[Mapping[str, Any]], Candidate]] = {
+    "static": lambda s: Static(MergePlan.model_validate(s["plan"])),
+    "twin": lambda s: Twin(MergePlan.model_validate(s["plan"]), int(s["rank"]),
+                           tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {})),
+}
+
+
+def candidate_from(spec: Mapping[str, Any]) -> Candidate:
+    """The candidate a stored spec describes; a bare plan dict (no ``family``) is a static candidate.
+
+    Raises:
+        ConfigError: an unknown family.
+    """
+    if "family" not in spec:
+        return Static(MergePlan.model_validate(spec))
+    family = spec["family"]
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown candidate family {family!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[family](spec)
+
+
+def load_model(directory: str | Path, *, device: str = "cpu", dtype: Any = None) -> nn.Module:
+    """Load what ``export`` wrote, whatever the family: a routed twin model (``twin.json`` present) or a plain
+    Hugging Face causal LM. Safetensors only; no remote code runs.
+
+    Args:
+        directory: an exported model directory.
+        device: where to put it. dtype: a torch dtype (default: as stored).
+
+    Raises:
+        ModelError: not a loadable model directory.
+    """
+    from mergesearch.errors import ModelError
+
+    path = Path(directory)
+    if (path / "twin.json").is_file():
+        from mergesearch.twin import load_twin
+
+        return load_twin(path, device=device, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True,
+                                                    dtype=dtype or "auto").to(device).eval()
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{directory}: cannot load model ({reason})") from None
+
+
+def check_twin_rank(rank: int, shapes: Mapping[str, Sequence[int]]) -> None:
+    """ConfigError unless every linear weight of the decoder layers can hold a rank-``rank`` part.
+
+    Args:
+        rank: the largest rank a twin space asks for.
+        shapes: tensor name -> shape of the base checkpoint.
+    """
+    from mergesearch.models import layer_key
+
+    for name, shape in shapes.items():
+        if layer_key(name)[1] is not None and name.endswith(".weight") and len(shape) == 2 and rank > min(shape):
+            raise ConfigError(f"space.twin.rank: {rank} is larger than tensor {name!r} {tuple(shape)} allows "
+                              f"(max rank {min(shape)})")
+
+
+def objective_prompts(objectives: Sequence[Any]) -> Callable[[str], list[str]]:
+    """``name -> prompts`` of the job's prompt-based objectives (their loaded split), for a context's ``prompts``.
+
+    Raises (when called): ConfigError naming an objective that has no prompts.
+    """
+    by_name = {o.name: o for o in objectives}
+
+    def prompts(name: str) -> list[str]:
+        examples = getattr(by_name.get(name), "examples", None)
+        if not examples:
+            raise ConfigError(f"objective {name!r} has no prompts to train a twin router on (use a task objective "
+                              "with a data file: exact_match, loglik, choice)")
+        return [str(ex["prompt"]) for ex in examples]
+
+    return prompts
+
+
+def stored_candidate(user_attrs: Mapping[str, Any]) -> Candidate:
+    """The candidate a trial evaluated, from its user attributes (``plan``, ``family``, ``candidate``)."""
+    return candidate_from({"plan": user_attrs["plan"], "family": user_attrs.get("family", "static"),
+                           **(user_attrs.get("candidate") or {})})
+
+
+def twin_experts(mapping: Mapping[str, str] | None, objectives: Sequence[str], models: Sequence[str]
+                 ) -> tuple[tuple[str, str], ...]:
+    """The (objective, model) pairs of a twin space: ``mapping`` checked, or objectives and models in order.
+
+    Args:
+        mapping: ``space.twin.experts`` (objective name -> model, a path or the model's index), or None.
+        objectives: the job's task objective names, in order.
+        models: the job's expert models, in order.
+
+    Raises:
+        ConfigError: fewer than two experts, an unknown objective or model, a model named twice.
+    """
+    if len(models) < 2:
+        raise ConfigError(f"space.twin: Twin-Merging routes between experts; the job has {len(models)} model")
+    if mapping is None:
+        if len(objectives) < len(models):
+            raise ConfigError(f"space.twin: {len(models)} models but only {len(objectives)} task objectives to "
+                              "train the router on; set space.twin.experts (objective: model)")
+        return tuple(zip(objectives, models, strict=False))
+    pairs = []
+    for objective, ref in mapping.items():
+        if objective not in objectives:
+            raise ConfigError(f"space.twin.experts: unknown objective {objective!r} (task objectives: "
+                              f"{', '.join(objectives)})")
+        model = models[int(ref)] if str(ref).isdigit() and int(ref) < len(models) else str(ref)
+        if model not in models:
+            raise ConfigError(f"space.twin.experts: {objective}: unknown model {ref!r} (models: "
+                              f"{', '.join(models)})")
+        pairs.append((objective, model))
+    if len({m for _, m in pairs}) != len(pairs) or len(pairs) < 2:
+        raise ConfigError("space.twin.experts: name at least two different models, each once")
+    return tuple(pairs)

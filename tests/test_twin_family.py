@@ -1,0 +1,83 @@
+"""Twin-Merging as a candidate family in a search: stored, picked, exported, reloaded and re-scored through the
+same paths as static merges; bad twin spaces refused with one line and nothing stored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mergesearch.cli import main
+from tests.conftest import write_job
+
+TASKS = ("  - {type: exact_match, name: reverse, data: data/reverse_search.jsonl, test: data/reverse_test.jsonl}\n"
+         "  - {type: loglik, name: sort_ll, data: data/sort_search.jsonl, test: data/sort_test.jsonl}\n"
+         "  - {type: extra_params, name: extra}\n")
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _job(tiny_models, tmp_path: Path, twin: str) -> Path:
+    job = write_job(tmp_path, tiny_models, objectives=TASKS)
+    job.write_text(job.read_text().replace("density: [0.2, 1]}", f"density: [0.2, 1], twin: {twin}}}"))
+    return job
+
+
+def test_twin_study_stores_picks_exports_and_rescores(tiny_models, tmp_path: Path, capsys) -> None:
+    from mergesearch.candidates import load_model
+    from mergesearch.twin import RoutedModel
+
+    job = _job(tiny_models, tmp_path, "{rank: [1, 4], router: {steps: 50}}")
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    code, _, err = _cli(["run", str(job), "--storage", url, "--study", "t", "--trials", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    trials = optuna.load_study(study_name="t", storage=url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    for t in trials:
+        assert t.user_attrs["family"] == "twin" and 1 <= t.user_attrs["candidate"]["rank"] <= 4
+        assert t.user_attrs["candidate"]["experts"] == [["reverse", str(tiny_models["a"])],
+                                                       ["sort_ll", str(tiny_models["b"])]]
+        assert t.values[2] > 0  # the low-rank experts and the router are extra parameters
+    out = tmp_path / "picked"
+    code, text, err = _cli(["pick", "--storage", url, "--study", "t", "--family", "twin", "--out", str(out)],
+                           capsys)
+    assert code == 0, err
+    assert (out / "twin.json").is_file() and (out / "recipe.yaml").is_file()
+    model = load_model(out)
+    assert isinstance(model, RoutedModel)
+    # export -> load_model -> eval reproduces the stored scores
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["family"] == "twin"
+    code, text, err = _cli(["eval", str(job), "--model", str(out), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(text) == pytest.approx(scores["values"], rel=1e-5, abs=1e-5)
+    code, _, err = _cli(["pick", "--storage", url, "--study", "t", "--family", "static"], capsys)
+    assert code != 0 and "no trial of that family" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("twin", "models", "needle"), [
+    ("{rank: 40}", "ab", "space.twin.rank: 40 is larger than tensor"),
+    ("{rank: 2, experts: {nope: 0, sort_ll: 1}}", "ab", "unknown objective 'nope'"),
+    ("{rank: 2, experts: {reverse: /no/such/model, sort_ll: 1}}", "ab", "unknown model '/no/such/model'"),
+    ("{rank: 2}", "a", "routes between experts; the job has 1 model"),
+])
+def test_bad_twin_spaces_are_one_line_and_store_nothing(tiny_models, tmp_path: Path, capsys, twin, models,
+                                                        needle) -> None:
+    job = _job(tiny_models, tmp_path, twin)
+    if models == "a":
+        job.write_text(job.read_text().replace(f", {tiny_models['b']}]", "]"))
+    db = tmp_path / "bad.db"
+    code, _, err = _cli(["run", str(job), "--storage", f"sqlite:///{db}", "--study", "b", "--no-progress"], capsys)
+    assert code != 0
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not db.exists() or not optuna.get_all_study_summaries(f"sqlite:///{db}")
