@@ -394,6 +394,25 @@ def show(
                    + (f", timings: {timing}" if timing else ""))
 
 
+@app.command()
+def suggest(
+    job: Path = typer.Argument(..., metavar="JOB.yaml", help="The job of the study (a layer space, optimizer hm3)."),
+    prefer: str = typer.Option(..., help="Weights over objectives, e.g. reverse=2,swap=1 (unnamed: 0)."),
+    storage: str | None = typer.Option(None, help=STORAGE_HELP),
+    study: str | None = typer.Option(None, help="Study name."),
+    workers: int | None = typer.Option(None, min=1, help="Number of workers."),
+    address: str | None = typer.Option(None, help="Ray cluster address (auto, HOST:PORT, ray://...)."),
+) -> None:
+    """Ask the learned layer-path policy (optimizer hm3) for a preference, evaluate it, show where it lands."""
+    from mergesearch.config import load_config
+    from mergesearch.search.suggest import suggest as do_suggest
+
+    result = do_suggest(load_config(job), prefer, storage=storage, study_name=study, workers=workers,
+                        address=address)
+    for line in result.lines:
+        typer.echo(line)
+
+
 @app.command("export")
 def export_(
     job: Path | None = typer.Argument(None, metavar="[JOB.yaml]", help=JOB_HELP, show_default=False),

@@ -155,3 +155,16 @@ def test_suggest_proposes_evaluates_and_ranks_on_the_front():
     # mostly ``a`` with some ``base`` is on the front of a 4-slot a-count/base-count problem
     assert out.on_front and out.rank is not None and out.rank <= max(1, out.front_size // 2), out.lines
     assert any("rank" in line for line in out.lines)
+
+
+@pytest.mark.parametrize(("prefer", "needle"), [("bogus=1", "unknown objective 'bogus'"),
+                                                ("reverse=-1", "must be a finite number >= 0")])
+def test_suggest_command_bad_preference_is_one_line(tiny_job, tmp_path, capsys, prefer, needle):
+    from mergesearch.cli import main
+
+    db = tmp_path / "s.db"
+    with pytest.raises(SystemExit) as e:
+        main(["suggest", str(tiny_job), "--prefer", prefer, "--storage", f"sqlite:///{db}", "--study", "s"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and needle in err[0]
+    assert not db.exists()  # nothing stored
