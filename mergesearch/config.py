@@ -137,12 +137,25 @@ class _SpaceBase(_Frozen):
     filters: list[str] = Field(default_factory=list)
     layers: LayerSpace | None = None
     twin: TwinSpace | None = None
+    #: permutation alignment of each expert to the base before its task vector is taken (``weights``: Git
+    #: Re-Basin weight matching; ``activations``: correlation of activations on unlabelled prompts); a list of
+    #: several is a searched choice.
+    align: list[Literal["none", "weights", "activations"]] = Field(default_factory=lambda: ["none"])
+    #: prompts for ``activations`` (``.txt`` or JSONL with ``prompt``); default: the task objectives' search data
+    align_data: Path | None = None
 
     @field_validator("granularity")
     @classmethod
     def _positive(cls, value: Any) -> Any:
         if isinstance(value, int) and value < 1:
             raise ValueError("granularity must be 'global', 'per_layer' or a positive int")
+        return value
+
+    @field_validator("align")
+    @classmethod
+    def _align_unique(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("space.align lists each of none, weights, activations at most once, and one at least")
         return value
 
     @field_validator("methods")
@@ -411,9 +424,13 @@ def load_config(path: str | Path) -> JobConfig:
             file, _, fn = target.rpartition(":")
             upd["target"] = f"{_resolve(file, root)}:{fn}"
         objectives.append(o.model_copy(update=upd) if upd else o)
+    space = cfg.space
+    if space.align_data is not None and not space.align_data.is_absolute():
+        space = space.model_copy(update={"align_data": (root / space.align_data).resolve()})
     try:
         base_model = _resolve_model(cfg.base_model, root, "base_model")
         models = [_resolve_model(m, root, f"models[{i}]") for i, m in enumerate(cfg.models)]
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
-    return cfg.model_copy(update={"base_model": base_model, "models": models, "objectives": objectives})
+    return cfg.model_copy(update={"base_model": base_model, "models": models, "objectives": objectives,
+                                  "space": space})

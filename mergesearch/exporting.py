@@ -17,6 +17,7 @@ from typing import Any
 from mergesearch.candidates import stored_candidate
 from mergesearch.config import JobConfig
 from mergesearch.errors import StudyError
+from mergesearch.merging.aligned import merger_models
 from mergesearch.merging.plan import MergePlan
 
 CONFIG_ATTR = "job_config"
@@ -177,7 +178,7 @@ def export_trial(storage: Any, study_name: str | None, trial_number: int, out_di
                          "it has no recipe yet")
     candidate = stored_candidate(_trial(study, trial_number).user_attrs)
     say(f"loading the base and {len(config.models)} models")
-    merger = ResidentMerger(config.base_model, list(config.models), dtype=config.dtype,
+    merger = ResidentMerger(config.base_model, merger_models(config), dtype=config.dtype,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
     ctx = candidate_context(config, merger)
     say(f"merging trial {trial_number} ({info.summary or candidate.plan.merge_method})")
@@ -234,7 +235,7 @@ def validate_front(storage: Any, study_name: str | None, front: Any,
         raise ConfigError("no objective of this study declares a 'test' split")
     say = progress or (lambda _msg: None)
     say(f"loading the base and {len(config.models)} models")
-    merger = ResidentMerger(config.base_model, list(config.models), dtype=config.dtype,
+    merger = ResidentMerger(config.base_model, merger_models(config), dtype=config.dtype,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
     ctx = candidate_context(config, merger)
     objectives = build_objectives(with_test, ObjectiveContext(base_state=merger.base_state, split="test"))

@@ -38,8 +38,10 @@ class MergeWorker:
 
         torch.set_num_threads(config.execution.threads)
         ex = config.execution
+        from mergesearch.merging.aligned import merger_models
+
         self.merger = ResidentMerger(
-            config.base_model, list(config.models), dtype=config.dtype, device=ex.device,
+            config.base_model, merger_models(config), dtype=config.dtype, device=ex.device,
             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code,
             offload=ex.offload_task_vectors, shared_deltas=shared_deltas,
         )
@@ -125,7 +127,9 @@ def share_task_vectors(factory: MergeWorkerFactory) -> MergeWorkerFactory:
     config = factory.config
     base = Checkpoint(config.base_model, allow_pickle=config.allow_pickle)
     refs = []
-    for model in dict.fromkeys(config.models):
+    from mergesearch.merging.aligned import merger_models
+
+    for model in merger_models(config):
         if model == config.base_model:
             continue
         ck = Checkpoint(model, allow_pickle=config.allow_pickle)

@@ -134,10 +134,14 @@ class SearchRun:
         self.storage, self.study_name = study_location(config, storage, study_name)
         self.target = trials or config.search.trials
         self.objectives = objective_specs(config)
+        from mergesearch.merging.aligned import expert_sets
+
         self.space = build_space(config.space, base_model=config.base_model, models=list(config.models),
                                  num_layers=num_layers_of(config.base_model),
                                  dtype=config.dtype, seed=config.search.seed if seed is None else seed,
-                                 objectives=[o.label for o in config.objectives if o.data is not None])
+                                 objectives=[o.label for o in config.objectives if o.data is not None],
+                                 # aligned experts computed (once: cached) before anything is stored
+                                 aligned=expert_sets(config) if config.space.align != ["none"] else None)
         ref = config.search.reference_point
         if ref and set(ref) != {n for n, _ in self.objectives}:
             from mergesearch.errors import ConfigError

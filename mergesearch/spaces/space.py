@@ -86,7 +86,8 @@ class MergeSpace:
     """
 
     def __init__(self, space: SpaceConfig, *, base_model: str, models: list[str], num_layers: int,
-                 dtype: str, seed: int, objectives: Sequence[str] = ()) -> None:
+                 dtype: str, seed: int, objectives: Sequence[str] = (),
+                 aligned: Mapping[str, Sequence[str]] | None = None) -> None:
         _check(space, models, num_layers)
         self.methods: tuple[str, ...] = tuple(space.methods)
         self.base_model, self.models, self.num_layers = base_model, list(models), num_layers
@@ -115,6 +116,15 @@ class MergeSpace:
         d: dict[str, BaseDistribution] = {}
         if len(self.methods) > 1:
             d["method"] = CategoricalDistribution(list(self.methods))
+        #: align choice -> the experts plans name (``none``: the job's models; see merging.aligned)
+        self.align = tuple(space.align)
+        self._aligned = {mode: list((aligned or {}).get(mode, ())) for mode in self.align if mode != "none"}
+        for mode, paths in self._aligned.items():
+            if len(paths) != len(self.models):
+                raise ConfigError(f"space.align: {mode}: the aligned experts were not prepared (build the space "
+                                  "with merging.aligned.expert_sets)")
+        if len(self.align) > 1:
+            d["align"] = CategoricalDistribution(list(self.align))
         for q in self._params:
             if q in self.searched and q not in self._per_model:
                 r = ranges[q]
@@ -175,6 +185,8 @@ class MergeSpace:
                 out[name] = v
             elif name == "method":
                 out[name] = self.methods[0]
+            elif name == "align":
+                out[name] = self.align[0]
             elif name.startswith("layer."):
                 out[name] = self.layers.choices[self.layers.tokens.index(self.layers.fill)]
             elif name.startswith("layer_offset."):
@@ -254,12 +266,16 @@ class MergeSpace:
         return per_model, shared
 
     def decode(self, params: Mapping[str, Any]) -> MergePlan:
-        """The merge plan for one parameter vector (deterministic; see the module docstring).
+        """The merge plan for one parameter vector (deterministic; see the module docstring), naming the aligned
+        experts when the params' ``align`` choice says so.
 
         Raises:
             ConfigError: unknown parameter names or out-of-range values.
         """
         p = self.complete(params)
+        return self._align(self._plan(p), p)
+
+    def _plan(self, p: dict[str, Any]) -> MergePlan:
         method = p.get("method", self.methods[0])
         info = get_method(method)
         per_model, shared = self._method_values(p, method)
@@ -294,6 +310,20 @@ class MergeSpace:
         base = self.base_model if info.base != "unused" else None
         return MergePlan(merge_method=method, slices=slices, base_model=base, parameters=shared or None,
                          dtype=self.dtype, random_seed=seed)
+
+    def _align(self, plan: MergePlan, p: Mapping[str, Any]) -> MergePlan:
+        """The plan naming the aligned experts of the params' ``align`` choice (unchanged for ``none``)."""
+        mode = p.get("align", self.align[0])
+        if mode == "none":
+            return plan
+        rename = dict(zip(self.models, self._aligned[mode], strict=True))
+        data = plan.to_dict()
+        for m in data.get("models") or []:
+            m["model"] = rename.get(m["model"], m["model"])
+        for sl in data.get("slices") or []:
+            for src in sl["sources"]:
+                src["model"] = rename.get(src["model"], src["model"])
+        return MergePlan.model_validate(data)
 
     def candidate(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The stored spec of the candidate for ``params`` (:mod:`mergesearch.candidates`): the decoded plan,
@@ -374,6 +404,8 @@ class MergeSpace:
                                          for k in range(self.layers.slots)])
             code = "".join("M" if t == MERGED else "-" if t == SKIP else "b" if t == -1 else str(t) for t in tokens)
             parts.append(f"layers={sum(t != SKIP for t in tokens)}:{code}")
+        if p.get("align", self.align[0]) != "none":
+            parts.append(f"align={p.get('align', self.align[0])}")
         if self.twin is not None:
             parts.append(f"twin r={self.twin.rank if isinstance(self.twin.rank, int) else p['twin.rank']}")
         return " ".join(parts)
@@ -401,6 +433,8 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
                      f"{info.min_inputs}..{info.max_inputs}" if info.max_inputs else f"at least {info.min_inputs}")
             raise ConfigError(f"space.methods: {m} merges {bound} models{base}, got {n} ({len(models)} models"
                               f"{' + base' if with_base else ''})")
+    if space.twin is not None and space.align != ["none"]:
+        raise ConfigError("space.twin: routes between the job's own experts; set space.align: [none]")
     if space.twin is not None and space.layers is not None:
         raise ConfigError("space.twin: the shared model must keep the base's layers; remove space.layers")
     if "passthrough" in space.methods and space.layers is None:
@@ -423,7 +457,8 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
 
 
 def build_space(space: SpaceConfig, *, base_model: str, models: list[str], num_layers: int,
-                dtype: str = "float32", seed: int = 0, objectives: Sequence[str] = ()) -> MergeSpace:
+                dtype: str = "float32", seed: int = 0, objectives: Sequence[str] = (),
+                aligned: Mapping[str, Sequence[str]] | None = None) -> MergeSpace:
     """Build and validate the search space of a job.
 
     Args:
@@ -434,12 +469,13 @@ def build_space(space: SpaceConfig, *, base_model: str, models: list[str], num_l
         dtype: the plans' ``dtype``.
         seed: ``random_seed`` of DARE/DELLA plans, so a plan is reproducible.
         objectives: the job's task objective names (a twin space pairs them with the experts).
+        aligned: align choice -> aligned experts' paths (:func:`mergesearch.merging.aligned.expert_sets`).
 
     Raises:
         ConfigError: one line naming the offending ``space`` key.
     """
     return MergeSpace(space, base_model=base_model, models=models, num_layers=num_layers, dtype=dtype, seed=seed,
-                      objectives=objectives)
+                      objectives=objectives, aligned=aligned)
 
 
 def num_layers_of(model: str | Path) -> int:

@@ -1,0 +1,434 @@
+"""Twin-Merging vs static merges on the demo (issue 16, item 6): the best point of each front on the test split.
+
+Target: the twin front holds a point with >= 0.95 of every expert's own-task test accuracy at <= 10 % extra
+parameters.
+
+Configuration, fixed before any search was run:
+
+- Models: the FULL demo build (``mergesearch demo``'s models: 4 layers, hidden 64, 167,488 parameters; seed 0),
+  in ``search_quality.DEMO_DIR`` (built there first if absent).
+- Objectives: the demo's: exact match on reverse, swap and sort, and ``l1_from_base``, with ``limit`` removed,
+  so the search split is all of its 128 examples per task (as in the demo) and the test split all of its 512.
+  The twin searches add ``{type: extra_params, name: extra_params}``.
+- Spaces: ``static``: the demo's (task arithmetic, one weight per model in [0, 1]). ``twin``: the same plus
+  ``twin: {rank: [1, 4]}`` with the default router (width 64). ``twin_w16``: the same with ``router: {width: 16}``:
+  at the demo's width the default router alone is 2.6 % of the model, which with the rank-1 factors (7.8 %) puts
+  every twin point above 10 % (see ``budget`` in the result file); width 16 is the widest power of two that
+  leaves rank 1 under 10 %, chosen from this arithmetic, not from any search result.
+- Search: the demo's settings (``tpe``; initial recipes ``uniform`` and every weight 0.5; ``refine`` = budget//4),
+  40 trials per run, seeds 0 and 1 (``search.seed``: optimizer, twin SVD and router seed), one local worker
+  (``LocalExecutor``, as ``search_quality.run_one``), torch threads 1, in-memory studies.
+
+Measured per front (the study's Pareto front, re-scored on the test split with
+``mergesearch.exporting.validate_front``): each task's test accuracy divided by its expert's own test accuracy
+on that task (experts evaluated with the same objectives on the test split); the weakest task's ratio; the
+point with the best weakest ratio and its extra-parameter ratio; the best weakest ratio among points with
+extra ratio <= 0.10. Extra ratios are computed exactly from the twin rank and the router width
+(``true_extra_ratio``: all experts' factors plus the router, over the static model's parameters), checked against
+one built twin model, and compared with the stored ``extra_params`` objective; where they disagree, the front is
+also recomputed from every completed trial with the exact ratio (``corrected`` front) and that front is re-scored
+too. Evaluation cost: the trials' stored ``timings`` (``merge``: building the candidate, for twin the SVDs and
+router training; ``eval``: scoring), seconds per trial.
+
+    OMP_NUM_THREADS=1 python benchmarks/twin_merging.py [--seeds 0,1] [--budget 40] [--variants static,twin,twin_w16]
+
+Writes ``benchmarks/results/twin_merging.json`` (``--out DIR`` elsewhere) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import search_quality as sq  # the demo build and its local-executor config
+
+TARGET_RATIO = 0.95
+EXTRA_CAP = 0.10
+MAX_RANK = 4
+VARIANTS = {"static": None, "twin": {}, "twin_w16": {"width": 16}}
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+
+def normalised(test_values: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> dict[str, float]:
+    """Each task's accuracy divided by its expert's own accuracy on it (tasks: the keys of ``expert_accuracy``).
+
+    Raises:
+        ValueError: an expert scores 0 on its own task (nothing to normalise by).
+    """
+    out = {}
+    for task, own in expert_accuracy.items():
+        if own <= 0:
+            raise ValueError(f"expert of {task!r} scores {own} on its own task")
+        out[task] = float(test_values[task]) / float(own)
+    return out
+
+
+def weakest(ratios: Mapping[str, float]) -> float:
+    """The weakest task's normalised score."""
+    return min(ratios.values())
+
+
+def best_point(points: Sequence[Mapping[str, Any]], cap: float | None = None) -> Mapping[str, Any] | None:
+    """The point with the highest ``weakest`` among those with ``extra`` <= ``cap`` (all when None); ties go to
+    the smaller ``extra``, then the earlier point. None when no point qualifies."""
+    ok = [p for p in points if cap is None or p["extra"] <= cap + 1e-12]
+    if not ok:
+        return None
+    return max(ok, key=lambda p: (p["weakest"], -p["extra"]))
+
+
+def factor_params_per_rank(shapes: Mapping[str, Sequence[int]], experts: int) -> int:
+    """Twin factor entries per unit of rank: Σ over the decoder layers' 2-D weights of T·(out + in)."""
+    from mergesearch.models import layer_key
+
+    return experts * sum(int(s[0]) + int(s[1]) for n, s in shapes.items()
+                         if layer_key(n)[1] is not None and n.endswith(".weight") and len(s) == 2)
+
+
+def router_params(hidden: int, width: int, experts: int) -> int:
+    """Parameters of the router MLP (Linear(H, w), Linear(w, T)); its standardisation buffers are not counted."""
+    return hidden * width + width + width * experts + experts
+
+
+def true_extra_ratio(rank: int, per_rank: int, router: int, static: int) -> float:
+    """(rank·per_rank + router) / static: what a twin candidate adds to its static model, relative to it."""
+    return (rank * per_rank + router) / static
+
+
+def max_rank_under(cap: float, per_rank: int, router: int, static: int) -> int:
+    """The largest rank whose extra ratio is <= ``cap`` (-1: not even rank 0, i.e. the router alone is over)."""
+    return (int(cap * static) - router) // per_rank if cap * static >= router else -1
+
+
+def timing_summary(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean seconds per trial of ``merge``, ``eval`` and their sum, over trials with both recorded."""
+    rows = [(float(t["merge"]), float(t["eval"])) for t in timings if "merge" in t and "eval" in t]
+    if not rows:
+        return {"trials": 0}
+    n = len(rows)
+    merge, ev = sum(r[0] for r in rows) / n, sum(r[1] for r in rows) / n
+    return {"trials": n, "merge": merge, "eval": ev, "total": merge + ev}
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+def job_config(demo_dir: Path, variant: str, seed: int, budget: int) -> Any:
+    """The demo job for one variant and seed (see the module docstring)."""
+    from mergesearch.config import ObjectiveConfig, Range, TwinSpace
+
+    config = sq.demo_config(demo_dir, "weights")
+    objectives = [o.model_copy(update={"limit": None}) for o in config.objectives]
+    space = config.space
+    if VARIANTS[variant] is not None:
+        objectives.append(ObjectiveConfig(type="extra_params", name="extra_params"))
+        space = space.model_copy(update={"twin": TwinSpace(rank=Range(low=1, high=MAX_RANK), router=VARIANTS[variant])})
+    search = config.search.model_copy(update={"seed": seed, "trials": budget, "refine": max(1, budget // 4)})
+    return config.model_copy(update={"objectives": objectives, "space": space, "search": search})
+
+
+def expert_accuracy(config: Any, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Test-split scores of every expert (model ``i`` is task ``i``'s), with the job's task objectives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesearch.objectives import ObjectiveContext, build_objectives, evaluate
+
+    objectives = build_objectives([o for o in config.objectives if o.test is not None],
+                                  ObjectiveContext(split="test"))
+    tok = AutoTokenizer.from_pretrained(config.base_model)
+    out = {}
+    for task, path in zip(tasks, config.models, strict=False):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        out[task] = {k: float(v) for k, v in evaluate(objectives, model, tok).items() if k in tasks}
+    return out
+
+
+def check_ratio(config: Any, rank: int, expected: float) -> float:
+    """The extra ratio of one twin candidate built for real (``extra_param_ratio``), to check ``expected``."""
+    from mergesearch.candidates import candidate_from
+    from mergesearch.execution.worker import MergeWorker
+    from mergesearch.spaces import build_space, num_layers_of
+    from mergesearch.twin import extra_param_ratio
+
+    worker = MergeWorker(config)
+    space = build_space(config.space, base_model=config.base_model, models=list(config.models),
+                        num_layers=num_layers_of(config.base_model), dtype=config.dtype,
+                        objectives=[o.label for o in config.objectives if o.data is not None])
+    spec = space.candidate({**space.presets()["uniform"], "twin.rank": rank})
+    candidate = candidate_from(spec)
+    model = candidate.build(worker.context)
+    try:
+        got = extra_param_ratio(model.factors, model.router, model.shared)
+    finally:
+        candidate.release(model)
+    if abs(got - expected) > 1e-12:
+        raise SystemExit(f"extra ratio of a built rank-{rank} twin is {got}, the formula says {expected}")
+    return got
+
+
+def run_search(config: Any, variant: str, seed: int) -> Any:
+    """One search on an in-memory study with one resident local worker; returns the SearchRun."""
+    from mergesearch.execution.local import LocalExecutor
+    from mergesearch.execution.worker import MergeWorker
+    from mergesearch.search.loop import SearchRun
+
+    worker = MergeWorker(config)
+    run = SearchRun(config, storage="memory://", study_name=f"{variant}-s{seed}", trials=config.search.trials,
+                    seed=seed)
+    run.run(LocalExecutor(lambda: worker))
+    return run
+
+
+def study_points(run: Any, extra_of: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The stored front and every completed trial (number, values, rank, stored and exact extra ratio)."""
+    import optuna
+
+    from mergesearch.search.pareto import load_front
+
+    front = load_front(run.study)
+    rows = []
+    for t in sorted(run.study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        rank = (t.user_attrs.get("candidate") or {}).get("rank")
+        values = dict(zip([n for n, _ in run.objectives], map(float, t.values), strict=True))
+        rows.append({"number": t.number, "values": values, "rank": rank, "summary": t.user_attrs.get("summary", ""),
+                     "origin": "refine" if "refine_of" in t.user_attrs else
+                     "recipe" if t.user_attrs.get("initial") else "",
+                     "stored_extra": values.get("extra_params", 0.0),
+                     "extra": 0.0 if rank is None else extra_of(int(rank)),
+                     "timings": t.user_attrs.get("timings", {})})
+    return front, rows
+
+
+def corrected_front(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]) -> list[int]:
+    """Trial numbers of the non-dominated rows when ``extra_params`` takes the exact ratio."""
+    import numpy as np
+
+    from mergesearch.search.pareto import non_dominated
+
+    names = [n for n, _ in objectives]
+    arr = np.array([[r["extra"] if n == "extra_params" else r["values"][n] for n in names] for r in rows])
+    return [rows[i]["number"] for i in non_dominated(arr, [d for _, d in objectives])]
+
+
+def rescore(run: Any, front: Any, numbers: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Test-split values of the given trials (``validate_front`` on a front holding just them)."""
+    from mergesearch.exporting import validate_front
+    from mergesearch.search.pareto import FrontTrial
+
+    by_number = {t.number: t for t in front.trials}
+    trials = [by_number.get(n) or FrontTrial(number=n, values={}) for n in numbers]
+    checked = validate_front(run.study, None, replace(front, trials=trials))
+    return {t.number: {k: float(v) for k, v in t.test_values.items()} for t in checked.trials}
+
+
+def front_report(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best weakest-task point overall and under the extra-parameter cap."""
+    best, capped = best_point(points), best_point(points, EXTRA_CAP)
+    return {"points": points, "best": best, "best_under_cap": capped,
+            "meets_target": bool(capped is not None and capped["weakest"] >= TARGET_RATIO)}
+
+
+def one_run(args: argparse.Namespace, variant: str, seed: int, tasks: list[str], experts: dict[str, float],
+            budget_info: dict[str, Any]) -> dict[str, Any]:
+    config = job_config(args.demo_dir, variant, seed, args.budget)
+    width = (VARIANTS[variant] or {}).get("width", 64)
+    static = budget_info["static_params"]
+    router = router_params(budget_info["hidden"], width, len(tasks))
+
+    def extra_of(rank: int) -> float:
+        return true_extra_ratio(rank, budget_info["factor_params_per_rank"], router, static)
+
+    start = time.perf_counter()
+    run = run_search(config, variant, seed)
+    elapsed = time.perf_counter() - start
+    front, rows = study_points(run, extra_of)
+    stored = [t.number for t in front.trials]
+    objective_ok = all(abs(r["stored_extra"] - r["extra"]) < 1e-9 for r in rows)
+    fronts = {"stored": stored}
+    if VARIANTS[variant] is not None and not objective_ok:
+        fronts["corrected"] = corrected_front(rows, run.objectives)
+    numbers = sorted({n for f in fronts.values() for n in f})
+    test = rescore(run, front, numbers)
+    by_number = {r["number"]: r for r in rows}
+    out: dict[str, Any] = {"variant": variant, "seed": seed, "elapsed": elapsed, "trials": len(rows),
+                           "router_width": width if VARIANTS[variant] is not None else None,
+                           "extra_params_objective_ok": objective_ok,
+                           "timing": timing_summary([r["timings"] for r in rows]),
+                           "ranks_tried": sorted({r["rank"] for r in rows if r["rank"] is not None})}
+    for kind, members in fronts.items():
+        points = []
+        for n in members:
+            r = by_number[n]
+            ratios = normalised(test[n], experts)
+            points.append({"trial": n, "summary": r["summary"], "origin": r["origin"], "rank": r["rank"],
+                           "extra": r["extra"], "stored_extra": r["stored_extra"], "search": r["values"],
+                           "test": test[n], "normalised": ratios, "weakest": weakest(ratios)})
+        out[kind] = front_report(points)
+    return out
+
+
+def budget(config: Any, tasks: list[str]) -> dict[str, Any]:
+    """The exact parameter arithmetic of the twin family on the demo model."""
+    from transformers import AutoConfig
+
+    from mergesearch.models import Checkpoint
+
+    shapes = Checkpoint(config.base_model).shapes
+    hidden = int(AutoConfig.from_pretrained(str(config.base_model)).hidden_size)
+    static = sum(math.prod(int(d) for d in s) for s in shapes.values())
+    per_rank = factor_params_per_rank(shapes, len(tasks))
+    out: dict[str, Any] = {"static_params": static, "hidden": hidden, "experts": len(tasks),
+                           "factor_params_per_rank": per_rank, "rank1_factors_ratio": per_rank / static}
+    for width in (64, 16):
+        r = router_params(hidden, width, len(tasks))
+        out[f"router_w{width}"] = {"params": r, "ratio": r / static,
+                                   "extra_ratio_by_rank": {k: true_extra_ratio(k, per_rank, r, static)
+                                                           for k in range(1, MAX_RANK + 1)},
+                                   "max_rank_under_cap": max_rank_under(EXTRA_CAP, per_rank, r, static)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+def fmt_point(p: Mapping[str, Any] | None) -> str:
+    if p is None:
+        return "none"
+    tasks = " ".join(f"{k}={v:.3f}" for k, v in p["normalised"].items())
+    rank = f" r={p['rank']}" if p["rank"] is not None else ""
+    return f"{p['weakest']:.3f} (#{p['trial']}{rank}, extra {100 * p['extra']:.2f} %; {tasks})"
+
+
+def table(record: dict[str, Any]) -> str:
+    lines = [f"experts' own test accuracy: {record['expert_own_accuracy']}",
+             f"load average at start {record['load_average_at_start']}, at end {record.get('load_average_at_end')}",
+             "variant   seed front      best weakest-task normalised (point)                              "
+             "best with extra <= 10 %   s/trial merge+eval"]
+    for r in record["runs"]:
+        tm = r["timing"]
+        for kind in ("stored", "corrected"):
+            if kind not in r:
+                continue
+            capped = r[kind]["best_under_cap"]
+            lines.append(f"{r['variant']:<9} {r['seed']:>4} {kind:<10} {fmt_point(r[kind]['best']):<66}"
+                         f"{'none' if capped is None else format(capped['weakest'], '.3f'):>10} "
+                         f"{tm.get('total', float('nan')):>10.3f} ({tm.get('merge', 0):.3f}+{tm.get('eval', 0):.3f})")
+    b = record["budget"]
+    lines.append(f"rank-1 factors alone: {b['factor_params_per_rank']} / {b['static_params']} = "
+                 f"{100 * b['rank1_factors_ratio']:.2f} % of the model; router width 64: "
+                 f"{100 * b['router_w64']['ratio']:.2f} % (rank 1 total "
+                 f"{100 * b['router_w64']['extra_ratio_by_rank'][1]:.2f} %), "
+                 f"width 16: {100 * b['router_w16']['ratio']:.2f} % (rank 1 total "
+                 f"{100 * b['router_w16']['extra_ratio_by_rank'][1]:.2f} %)")
+    c = record["cost"]
+    lines.append(f"evaluation cost, mean s/trial (merge + eval): static {c['static']['total']:.3f} "
+                 f"({c['static']['merge']:.3f} + {c['static']['eval']:.3f}), twin {c['twin']['total']:.3f} "
+                 f"({c['twin']['merge']:.3f} + {c['twin']['eval']:.3f}): x{c['twin_over_static']:.1f}")
+    lines.append(f"target (a twin front point >= {TARGET_RATIO} of every expert at <= 10 % extra): "
+                 f"{'MET' if record['target_met'] else 'MISSED'} — {record['verdict']}")
+    return "\n".join(lines)
+
+
+def verdict(runs: list[dict[str, Any]]) -> tuple[bool, str]:
+    twin = [r for r in runs if r["variant"] != "static"]
+    kinds = [(r, k) for r in twin for k in ("stored", "corrected") if k in r]
+    met = [f"{r['variant']} seed {r['seed']} ({k} front)" for r, k in kinds if r[k]["meets_target"]]
+    if met:
+        return True, "met by " + ", ".join(met)
+    parts = []
+    for r, k in kinds:
+        capped, best = r[k]["best_under_cap"], r[k]["best"]
+        parts.append(f"{r['variant']} s{r['seed']} {k}: best under the cap "
+                     f"{'none (no point <= 10 %)' if capped is None else format(capped['weakest'], '.3f')}, "
+                     f"best overall {best['weakest']:.3f} at {100 * best['extra']:.1f} %")
+    return False, "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import optuna
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--budget", type=int, default=40)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--demo-dir", type=Path, default=sq.DEMO_DIR)
+    p.add_argument("--out", type=Path, default=sq.RESULTS)
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+
+    config = job_config(args.demo_dir, "twin", 0, args.budget)
+    tasks = [o.label for o in config.objectives if o.data is not None]
+    scores = expert_accuracy(config, tasks)
+    experts = {t: scores[t][t] for t in tasks}
+    info = budget(config, tasks)
+    info["checked_rank1_w64"] = check_ratio(config, 1, info["router_w64"]["extra_ratio_by_rank"][1])
+    print(f"experts' own test accuracy {experts}; rank-1 extra ratio {info['checked_rank1_w64']:.4f}",
+          file=sys.stderr)
+
+    record: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "demo": {"dir": str(args.demo_dir), "variant": "FULL (mergesearch demo's models)"},
+        "config": {"seeds": seeds, "budget": args.budget, "variants": {v: VARIANTS[v] for v in variants},
+                   "max_rank": MAX_RANK, "optimizer": config.search.optimizer,
+                   "initial": [str(x) for x in config.search.initial], "refine": max(1, args.budget // 4),
+                   "space": sq.space_config("weights").model_dump(mode="json", by_alias=True),
+                   "objectives": [o.model_dump(mode="json") for o in config.objectives],
+                   "target": {"weakest_normalised": TARGET_RATIO, "extra_cap": EXTRA_CAP}},
+        "seeds": seeds,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "load_average_at_start": [round(x, 2) for x in load_start],
+        "expert_test_scores": scores, "expert_own_accuracy": experts, "budget": info, "runs": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "twin_merging.json"
+    for variant in variants:
+        for seed in seeds:
+            r = one_run(args, variant, seed, tasks, experts, info)
+            record["runs"].append(r)
+            print(f"[{time.perf_counter() - t0:6.0f} s] {variant} seed {seed}: {r['trials']} trials in "
+                  f"{r['elapsed']:.0f} s, best {fmt_point(r['stored']['best'])}", file=sys.stderr, flush=True)
+            path.write_text(json.dumps(record, indent=1) + "\n")
+
+    def mean_cost(fam: list[dict[str, Any]]) -> dict[str, float]:
+        n = sum(r["timing"]["trials"] for r in fam)
+        return {k: sum(r["timing"][k] * r["timing"]["trials"] for r in fam) / n for k in ("merge", "eval", "total")}
+
+    static = [r for r in record["runs"] if r["variant"] == "static"]
+    twin = [r for r in record["runs"] if r["variant"] != "static"]
+    if static and twin:
+        record["cost"] = {"static": mean_cost(static), "twin": mean_cost(twin)}
+        record["cost"]["twin_over_static"] = record["cost"]["twin"]["total"] / record["cost"]["static"]["total"]
+    record["target_met"], record["verdict"] = verdict(record["runs"])
+    record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    record["elapsed"] = time.perf_counter() - t0
+    if "cost" in record:
+        record["table"] = table(record)
+        print(record["table"])
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
