@@ -431,4 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from mergesearch.demo.check import quiet_transformers
+
+    with quiet_transformers():  # no loading bar per model load
+        main()

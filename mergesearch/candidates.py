@@ -2,7 +2,9 @@
 
 A **static** candidate is one merge plan written into the resident model. A **twin** candidate (Twin-Merging,
 Lu et al. 2024) is a static plan (the shared model θ*) plus, for each expert, the rank-r truncated SVD of
-θt − θ* mixed per input by a router trained on the tasks' search prompts. The worker, the exporter and the cost
+θt − θ* mixed per input by a router trained on the tasks' search prompts. A **corrected** candidate
+(variance-collapse correction, Sharma et al. 2024) is a static plan plus per-task affine maps of every block's
+output, mixed by such a router. The worker, the exporter and the cost
 objectives see only this interface:
 
 - ``spec()``: what the study stores (``candidate_from(spec)`` rebuilds the candidate; a bare plan dict, as older
@@ -39,12 +41,15 @@ class CandidateContext:
         tokenizer: the base's tokenizer.
         prompts: objective name -> its search-split prompts (to train a router on).
         seed: the study's seed (randomized SVDs, router initialisation).
+        cache: per-context memo of a family's trial-independent work.
     """
 
     merger: ResidentMerger
     tokenizer: Any
     prompts: Callable[[str], list[str]]
     seed: int = 0
+    #: what a family computes once per context and reuses across trials (e.g. experts' activation statistics)
+    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 class Candidate(Protocol):
@@ -122,22 +127,86 @@ class Twin:
 
     def export(self, ctx: CandidateContext, model: nn.Module, out_dir: Path, *, recipe: MergePlan,
                extra_files: Mapping[str, str], overwrite: bool = False) -> Path:
-        from mergesearch.merging.plan import plan_to_yaml
-        from mergesearch.twin import export_twin
+        return _export_routed(self.spec(), ctx, model, out_dir, recipe, extra_files, overwrite)
 
-        meta = {"candidate": self.spec(), "recipe": plan_to_yaml(recipe)}
-        out = export_twin(out_dir, model.shared, ctx.merger.tokenizer_path, model.factors,  # type: ignore[union-attr]
-                          model.router, meta, overwrite=overwrite)  # type: ignore[union-attr]
-        for name, text in extra_files.items():
-            (out / name).write_text(text)
-        (out / "recipe.yaml").write_text(plan_to_yaml(recipe))  # the shared merge, replayable alone
-        return out
+
+@dataclass(frozen=True)
+class Corrected:
+    """Variance-collapse correction: the plan's merge with, per task, an affine map of every block's output that
+    gives it expert t's per-channel mean and std on task t's prompts; the router (or a task id) picks the map.
+
+    Attributes:
+        plan: the merge being corrected.
+        experts: (objective name, model) pairs: task t's statistics come from ``model`` on that objective's
+            search prompts; router outputs follow this order.
+        router: :class:`~mergesearch.twin.router.RouterSettings` fields.
+    """
+
+    plan: MergePlan
+    experts: tuple[tuple[str, str], ...]
+    router: Mapping[str, Any] = field(default_factory=dict)
+    family: ClassVar[str] = "corrected"
+
+    def spec(self) -> dict[str, Any]:
+        return {"family": self.family, "plan": self.plan.to_dict(), "experts": [list(e) for e in self.experts],
+                "router": dict(self.router)}
+
+    def build(self, ctx: CandidateContext) -> nn.Module:
+        from mergesearch.twin import RoutedModel, RouterSettings, TwinFactors, train_router
+        from mergesearch.twin.correct import decoder_layers, fit_corrections
+
+        prompts = [ctx.prompts(objective) for objective, _ in self.experts]
+        layers = decoder_layers(ctx.merger.model)
+        stats = [_expert_stats(ctx, model, objective, layers) for objective, model in self.experts]
+        shared = ctx.merger.apply(self.plan)
+        corrections = fit_corrections(shared, ctx.tokenizer, prompts, stats, layers)
+        router = train_router(shared, ctx.tokenizer, prompts, RouterSettings(**self.router), seed=ctx.seed)
+        factors = TwinFactors(tuple(m for _, m in self.experts), tuple(o for o, _ in self.experts), 0, {}, {})
+        return RoutedModel(shared, factors, router, corrections=corrections)
+
+    def release(self, model: nn.Module) -> None:
+        model.detach()  # type: ignore[operator]
+
+    def export(self, ctx: CandidateContext, model: nn.Module, out_dir: Path, *, recipe: MergePlan,
+               extra_files: Mapping[str, str], overwrite: bool = False) -> Path:
+        return _export_routed(self.spec(), ctx, model, out_dir, recipe, extra_files, overwrite)
+
+
+def _expert_stats(ctx: CandidateContext, model: str, objective: str, layers: Sequence[str]) -> Any:
+    """Expert ``model``'s block-output statistics on ``objective``'s prompts, computed once per context."""
+    key = ("expert_stats", model, objective)
+    if key not in ctx.cache:
+        from mergesearch.merging.plan import InputModel
+        from mergesearch.twin.correct import block_stats
+
+        merger = ctx.merger
+        expert = MergePlan(merge_method="task_arithmetic", base_model=merger.base, dtype=str(merger.dtype)
+                           .removeprefix("torch."), models=[InputModel(model=model, parameters={"weight": 1.0})])
+        ctx.cache[key] = block_stats(merger.apply(expert), ctx.tokenizer, ctx.prompts(objective), layers)
+    return ctx.cache[key]
+
+
+def _export_routed(spec: dict[str, Any], ctx: CandidateContext, model: nn.Module, out_dir: Path, recipe: MergePlan,
+                   extra_files: Mapping[str, str], overwrite: bool) -> Path:
+    """A routed family's export: the shared merge as a HF directory plus its routed parts (:func:`export_twin`)."""
+    from mergesearch.merging.plan import plan_to_yaml
+    from mergesearch.twin import export_twin
+
+    meta = {"candidate": spec, "recipe": plan_to_yaml(recipe)}
+    out = export_twin(out_dir, model.shared, ctx.merger.tokenizer_path, model.factors,  # type: ignore[union-attr]
+                      model.router, meta, overwrite=overwrite, corrections=model.corrections)  # type: ignore[union-attr]
+    for name, text in extra_files.items():
+        (out / name).write_text(text)
+    (out / "recipe.yaml").write_text(plan_to_yaml(recipe))  # the shared merge, replayable alone
+    return out
 
 
 FAMILIES: dict[str, Callable[[Mapping[str, Any]], Candidate]] = {
     "static": lambda s: Static(MergePlan.model_validate(s["plan"])),
     "twin": lambda s: Twin(MergePlan.model_validate(s["plan"]), int(s["rank"]),
                            tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {})),
+    "corrected": lambda s: Corrected(MergePlan.model_validate(s["plan"]),
+                                     tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {})),
 }
 
 
@@ -234,11 +303,12 @@ def twin_experts(mapping: Mapping[str, str] | None, objectives: Sequence[str], m
         ConfigError: fewer than two experts, an unknown objective or model, a model named twice.
     """
     if len(models) < 2:
-        raise ConfigError(f"space.twin: Twin-Merging routes between experts; the job has {len(models)} model")
+        raise ConfigError(f"space: routing (twin, correct) needs at least two experts; the job has {len(models)} model")
     if mapping is None:
         if len(objectives) < len(models):
-            raise ConfigError(f"space.twin: {len(models)} models but only {len(objectives)} task objectives to "
-                              "train the router on; set space.twin.experts (objective: model)")
+            raise ConfigError(f"space: routing needs one task objective with data per model ({len(models)} "
+                              f"models, {len(objectives)} task objectives with prompts to train the router and "
+                              "fit corrections on); set space.twin.experts (objective: model)")
         return tuple(zip(objectives, models, strict=False))
     pairs = []
     for objective, ref in mapping.items():

@@ -143,6 +143,9 @@ class _SpaceBase(_Frozen):
     align: list[Literal["none", "weights", "activations"]] = Field(default_factory=lambda: ["none"])
     #: prompts for ``activations`` (``.txt`` or JSONL with ``prompt``); default: the task objectives' search data
     align_data: Path | None = None
+    #: variance-collapse correction: per task, affine maps of every block's output giving it expert t's
+    #: per-channel mean and std on that task's search prompts, mixed per input by a router (a list: searched)
+    correct: list[Literal["none", "variance"]] = Field(default_factory=lambda: ["none"])
 
     @field_validator("granularity")
     @classmethod

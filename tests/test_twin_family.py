@@ -69,7 +69,7 @@ def test_twin_study_stores_picks_exports_and_rescores(tiny_models, tmp_path: Pat
     ("{rank: 40}", "ab", "space.twin.rank: 40 is larger than tensor"),
     ("{rank: 2, experts: {nope: 0, sort_ll: 1}}", "ab", "unknown objective 'nope'"),
     ("{rank: 2, experts: {reverse: /no/such/model, sort_ll: 1}}", "ab", "unknown model '/no/such/model'"),
-    ("{rank: 2}", "a", "routes between experts; the job has 1 model"),
+    ("{rank: 2}", "a", "needs at least two experts; the job has 1 model"),
 ])
 def test_bad_twin_spaces_are_one_line_and_store_nothing(tiny_models, tmp_path: Path, capsys, twin, models,
                                                         needle) -> None:

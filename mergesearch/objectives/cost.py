@@ -168,13 +168,17 @@ class ParamCount(CostObjective):
         return float(sum(p.numel() for p in model.parameters()))
 
 
+def _numel(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+
+
 class ExtraParams(CostObjective):
-    """Parameters a candidate adds to its static merge (a twin's low-rank experts and router), as a fraction of
-    the static model's (0 for a static merge)."""
+    """Numbers a candidate adds to its static merge (a twin's low-rank experts, a router, per-task corrections:
+    parameters and buffers), as a fraction of the static model's parameters (0 for a static merge)."""
 
     def __call__(self, model: Any, tokenizer: Any) -> float:
-        static = sum(p.numel() for p in static_part(model).parameters())
-        return float(sum(p.numel() for p in model.parameters()) - static) / static
+        static = static_part(model)
+        return float(_numel(model) - _numel(static)) / sum(p.numel() for p in static.parameters())
 
 
 def decoder_layers(model: Any) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from mergesearch.candidates import Static, Twin, twin_experts
+from mergesearch.candidates import Corrected, Static, Twin, twin_experts
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError, ModelError
 from mergesearch.merging.methods import METHODS, REQUIRED, Param, get_method
@@ -147,8 +147,13 @@ class MergeSpace:
                 table.append(rows)
             self._names[p] = table
         self.twin = space.twin
-        #: (objective, model) pairs of a twin space (router outputs in this order)
-        self.twin_experts = () if space.twin is None else twin_experts(space.twin.experts, objectives, self.models)
+        self.correct = tuple(space.correct)
+        routed = space.twin is not None or "variance" in self.correct
+        #: (objective, model) pairs of a routed family (router outputs in this order)
+        self.twin_experts = () if not routed else twin_experts(
+            space.twin.experts if space.twin is not None else None, objectives, self.models)
+        if len(self.correct) > 1:
+            d["correct"] = CategoricalDistribution(list(self.correct))
         if space.twin is not None and not isinstance(space.twin.rank, int):
             d["twin.rank"] = IntDistribution(int(space.twin.rank.low), int(space.twin.rank.high))
         if self.layers is not None:
@@ -187,6 +192,8 @@ class MergeSpace:
                 out[name] = self.methods[0]
             elif name == "align":
                 out[name] = self.align[0]
+            elif name == "correct":
+                out[name] = self.correct[0]
             elif name.startswith("layer."):
                 out[name] = self.layers.choices[self.layers.tokens.index(self.layers.fill)]
             elif name.startswith("layer_offset."):
@@ -329,9 +336,11 @@ class MergeSpace:
         """The stored spec of the candidate for ``params`` (:mod:`mergesearch.candidates`): the decoded plan,
         as a twin family when the space has ``twin``."""
         plan = self.decode(params)
+        p = self.complete(params)
+        if p.get("correct", self.correct[0]) == "variance":
+            return Corrected(plan, self.twin_experts).spec()
         if self.twin is None:
             return Static(plan).spec()
-        p = self.complete(params)
         rank = self.twin.rank if isinstance(self.twin.rank, int) else int(p["twin.rank"])
         return Twin(plan, rank, self.twin_experts, self.twin.router).spec()
 
@@ -404,6 +413,8 @@ class MergeSpace:
                                          for k in range(self.layers.slots)])
             code = "".join("M" if t == MERGED else "-" if t == SKIP else "b" if t == -1 else str(t) for t in tokens)
             parts.append(f"layers={sum(t != SKIP for t in tokens)}:{code}")
+        if p.get("correct", self.correct[0]) != "none":
+            parts.append(f"correct={p.get('correct', self.correct[0])}")
         if p.get("align", self.align[0]) != "none":
             parts.append(f"align={p.get('align', self.align[0])}")
         if self.twin is not None:
@@ -433,6 +444,10 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
                      f"{info.min_inputs}..{info.max_inputs}" if info.max_inputs else f"at least {info.min_inputs}")
             raise ConfigError(f"space.methods: {m} merges {bound} models{base}, got {n} ({len(models)} models"
                               f"{' + base' if with_base else ''})")
+    if space.twin is not None and space.correct != ["none"]:
+        raise ConfigError("space.correct: not combined with space.twin yet; use one of them")
+    if space.correct != ["none"] and space.layers is not None:
+        raise ConfigError("space.correct: corrections are fitted per base layer; remove space.layers")
     if space.twin is not None and space.align != ["none"]:
         raise ConfigError("space.twin: routes between the job's own experts; set space.align: [none]")
     if space.twin is not None and space.layers is not None:

@@ -7,6 +7,8 @@ Layout of an export directory (written to a temporary sibling, then renamed into
     adapters/<name>/adapter_model.safetensors           r, lora_alpha = r (scale 1), target_modules = the
                                                         covered modules, PEFT's key names
     router.safetensors, router.json                   the router's weights and shape/window
+    corrections.safetensors                           per-task block-output corrections (scale, shift [T, L, H]),
+                                                        when the model is variance-corrected
     twin.json                                         format, experts (order = router outputs), rank, meta
 
 ``PeftModel.from_pretrained(shared, dir / "adapters" / name)`` gives expert <name>'s twin θ* + B·A; ``load_twin``
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from mergesearch.errors import ConfigError, ModelError
+from mergesearch.twin.correct import Corrections
 from mergesearch.twin.factors import TwinFactors
 from mergesearch.twin.routed import RoutedModel
 from mergesearch.twin.router import Router
@@ -32,6 +35,8 @@ from mergesearch.twin.router import Router
 FORMAT = "mergesearch-twin"
 VERSION = 1
 ADAPTERS = "adapters"
+#: per-task block-output corrections (variance-collapse correction), when exported
+CORRECTIONS = "corrections.safetensors"
 
 
 def _peft_key(module: str, part: str) -> str:
@@ -41,7 +46,8 @@ def _peft_key(module: str, part: str) -> str:
 
 
 def export_twin(out_dir: str | Path, shared_model: nn.Module, tokenizer_dir: str | Path, factors: TwinFactors,
-                router: Router | None, meta: Mapping[str, Any] | None = None, *, overwrite: bool = False) -> Path:
+                router: Router | None, meta: Mapping[str, Any] | None = None, *, overwrite: bool = False,
+                corrections: Corrections | None = None) -> Path:
     """Write a twin-merged model directory atomically.
 
     Args:
@@ -65,7 +71,7 @@ def export_twin(out_dir: str | Path, shared_model: nn.Module, tokenizer_dir: str
 
     from mergesearch.merging.run import _commit, _prepare_out, copy_tokenizer
 
-    if factors.rank < 1:
+    if factors.rank < 1 and corrections is None:
         raise ConfigError("twin rank 0 has no exclusive parts to export as adapters; export the shared merge")
     out_dir, src = Path(out_dir), Path(tokenizer_dir)
     if not src.is_dir():
@@ -74,7 +80,7 @@ def export_twin(out_dir: str | Path, shared_model: nn.Module, tokenizer_dir: str
     try:
         shared_model.save_pretrained(tmp)  # type: ignore[operator]
         copy_tokenizer(src, tmp)
-        for t, name in enumerate(factors.names):
+        for t, name in enumerate(factors.names if factors.rank > 0 else ()):
             path = tmp / ADAPTERS / name
             LoraConfig(r=factors.rank, lora_alpha=factors.rank, target_modules=factors.modules, lora_dropout=0.0,
                        bias="none", task_type="CAUSAL_LM").save_pretrained(str(path))
@@ -87,8 +93,13 @@ def export_twin(out_dir: str | Path, shared_model: nn.Module, tokenizer_dir: str
             state = {k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}
             save_file(state, str(tmp / "router.safetensors"), metadata={"format": "pt"})
             (tmp / "router.json").write_text(json.dumps(router.config_dict(), indent=2) + "\n")
+        if corrections is not None:
+            save_file({"scale": corrections.scale.detach().cpu().contiguous(),
+                       "shift": corrections.shift.detach().cpu().contiguous()}, str(tmp / CORRECTIONS),
+                      metadata={"format": "pt"})
         info = {"format": FORMAT, "version": VERSION, "experts": list(factors.experts), "names": list(factors.names),
-                "rank": factors.rank, "router": router is not None, "meta": dict(meta or {})}
+                "rank": factors.rank, "router": router is not None, "meta": dict(meta or {}),
+                "corrections": None if corrections is None else list(corrections.layers)}
         (tmp / "twin.json").write_text(json.dumps(info, indent=2) + "\n")
         return _commit(tmp, out_dir)
     except BaseException:
@@ -147,7 +158,7 @@ def load_twin(directory: str | Path, *, device: str = "cpu", dtype: torch.dtype 
     names, rank = list(info["names"]), int(info["rank"])
     A: dict[str, list[torch.Tensor]] = {}
     B: dict[str, list[torch.Tensor]] = {}
-    for name in names:
+    for name in names if rank > 0 else ():
         r, scale, targets, tensors = _load_adapter(root / ADAPTERS / name)
         if r != rank:
             raise ModelError(f"{root / ADAPTERS / name}: rank {r}, twin.json says {rank}")
@@ -176,4 +187,13 @@ def load_twin(directory: str | Path, *, device: str = "cpu", dtype: torch.dtype 
         except RuntimeError as exc:
             raise ModelError(f"{weights}: does not match router.json ({exc})") from None
         router = router.to(device).eval().requires_grad_(False)
-    return RoutedModel(shared, factors, router).eval()
+    corrections = None
+    if info.get("corrections"):
+        from safetensors.torch import load_file
+
+        path = root / CORRECTIONS
+        if not path.is_file():
+            raise ModelError(f"{path}: missing")
+        t = load_file(str(path))
+        corrections = Corrections(tuple(info["corrections"]), t["scale"], t["shift"])
+    return RoutedModel(shared, factors, router, corrections=corrections).eval()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mergesearch.errors import ConfigError
+from mergesearch.twin.correct import AffineMix, Corrections, block_output, with_block_output
 from mergesearch.twin.factors import TwinFactors
 from mergesearch.twin.router import Router, pooled_hidden
 from mergesearch.twin.router import routing_mask as make_routing_mask
@@ -73,7 +74,7 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(self, shared: nn.Module, factors: TwinFactors, router: Router | None = None, *,
-                 adapter_dtype: torch.dtype = torch.float32):
+                 adapter_dtype: torch.dtype = torch.float32, corrections: Corrections | None = None):
         super().__init__()
         if router is not None and router.num_experts != len(factors.experts):
             raise ConfigError(f"twin router has {router.num_experts} outputs but there are "
@@ -96,6 +97,25 @@ class RoutedModel(nn.Module):
                 if not isinstance(module, nn.Linear):
                     raise ConfigError(f"twin factors cover {name!r}, which is not a linear layer of the model")
                 self._handles.append(module.register_forward_hook(self._hook(mixer)))
+        #: per-task affine corrections of the blocks' outputs (variance-collapse correction), mixed by α too
+        self.corrections = corrections
+        self.affines = nn.ModuleList()
+        if corrections is not None:
+            if corrections.scale.shape[0] != len(self.experts):
+                raise ConfigError(f"corrections for {corrections.scale.shape[0]} tasks but there are "
+                                  f"{len(self.experts)} experts")
+            for li, name in enumerate(corrections.layers):
+                affine = AffineMix(corrections.scale[:, li].to(device), corrections.shift[:, li].to(device))
+                self.affines.append(affine)
+                self._handles.append(shared.get_submodule(name).register_forward_hook(self._affine_hook(affine)))
+
+    def _affine_hook(self, affine: AffineMix):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._alpha is None:
+                return None
+            return with_block_output(output, affine(block_output(output), self._alpha))
+
+        return hook
 
     def _hook(self, mixer: LowRankMix):
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
