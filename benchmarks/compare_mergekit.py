@@ -384,7 +384,8 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     summary = summarize(rows)
     result = {"setup": SETUP, "dtypes": dtypes, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "torch": torch.__version__, "load_average": [round(x, 2) for x in os.getloadavg()],
+              "torch": torch.__version__, "engine": engine_revision(),
+              "load_average": [round(x, 2) for x in os.getloadavg()],
               "wall_s": round(time.perf_counter() - t0, 1), "skipped_methods": skipped, "summary": summary,
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,6 +393,20 @@ def main() -> int:
     print_table(rows)
     print(f"saved {args.out}")
     return 0 if all(r.get("ok") is not False for r in rows) else 1
+
+
+def engine_revision() -> dict:
+    """The commit the engine was run at and the engine files changed on top of it (the tree is shared)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "modified": git("status", "--short", "--", "mergesearch/merging").splitlines()}
 
 
 def summarize(rows: list[dict]) -> dict:

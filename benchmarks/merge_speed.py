@@ -514,13 +514,24 @@ def memory_worker(models_dir: Path, dtype: str) -> None:
 
     if dtype == "none":
         return
+    import resource
+
     from mergesearch.merging.apply import ResidentMerger
     from mergesearch.merging.plan import MergePlan
 
+    phases = {}
+
+    def mark(name: str) -> None:  # the peak so far (ru_maxrss, KiB on Linux) after each phase
+        phases[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    mark("imports")
     m = {"base": models_dir / "base", **{e: models_dir / e for e in EXPERTS}}
     merger = ResidentMerger(str(m["base"]), [str(m[e]) for e in EXPERTS], dtype=dtype)
+    mark("ResidentMerger built")
     for d in CONFIG["memory_densities"]:
         merger.apply(MergePlan.model_validate(plan_dict("ties", m, dtype, d)))
+        mark(f"ties density {d}")
+    print("PHASES " + json.dumps(phases), flush=True)
 
     def nbytes(items) -> int:  # tensors, or cache objects holding tensors (e.g. a compact magnitude order)
         total = 0
@@ -561,6 +572,7 @@ def memory(models_dir: Path, m: dict[str, Path]) -> dict:
         load_before = load1()
         info, out = _time_v(["--memory-worker", dtype, "--models-dir", str(models_dir)])
         caches = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("CACHES ")), {})
+        phases = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("PHASES ")), {})
         model_bytes = numel * _ELEM[dtype]
         peak = info["max_rss_kib"] * 1024 - overhead
         target = memory_target_bytes(model_bytes, len(EXPERTS))
@@ -568,6 +580,7 @@ def memory(models_dir: Path, m: dict[str, Path]) -> dict:
                "peak_minus_import_bytes": peak, "peak_x_model": round(peak / model_bytes, 2),
                "target_x_model": round(target / model_bytes, 2), "met": peak <= target, "wall_s": info.get("wall_s"),
                "caches_x_model": {k: round(v / model_bytes, 2) for k, v in caches.items()},
+               "peak_after_phase_x_model": {k: round((v - overhead) / model_bytes, 2) for k, v in phases.items()},
                "load1_before": load_before, "load1_after": load1()}
         print(json.dumps(row), flush=True)
         res["by_dtype"][dtype] = row

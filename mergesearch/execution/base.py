@@ -37,6 +37,8 @@ class TrialResult:
     worker: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds: queue, merge, eval, total
     attempts: int = 1
+    #: the worker's traceback when the engine failed (a bug, not a bad candidate): the run stops
+    engine_error: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -33,7 +33,7 @@ def build_worker(factory: WorkerFactory) -> Worker:
 
 
 def run_trial(worker: Worker, trial: int, plan: dict[str, Any], submitted_at: float, name: str) -> TrialResult:
-    """Evaluate one plan on a resident worker; never raises for a bad candidate.
+    """Evaluate one candidate on a resident worker; never raises (an engine error comes back in the result).
 
     Args:
         worker: the resident Worker.
@@ -53,10 +53,22 @@ def run_trial(worker: Worker, trial: int, plan: dict[str, Any], submitted_at: fl
         values = {k: float(v) for k, v in values.items()}
         error = None
         timings.update({k: float(worker_timings[k]) for k in ("merge", "eval") if k in worker_timings})
-    except Exception as exc:  # a candidate that raises must not take the worker down
+    except Exception as exc:  # never take the worker down: a bad candidate fails its trial, a bug stops the run
         values, error = None, one_line(exc)
+        if not candidate_failure(exc):
+            import traceback
+
+            timings["total"] = time.time() - submitted_at
+            return TrialResult(trial=trial, values=None, error=error, worker=name, timings=timings,
+                               engine_error=traceback.format_exc())
     timings["total"] = time.time() - submitted_at
     return TrialResult(trial=trial, values=values, error=error, worker=name, timings=timings)
+
+
+def candidate_failure(exc: BaseException) -> bool:
+    """Whether an exception is the candidate's fault (our own errors: a bad plan, a NaN score, a non-finite merge;
+    or running out of memory on a large candidate) rather than an engine bug (anything else)."""
+    return isinstance(exc, (MergeSearchError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError"
 
 
 class LocalExecutor:

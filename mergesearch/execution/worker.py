@@ -30,14 +30,15 @@ class MergeWorker:
     def __init__(self, config: JobConfig,
                  shared_deltas: Mapping[tuple[str, str], torch.Tensor] | None = None) -> None:
         """Load everything; ``shared_deltas``: ``(model, tensor name) -> τ`` given to the ResidentMerger."""
-        import torch
         from transformers import AutoTokenizer
 
         from mergesearch.merging.apply import ResidentMerger
         from mergesearch.objectives import ObjectiveContext, build_objectives
 
-        torch.set_num_threads(config.execution.threads)
         ex = config.execution
+        #: torch threads of this worker's merges and scoring, set around each trial (not for the process: under
+        #: the local executor the worker shares the driver's process, whose GP fits want every core)
+        self.threads = ex.threads
         from mergesearch.merging.aligned import merger_models
 
         self.merger = ResidentMerger(
@@ -62,17 +63,24 @@ class MergeWorker:
     def evaluate(self, spec: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
         """Build the candidate ``spec`` describes (:mod:`mergesearch.candidates`; a bare plan dict is a static
         merge) on the resident model and score it; see :class:`~mergesearch.execution.base.Worker`."""
+        import torch
+
         from mergesearch.objectives import evaluate
 
-        t0 = time.perf_counter()
-        candidate = candidate_from(spec)
-        model = candidate.build(self.context)
-        t1 = time.perf_counter()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
         try:
-            values = evaluate(self.objectives, model, self.tokenizer)
+            t0 = time.perf_counter()
+            candidate = candidate_from(spec)
+            model = candidate.build(self.context)
+            t1 = time.perf_counter()
+            try:
+                values = evaluate(self.objectives, model, self.tokenizer)
+            finally:
+                candidate.release(model)
+            t2 = time.perf_counter()
         finally:
-            candidate.release(model)
-        t2 = time.perf_counter()
+            torch.set_num_threads(previous)
         return values, {"merge": t1 - t0, "eval": t2 - t1}
 
 

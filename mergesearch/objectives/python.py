@@ -65,7 +65,12 @@ class PythonObjective(ObjectiveBase):
         import torch
 
         with torch.inference_mode():  # scoring: no autograd graph (the user's function may still enable it)
-            value = self.function(model, tokenizer, self.examples)
+            try:
+                value = self.function(model, tokenizer, self.examples)
+            except Exception as e:  # the user's code judged this candidate: a failed trial, not an engine error
+                why = (str(e).splitlines() or [""])[0]
+                raise TrialError(f"objective '{self.name}': {self.params.target} raised {type(e).__name__}"
+                                 f"{': ' + why if why else ''}") from e
         try:
             value = float(value)
         except (TypeError, ValueError):

@@ -312,6 +312,14 @@ class SearchRun:
                         inflight[trial.number] = {"params": trial.params, "spec": spec,
                                                   "attrs": carried_attrs(trial.user_attrs)}
                 for res in executor.completed(timeout=0.5):
+                    if res.engine_error is not None:  # a bug, not the candidate: re-queued (finally), run stopped
+                        from mergesearch.errors import ExecutionError
+
+                        err = ExecutionError(f"trial {res.trial}: engine error on {res.worker}: {res.error} (the "
+                                             "trial was re-queued; --debug shows the worker's traceback)")
+                        if hasattr(err, "add_note"):
+                            err.add_note(res.engine_error)
+                        raise err
                     job = inflight.pop(res.trial)
                     record_trial(self.study, res.trial, spec=job["spec"], worker=res.worker, timings=res.timings,
                                  attempts=res.attempts, summary=self.space.summary(job["params"]))
