@@ -375,6 +375,8 @@ def finish_in_place(result: dict) -> None:
         if r.get("triad_gbps_adjacent"):  # against the bandwidth measured next to it (contention shared)
             r["floor_adjacent_s"] = round(r["bytes"] / (r["triad_gbps_adjacent"] * 1e9), 4)
             r["ratio_adjacent"] = round(r["warm_s"] / r["floor_adjacent_s"], 2)
+            if r.get("warm_cpu_s") is not None and r["threads"] == 1:  # one thread: CPU time excludes waiting
+                r["ratio_cpu_adjacent"] = round(r["warm_cpu_s"] / r["floor_adjacent_s"], 2)
         r["target"] = TARGETS.get(r["method"])
         r["met"] = None if r["target"] is None else r["ratio"] <= r["target"]
     by = {(r["method"], r["dtype"], r["threads"]): r for r in rows}

@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
             r["best"]["closure"] = closure(r["best"]["test"], naive, experts)
             record["runs"].append(r)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "non_local.json").write_text(json.dumps(record, indent=1) + "\n")  # partial results
             print(f"[{time.perf_counter() - t0:5.0f} s] {variant} seed {seed}: {r['trials']} trials in "
                   f"{r['elapsed']:.0f} s, best #{r['best']['trial']} {r['best']['summary']} test "
                   f"{r['best']['test']} closure {r['best']['closure']}", file=sys.stderr, flush=True)

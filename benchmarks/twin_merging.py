@@ -101,12 +101,19 @@ def factor_params_per_rank(shapes: Mapping[str, Sequence[int]], experts: int) ->
 
 
 def router_params(hidden: int, width: int, experts: int) -> int:
-    """Parameters of the router MLP (Linear(H, w), Linear(w, T)); its standardisation buffers are not counted."""
+    """Parameters of the router MLP (Linear(H, w), Linear(w, T))."""
     return hidden * width + width + width * experts + experts
 
 
+def router_extra(hidden: int, width: int, experts: int) -> int:
+    """What the router adds, as the ``extra_params`` objective counts it: its parameters plus its feature
+    standardisation buffers (mean and scale, H each)."""
+    return router_params(hidden, width, experts) + 2 * hidden
+
+
 def true_extra_ratio(rank: int, per_rank: int, router: int, static: int) -> float:
-    """(rank·per_rank + router) / static: what a twin candidate adds to its static model, relative to it."""
+    """(rank·per_rank + router) / static: what a twin candidate adds to its static model, relative to it
+    (``router``: :func:`router_extra`)."""
     return (rank * per_rank + router) / static
 
 
@@ -162,8 +169,6 @@ def check_ratio(config: Any, rank: int, expected: float) -> float:
     from mergesearch.candidates import candidate_from
     from mergesearch.execution.worker import MergeWorker
     from mergesearch.spaces import build_space, num_layers_of
-    from mergesearch.twin import extra_param_ratio
-
     worker = MergeWorker(config)
     space = build_space(config.space, base_model=config.base_model, models=list(config.models),
                         num_layers=num_layers_of(config.base_model), dtype=config.dtype,
@@ -171,8 +176,11 @@ def check_ratio(config: Any, rank: int, expected: float) -> float:
     spec = space.candidate({**space.presets()["uniform"], "twin.rank": rank})
     candidate = candidate_from(spec)
     model = candidate.build(worker.context)
-    try:
-        got = extra_param_ratio(model.factors, model.router, model.shared)
+    def numel(m: Any) -> int:
+        return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+
+    try:  # the extra_params objective's definition: parameters and buffers beyond the shared model
+        got = (numel(model) - numel(model.shared)) / sum(p.numel() for p in model.shared.parameters())
     finally:
         candidate.release(model)
     if abs(got - expected) > 1e-12:
@@ -238,9 +246,14 @@ def rescore(run: Any, front: Any, numbers: Sequence[int]) -> dict[int, dict[str,
 
 
 def front_report(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best weakest-task point overall and under the extra-parameter cap."""
+    """Best weakest-task point overall, under the extra-parameter cap, and per twin rank (``best_by_rank``:
+    rank -> [weakest, extra, trial] of the best point of that rank)."""
     best, capped = best_point(points), best_point(points, EXTRA_CAP)
-    return {"points": points, "best": best, "best_under_cap": capped,
+    by_rank: dict[str, list[Any]] = {}
+    for rank in sorted({p["rank"] for p in points if p.get("rank") is not None}):
+        top = best_point([p for p in points if p.get("rank") == rank])
+        by_rank[str(rank)] = [top["weakest"], top["extra"], top["trial"]]
+    return {"points": points, "best": best, "best_under_cap": capped, "best_by_rank": by_rank,
             "meets_target": bool(capped is not None and capped["weakest"] >= TARGET_RATIO)}
 
 
@@ -249,7 +262,7 @@ def one_run(args: argparse.Namespace, variant: str, seed: int, tasks: list[str],
     config = job_config(args.demo_dir, variant, seed, args.budget)
     width = (VARIANTS[variant] or {}).get("width", 64)
     static = budget_info["static_params"]
-    router = router_params(budget_info["hidden"], width, len(tasks))
+    router = router_extra(budget_info["hidden"], width, len(tasks))
 
     def extra_of(rank: int) -> float:
         return true_extra_ratio(rank, budget_info["factor_params_per_rank"], router, static)
@@ -296,8 +309,9 @@ def budget(config: Any, tasks: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"static_params": static, "hidden": hidden, "experts": len(tasks),
                            "factor_params_per_rank": per_rank, "rank1_factors_ratio": per_rank / static}
     for width in (64, 16):
-        r = router_params(hidden, width, len(tasks))
-        out[f"router_w{width}"] = {"params": r, "ratio": r / static,
+        r = router_extra(hidden, width, len(tasks))
+        out[f"router_w{width}"] = {"params": router_params(hidden, width, len(tasks)), "buffers": 2 * hidden,
+                                   "ratio": r / static,
                                    "extra_ratio_by_rank": {k: true_extra_ratio(k, per_rank, r, static)
                                                            for k in range(1, MAX_RANK + 1)},
                                    "max_rank_under_cap": max_rank_under(EXTRA_CAP, per_rank, r, static)}
@@ -314,6 +328,12 @@ def fmt_point(p: Mapping[str, Any] | None) -> str:
     return f"{p['weakest']:.3f} (#{p['trial']}{rank}, extra {100 * p['extra']:.2f} %; {tasks})"
 
 
+def by_rank(router: Mapping[str, Any], rank: int) -> float:
+    """The extra ratio at ``rank`` from a budget entry (keys are ints in memory, strings after JSON)."""
+    ratios = router["extra_ratio_by_rank"]
+    return float(ratios[rank] if rank in ratios else ratios[str(rank)])
+
+
 def table(record: dict[str, Any]) -> str:
     lines = [f"experts' own test accuracy: {record['expert_own_accuracy']}",
              f"load average at start {record['load_average_at_start']}, at end {record.get('load_average_at_end')}",
@@ -328,13 +348,16 @@ def table(record: dict[str, Any]) -> str:
             lines.append(f"{r['variant']:<9} {r['seed']:>4} {kind:<10} {fmt_point(r[kind]['best']):<66}"
                          f"{'none' if capped is None else format(capped['weakest'], '.3f'):>10} "
                          f"{tm.get('total', float('nan')):>10.3f} ({tm.get('merge', 0):.3f}+{tm.get('eval', 0):.3f})")
+            if r[kind].get("best_by_rank"):
+                lines.append("               best weakest by rank: " + ", ".join(
+                    f"r={k}: {w:.3f} at {100 * e:.2f} % (#{n})" for k, (w, e, n) in r[kind]["best_by_rank"].items()))
     b = record["budget"]
     lines.append(f"rank-1 factors alone: {b['factor_params_per_rank']} / {b['static_params']} = "
                  f"{100 * b['rank1_factors_ratio']:.2f} % of the model; router width 64: "
                  f"{100 * b['router_w64']['ratio']:.2f} % (rank 1 total "
-                 f"{100 * b['router_w64']['extra_ratio_by_rank'][1]:.2f} %), "
+                 f"{100 * by_rank(b['router_w64'], 1):.2f} %), "
                  f"width 16: {100 * b['router_w16']['ratio']:.2f} % (rank 1 total "
-                 f"{100 * b['router_w16']['extra_ratio_by_rank'][1]:.2f} %)")
+                 f"{100 * by_rank(b['router_w16'], 1):.2f} %)")
     c = record["cost"]
     lines.append(f"evaluation cost, mean s/trial (merge + eval): static {c['static']['total']:.3f} "
                  f"({c['static']['merge']:.3f} + {c['static']['eval']:.3f}), twin {c['twin']['total']:.3f} "
@@ -369,7 +392,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--demo-dir", type=Path, default=sq.DEMO_DIR)
     p.add_argument("--out", type=Path, default=sq.RESULTS)
+    p.add_argument("--recompute", action="store_true",
+                   help="re-derive the extra ratios, selections, verdict and table of OUT/twin_merging.json from its "
+                        "stored ranks and test scores (no search, no model)")
     args = p.parse_args(argv)
+    path = args.out / "twin_merging.json"
+    if args.recompute:
+        record = recompute(json.loads(path.read_text()))
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(record["table"])
+        return record
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     torch.set_num_threads(1)
@@ -383,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scores = expert_accuracy(config, tasks)
     experts = {t: scores[t][t] for t in tasks}
     info = budget(config, tasks)
-    info["checked_rank1_w64"] = check_ratio(config, 1, info["router_w64"]["extra_ratio_by_rank"][1])
+    info["checked_rank1_w64"] = check_ratio(config, 1, by_rank(info["router_w64"], 1))
     print(f"experts' own test accuracy {experts}; rank-1 extra ratio {info['checked_rank1_w64']:.4f}",
           file=sys.stderr)
 
@@ -402,7 +434,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "expert_test_scores": scores, "expert_own_accuracy": experts, "budget": info, "runs": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "twin_merging.json"
     for variant in variants:
         for seed in seeds:
             r = one_run(args, variant, seed, tasks, experts, info)
@@ -411,6 +442,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{r['elapsed']:.0f} s, best {fmt_point(r['stored']['best'])}", file=sys.stderr, flush=True)
             path.write_text(json.dumps(record, indent=1) + "\n")
 
+    record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    record["elapsed"] = time.perf_counter() - t0
+    finish(record)
+    if "table" in record:
+        print(record["table"])
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def finish(record: dict[str, Any]) -> None:
+    """Mean evaluation cost per family, the verdict and the table (in place)."""
     def mean_cost(fam: list[dict[str, Any]]) -> dict[str, float]:
         n = sum(r["timing"]["trials"] for r in fam)
         return {k: sum(r["timing"][k] * r["timing"]["trials"] for r in fam) / n for k in ("merge", "eval", "total")}
@@ -421,12 +463,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record["cost"] = {"static": mean_cost(static), "twin": mean_cost(twin)}
         record["cost"]["twin_over_static"] = record["cost"]["twin"]["total"] / record["cost"]["static"]["total"]
     record["target_met"], record["verdict"] = verdict(record["runs"])
-    record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    record["elapsed"] = time.perf_counter() - t0
     if "cost" in record:
         record["table"] = table(record)
-        print(record["table"])
-    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def recompute(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with every twin point's extra ratio re-derived from its rank (:func:`true_extra_ratio`, router
+    counted by :func:`router_extra`), the budget arithmetic, selections, verdict and table redone. A
+    ``corrected`` front is dropped when the stored objective now agrees with the exact ratio on every front
+    point (the two fronts are then the same set)."""
+    b = record["budget"]
+    static, per_rank, hidden, t = b["static_params"], b["factor_params_per_rank"], b["hidden"], b["experts"]
+    for width in (64, 16):
+        r = router_extra(hidden, width, t)
+        b[f"router_w{width}"] = {"params": router_params(hidden, width, t), "buffers": 2 * hidden, "ratio": r / static,
+                                 "extra_ratio_by_rank": {str(k): true_extra_ratio(k, per_rank, r, static)
+                                                         for k in range(1, MAX_RANK + 1)},
+                                 "max_rank_under_cap": max_rank_under(EXTRA_CAP, per_rank, r, static)}
+    for run in record["runs"]:
+        if run["router_width"] is None:
+            continue
+        router = router_extra(hidden, run["router_width"], t)
+        for kind in ("stored", "corrected"):
+            for p in run.get(kind, {}).get("points", []):
+                p["extra"] = true_extra_ratio(int(p["rank"]), per_rank, router, static)
+        points = run["stored"]["points"]
+        run["extra_params_objective_ok"] = all(abs(p["stored_extra"] - p["extra"]) < 1e-9 for p in points)
+        if run["extra_params_objective_ok"]:
+            run.pop("corrected", None)
+        for kind in ("stored", "corrected"):
+            if kind in run:
+                run[kind] = front_report(run[kind]["points"])
+    record["recomputed"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    finish(record)
     return record
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -138,7 +139,7 @@ def test_lease_fresh_remote_refused_stale_taken_over(tiny_job, tmp_path, capsys)
     before = sha(db)
     code, err = cli(argv, capsys)
     assert code != 0 and len(err) == 1
-    assert "being run by another driver (otherhost:4242, seen 5s ago)" in err[0]
+    assert re.search(r"being run by another driver \(otherhost:4242, seen \d+s ago\)", err[0])  # ~5 s, load-dependent
     assert sha(db) == before
     _set_lease(url, "otherhost:4242:cafe", age=3600)  # stale: its driver is gone
     code, err = cli(argv, capsys)

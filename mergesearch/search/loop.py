@@ -214,7 +214,7 @@ class SearchRun:
                 e = e.__cause__ or e.__context__
             raise StudyError(f"cannot write to storage {mask_url(self.storage)}: {type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0]}") from None
-        self.recovered = recover_orphans(self.study, exclusive=True)
+        self.recovered = recover_orphans(self.study)
         store_config(self.study, self.config)
         if not self.study.trials:
             for point in self._initial:
@@ -279,7 +279,7 @@ class SearchRun:
         """
         from mergesearch.execution.stop import Terminated, received
         from mergesearch.search.baselines import ensure_baselines
-        from mergesearch.search.study import Heartbeat, carried_attrs, record_trial
+        from mergesearch.search.study import carried_attrs, record_trial
 
         self.prepare()
         start = time.perf_counter()
@@ -287,8 +287,6 @@ class SearchRun:
         done_run = failed_run = streak = 0
         last_error = ""
         interrupted = terminated = False
-        heartbeat = Heartbeat(self.study)
-        heartbeat.start()
         self.lease.start()
         # counted once, then kept here: the lease makes this driver the only writer of the study
         complete = self.completed_count()
@@ -341,7 +339,6 @@ class SearchRun:
             interrupted = True
             terminated = isinstance(e, Terminated) or received()
         finally:
-            heartbeat.stop()
             self.lease.stop()
             self._requeue_running(inflight)
             self.lease.release()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,7 +351,7 @@ def open_storage(storage: str | Any) -> Any:
     """
     import optuna
 
-    from mergesearch.search.study import HEARTBEAT_INTERVAL, _make_storage, _password, mask_url, storage_url
+    from mergesearch.search.study import _make_storage, _password, mask_url, storage_url
 
     if not isinstance(storage, str):
         return storage
@@ -361,9 +360,7 @@ def open_storage(storage: str | Any) -> Any:
     if path is not None and not path.is_file():  # optuna would silently create an empty storage
         raise StudyError(f"storage file not found: {path}")
     try:
-        with warnings.catch_warnings():  # the heartbeat option is "experimental"; reading does not use it
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            st = _make_storage(url, HEARTBEAT_INTERVAL)
+        st = _make_storage(url)
         optuna.get_all_study_names(storage=st)  # connects: a bad URL or schema fails here, not later
         return st
     except StudyError:

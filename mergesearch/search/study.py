@@ -1,4 +1,4 @@
-"""Studies in Optuna storage: open or create, check objectives, heartbeats, orphan recovery.
+"""Studies in Optuna storage: open or create, check objectives, the driver lease, orphan recovery.
 
 Storage URLs: None → ``sqlite:///<study_name>.db`` in the working directory; any SQLAlchemy URL
 (``sqlite:///``, ``postgresql://``, ``mysql+pymysql://``); an Optuna journal file as ``journal:///abs/path.log``,
@@ -6,14 +6,10 @@ Storage URLs: None → ``sqlite:///<study_name>.db`` in the working directory; a
 ``optuna-dashboard <url>`` opens the same storage (for a journal file: ``optuna-dashboard path.log``).
 
 Orphans. Trials created by :class:`~mergesearch.search.optimizers.Optimizer` carry the user attr ``driver``
-(this process's :data:`DRIVER_ID`). On RDB storages a :class:`Heartbeat` thread records Optuna heartbeats for
-this driver's RUNNING trials (the first one at ask time); :func:`recover_orphans` then fails only trials whose
-heartbeat is older than the grace period (default 2 × 60 s), or whose driver ran on this host under a pid that
-no longer exists (a crash followed by an immediate restart on the same machine is recovered at once), so a
-second live driver's trials are never stolen. A crashed driver on another host is detected only after the
-grace period: a driver loop should call it at start-up and again now and then. Journal and in-memory
-storages have no heartbeat: every RUNNING trial not created by this process is an orphan (one live driver
-per study there).
+(this process's :data:`DRIVER_ID`). One driver runs a study at a time (:class:`DriverLease`, refreshed by a
+thread while it runs; a second driver is refused): so once a driver holds the lease, every RUNNING trial it did
+not create was left by a stopped driver, and :func:`recover_orphans` fails and re-enqueues it. One mechanism for
+every storage — no per-trial heartbeats to write.
 """
 
 from __future__ import annotations
@@ -37,7 +33,6 @@ from mergesearch.errors import ConfigError, StudyError
 #: identifies this driver process in the trials it creates (user attr ``driver``)
 DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 ORPHAN_REASON = "orphaned (driver stopped)"
-HEARTBEAT_INTERVAL = 60  # seconds; RDB storages only
 
 _DIRECTIONS = ("minimize", "maximize")
 
@@ -89,7 +84,7 @@ def _relative_file(url: str) -> bool:
     return "://" not in url and not os.path.isabs(url)
 
 
-def _make_storage(url: str, heartbeat_interval: int) -> BaseStorage:
+def _make_storage(url: str) -> BaseStorage:
     url = storage_url(url)
     if url == "memory://":
         return optuna.storages.InMemoryStorage()
@@ -105,7 +100,7 @@ def _make_storage(url: str, heartbeat_interval: int) -> BaseStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as e:  # the URL's database driver is not installed
         if url.split("://", 1)[0] in ("postgresql", "postgresql+psycopg"):
             why = 'the PostgreSQL driver psycopg is not installed; pip install "mergesearch[postgres]"'
@@ -128,7 +123,6 @@ def open_study(
     meaning: Mapping[str, Any] | None = None,
     create: bool = True,
     new: bool = False,
-    heartbeat_interval: int = HEARTBEAT_INTERVAL,
 ) -> optuna.Study:
     """Open (or create) a study whose objectives must be exactly ``objectives``.
 
@@ -141,7 +135,6 @@ def open_study(
             and their data); stored in a new study (``job_meaning``); :func:`check_meaning` compares it.
         create: create the study when absent (else StudyError).
         new: the study must not exist yet (else StudyError).
-        heartbeat_interval: seconds between heartbeats on RDB storages (orphans are stale after twice this).
 
     Returns:
         The study; its sampler is a placeholder, set by :class:`~mergesearch.search.optimizers.Optimizer`.
@@ -156,7 +149,7 @@ def open_study(
         raise ConfigError(f"objective direction must be minimize or maximize, got {bad[0]!r}")
     url = storage_url(storage or f"sqlite:///{study_name}.db")
     try:
-        st = _make_storage(url, heartbeat_interval)
+        st = _make_storage(url)
         existing = {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
     except StudyError:
         raise
@@ -267,12 +260,6 @@ def list_studies(storage: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: s["name"])
 
 
-def _heartbeat_enabled(study: optuna.Study) -> bool:
-    # RDBStorage (BaseHeartbeat) with heartbeat_interval set; journal and in-memory storages have none
-    get = getattr(study._storage, "get_heartbeat_interval", None)
-    return get is not None and get() is not None
-
-
 def _trial_id(study: optuna.Study, number: int) -> int:
     return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
@@ -282,12 +269,6 @@ def set_trial_attrs(study: optuna.Study, trial_number: int, attrs: Mapping[str, 
     tid = _trial_id(study, trial_number)
     for key, value in attrs.items():
         study._storage.set_trial_user_attr(tid, key, value)
-
-
-def record_heartbeat(study: optuna.Study, trial_number: int) -> None:
-    """Record a heartbeat for one trial if the storage supports heartbeats (RDB), else do nothing."""
-    if _heartbeat_enabled(study):
-        study._storage.record_heartbeat(_trial_id(study, trial_number))
 
 
 def record_trial(
@@ -328,7 +309,7 @@ def _driver_gone(driver: str | None) -> bool:
     except ProcessLookupError:
         return True
     except (PermissionError, ValueError, OverflowError):
-        return False  # alive under another user, or not a pid: leave it to the heartbeat
+        return False  # alive under another user, or not a pid: leave it to the lease's staleness
     return False
 
 
@@ -341,28 +322,17 @@ def carried_attrs(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: user_attrs[k] for k in CARRIED_ATTRS if k in user_attrs}
 
 
-def recover_orphans(study: optuna.Study, *, exclusive: bool = False) -> int:
+def recover_orphans(study: optuna.Study) -> int:
     """Fail trials left RUNNING by a stopped driver and re-enqueue their params so they run again.
 
-    With heartbeats (RDB storages) only trials whose heartbeat is stale or whose driver process on this host
-    is gone count; otherwise every RUNNING trial not created by this process. Each orphan gets user attr
-    ``fail_reason`` = ``ORPHAN_REASON``.
-
-    Args:
-        exclusive: this driver holds the study's driver lease (no other driver is live), so every RUNNING
-            trial not created by this process is an orphan, heartbeat or not.
+    Call it holding the study's :class:`DriverLease` (no other driver is live): every RUNNING trial not created
+    by this process is then an orphan. Each gets user attr ``fail_reason`` = ``ORPHAN_REASON``.
 
     Returns:
         The number of trials recovered.
     """
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if _heartbeat_enabled(study) and not exclusive:
-        # Optuna's own fail_stale_trials uses the same query; it is called directly because the
-        # reason must be written before the trial is finished (finished trials are read-only).
-        stale = set(study._storage._get_stale_trial_ids(study._study_id))
-        orphans = [t for t in running if t._trial_id in stale or _driver_gone(t.user_attrs.get("driver"))]
-    else:
-        orphans = [t for t in running if t.user_attrs.get("driver") != DRIVER_ID]
+    orphans = [t for t in running if t.user_attrs.get("driver") != DRIVER_ID]
     n = 0
     for t in orphans:
         try:
@@ -408,43 +378,6 @@ class _Periodic:
             self._stop.set()
             self._thread.join()
             self._thread = None
-
-
-class Heartbeat(_Periodic):
-    """Background thread recording heartbeats for this driver's RUNNING trials (RDB storages only).
-
-    Use as a context manager or call :meth:`start` / :meth:`stop`. On storages without heartbeat support it
-    does nothing.
-    """
-
-    def __init__(self, study: optuna.Study) -> None:
-        super().__init__()
-        self.study = study
-
-    def beat(self) -> int:
-        """Record one heartbeat per RUNNING trial of this driver; returns how many."""
-        n = 0
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("driver") == DRIVER_ID:
-                self.study._storage.record_heartbeat(t._trial_id)
-                n += 1
-        return n
-
-    def tick(self) -> bool:
-        self.beat()
-        return True
-
-    def start(self) -> Heartbeat:
-        if _heartbeat_enabled(self.study):
-            self.interval = float(self.study._storage.get_heartbeat_interval())
-            super().start()
-        return self
-
-    def __enter__(self) -> Heartbeat:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 LEASE_ATTR = "driver_lease"

@@ -39,6 +39,9 @@ def test_best_point_respects_the_cap_and_breaks_ties_by_cost(tm) -> None:
     assert tm.best_point([p for p in points if p["extra"] > 0.05], 0.05) is None
     report = tm.front_report(points)
     assert report["best_under_cap"]["trial"] == 4 and not report["meets_target"]
+    assert report["best_by_rank"] == {}  # static points have no rank
+    ranked = [{**p, "rank": 1 + (p["extra"] > 0.09)} for p in points]
+    assert tm.front_report(ranked)["best_by_rank"] == {"1": [0.93, 0.08, 4], "2": [0.97, 0.104, 2]}
     assert tm.front_report([{"trial": 5, "weakest": 0.95, "extra": 0.09}])["meets_target"]
 
 
@@ -52,6 +55,7 @@ def test_parameter_arithmetic_of_the_demo_model(tm) -> None:
     per_rank = tm.factor_params_per_rank(shapes, 3)
     assert per_rank == 3 * (4 * 128 + 3 * 192)  # T * sum(out + in) over the 7 linear weights
     assert tm.router_params(64, 64, 3) == 64 * 64 + 64 + 64 * 3 + 3
+    assert tm.router_extra(64, 64, 3) == tm.router_params(64, 64, 3) + 2 * 64  # + standardisation mean, scale
     static = 1000 * per_rank
     assert tm.true_extra_ratio(2, per_rank, 10, static) == pytest.approx((2 * per_rank + 10) / static)
     assert tm.max_rank_under(0.10, per_rank, 10, static) == 99  # 100 * per_rank + 10 is just over the cap

@@ -38,10 +38,11 @@ def test_permuted_experts_compute_the_same_function(fast_demo, non_local) -> Non
 def test_naive_merges_collapse_and_weight_alignment_restores_the_local_merge(non_local) -> None:
     acc = non_local["accuracy"]
     for label in ("uniform average", "ties d=0.5"):
-        local = acc[f"local {label}"]
+        local, naive = acc[f"local {label}"], acc[label]
         # the local merge is a real model; the same merge of permuted copies of the same experts is not
         assert sum(local.values()) / 3 >= 0.3, (label, local)
-        assert all(acc[label][t] <= local[t] - 0.25 for t in EXPERT_TASKS), (label, acc[label], local)
+        assert sum(naive.values()) / 3 <= 0.1, (label, naive)
+        assert all(naive[t] <= local[t] for t in EXPERT_TASKS), (label, naive, local)
     aligned = merge_table(non_local["root"], modes=("weights",))
     for label in ("uniform average", "ties d=0.5"):
         assert aligned[f"{label} [aligned: weights]"] == pytest.approx(acc[f"local {label}"], abs=1e-4), label

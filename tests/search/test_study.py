@@ -1,11 +1,8 @@
-"""Studies in storage: objectives checked, bad URLs, journal files, orphans, heartbeats, plain Optuna access."""
+"""Studies in storage: objectives checked, bad URLs, journal files, orphans, plain Optuna access."""
 
 from __future__ import annotations
 
 import hashlib
-import socket
-import subprocess
-import time
 import warnings
 
 import optuna
@@ -17,7 +14,6 @@ from mergesearch.errors import ConfigError, StudyError
 from mergesearch.search.optimizers import Optimizer
 from mergesearch.search.study import (
     ORPHAN_REASON,
-    Heartbeat,
     count_complete,
     mask_url,
     open_study,
@@ -124,8 +120,9 @@ def test_plain_optuna_loads_the_study(tmp_path):
     assert failed.user_attrs["family"] == "static" and "candidate" not in failed.user_attrs
 
 
-def test_orphans_without_heartbeat_are_failed_and_rerun(tmp_path):
-    url = str(tmp_path / "s.log")  # journal: no heartbeat
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_orphans_are_failed_and_rerun(tmp_path, kind):
+    url = str(tmp_path / "s.log") if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}"
     study = open_study(url, "s", OBJ)
     crashed = study.ask()  # a trial of some other (dead) driver: no driver attr
     crashed.set_user_attr("refine_of", 7)  # what it was enqueued as is kept by its re-run
@@ -143,22 +140,3 @@ def test_orphans_without_heartbeat_are_failed_and_rerun(tmp_path):
     assert recover_orphans(again) == 0
 
 
-def test_heartbeat_protects_live_trials(tmp_path):
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    study = open_study(url, "s", OBJ, heartbeat_interval=1)  # stale after 2 s
-    live, dead, local = Optimizer(study, SPACE, name="random", seed=0, options={}).ask(3)
-    dead.set_user_attr("driver", "another-host:1:dead")  # its driver stopped: nobody beats it
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a pid on this host that no longer exists: a driver killed just before a restart
-    local.set_user_attr("driver", f"{socket.gethostname()}:{gone.pid}:x")
-    with Heartbeat(study):
-        assert recover_orphans(study) == 1  # heartbeats all fresh, but the local driver's process is gone
-        time.sleep(3.2)
-        assert recover_orphans(study) == 1  # the other host's heartbeat is stale now
-        assert recover_orphans(study) == 0
-    trials = study.get_trials(deepcopy=False)
-    assert trials[live.number].state == TrialState.RUNNING
-    for t in (dead, local):
-        assert trials[t.number].user_attrs["fail_reason"] == ORPHAN_REASON
-    assert trials[-1].state == TrialState.WAITING and trials[-1].params == {}  # re-enqueued, not yet asked
-    assert trials[-1].system_attrs["fixed_params"] == dead.params

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 
 from mergesearch.errors import ConfigError
 from mergesearch.search.optimizers.base import BatchSampler
-from mergesearch.search.study import DRIVER_ID, record_heartbeat, set_trial_attrs
+from mergesearch.search.study import DRIVER_ID, set_trial_attrs
 
 
 @dataclass(frozen=True)
@@ -259,10 +259,7 @@ class Optimizer:
         genetic = isinstance(self.sampler, (optuna.samplers.NSGAIISampler, optuna.samplers.NSGAIIISampler))
         trials = []
         for _ in range(n):
-            with warnings.catch_warnings():
-                # heartbeats are recorded by mergesearch (study.Heartbeat), not by Study.optimize
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                trial = self.study.ask()
+            trial = self.study.ask()
             # NSGA-II/III assign the generation in sample_relative; touching it here makes enqueued trials
             # count too (otherwise they are ignored by the genetic samplers). A refinement has every
             # parameter fixed, so other backends are not asked (a GP fit per refinement would be wasted).
@@ -271,7 +268,6 @@ class Optimizer:
             for name, dist in self.distributions.items():
                 _suggest(trial, name, dist)
             trial.set_user_attr("driver", DRIVER_ID)
-            record_heartbeat(self.study, trial.number)
             trials.append(trial)
         return trials
 
