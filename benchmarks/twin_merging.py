@@ -12,7 +12,7 @@ Configuration, fixed before any search was run:
   The twin searches add ``{type: extra_params, name: extra_params}``.
 - Spaces: ``static``: the demo's (task arithmetic, one weight per model in [0, 1]). ``twin``: the same plus
   ``twin: {rank: [1, 4]}`` with the default router (width 64). ``twin_w16``: the same with ``router: {width: 16}``:
-  at the demo's width the default router alone is 2.6 % of the model, which with the rank-1 factors (7.8 %) puts
+  at the demo's width the default router alone is ~2.6 % of the model, which with the rank-1 factors (7.8 %) puts
   every twin point above 10 % (see ``budget`` in the result file); width 16 is the widest power of two that
   leaves rank 1 under 10 %, chosen from this arithmetic, not from any search result.
 - Search: the demo's settings (``tpe``; initial recipes ``uniform`` and every weight 0.5; ``refine`` = budget//4),
@@ -24,15 +24,20 @@ Measured per front (the study's Pareto front, re-scored on the test split with
 on that task (experts evaluated with the same objectives on the test split); the weakest task's ratio; the
 point with the best weakest ratio and its extra-parameter ratio; the best weakest ratio among points with
 extra ratio <= 0.10. Extra ratios are computed exactly from the twin rank and the router width
-(``true_extra_ratio``: all experts' factors plus the router, over the static model's parameters), checked against
-one built twin model, and compared with the stored ``extra_params`` objective; where they disagree, the front is
+(``true_extra_ratio``: all experts' factors plus the router's parameters and standardisation buffers, over the
+static model's parameters: what the ``extra_params`` objective counts), checked against one built twin model, and
+compared with the stored ``extra_params`` objective; where they disagree, the front is
 also recomputed from every completed trial with the exact ratio (``corrected`` front) and that front is re-scored
 too. Evaluation cost: the trials' stored ``timings`` (``merge``: building the candidate, for twin the SVDs and
 router training; ``eval``: scoring), seconds per trial.
 
     OMP_NUM_THREADS=1 python benchmarks/twin_merging.py [--seeds 0,1] [--budget 40] [--variants static,twin,twin_w16]
 
-Writes ``benchmarks/results/twin_merging.json`` (``--out DIR`` elsewhere) and prints the table.
+Writes ``benchmarks/results/twin_merging.json`` (``--out DIR`` elsewhere) and prints the table. ``--recompute``
+redoes the extra ratios, selections, verdict and table of an existing result file from its stored ranks and test
+scores (no model is loaded). The recorded run was made by a version of this script whose ratios left out the
+router's 2·H standardisation buffers, which the ``extra_params`` objective counts (parameters and buffers, since
+commit df387e1); its ratios were recomputed so (+0.076 percentage points for every twin point).
 """
 
 from __future__ import annotations
