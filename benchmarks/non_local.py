@@ -130,14 +130,13 @@ def run_search(config: Any, name: str) -> Any:
     return run, worker
 
 
-def test_scores(config: Any, worker: Any, user_attrs: Mapping[str, Any]) -> dict[str, float]:
-    """A stored trial's candidate re-built on the worker's resident model and scored on the test split."""
-    from mergesearch.candidates import stored_candidate
+def test_scores(config: Any, worker: Any, candidate: Any) -> dict[str, float]:
+    """A candidate (e.g. a stored trial's, :func:`mergesearch.candidates.stored_candidate`) built on the worker's
+    resident model and scored on the test split."""
     from mergesearch.objectives import ObjectiveContext, build_objectives, evaluate
 
     objectives = build_objectives([o for o in config.objectives if o.data is not None],
                                   ObjectiveContext(base_state=worker.merger.base_state, split="test"))
-    candidate = stored_candidate(user_attrs)
     model = candidate.build(worker.context)
     try:
         values = evaluate(objectives, model, worker.tokenizer)
@@ -159,10 +158,39 @@ def one_run(demo_dir: Path, variant: str, seed: int, trials: int, naive_search: 
     rows = [{"number": t.number, "values": dict(zip(names, map(float, t.values), strict=True))} for t in done]
     best = best_trial(rows, naive_search, experts_search)
     attrs = next(t.user_attrs for t in done if t.number == best["number"])
+    from mergesearch.candidates import stored_candidate
+
     return {"variant": variant, "seed": seed, "trials": len(done), "elapsed": elapsed,
             "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in run.study.get_trials(deepcopy=False)),
             "best": {"trial": best["number"], "summary": attrs.get("summary", ""), "family": attrs.get("family"),
-                     "search": best["values"], "test": test_scores(config, worker, attrs)}}
+                     "search": best["values"],
+                     "test": test_scores(config, worker, stored_candidate(attrs))}}
+
+
+def corrected_fixed(demo_dir: Path) -> dict[str, dict[str, float]]:
+    """Test accuracy of fixed recipes (no search) of the weight-aligned experts with the variance correction: the
+    correction's own effect, next to the same recipes aligned only (ValueError: ``space.correct`` not accepted)."""
+    from mergesearch.candidates import candidate_from
+    from mergesearch.execution.worker import MergeWorker
+    from mergesearch.merging.aligned import expert_sets
+    from mergesearch.spaces import build_space, num_layers_of
+
+    config = job(demo_dir, "corrected", 0, 1)
+    naive = config.model_copy(update={"space": config.space.model_copy(update={"align": ["none"]})})
+    space = build_space(config.space, base_model=config.base_model, models=list(config.models),
+                        num_layers=num_layers_of(config.base_model), dtype=config.dtype, seed=0,
+                        objectives=[o.label for o in config.objectives if o.data is not None],
+                        aligned=expert_sets(config))
+    unaligned = build_space(naive.space, base_model=config.base_model, models=list(config.models),
+                            num_layers=num_layers_of(config.base_model), dtype=config.dtype, seed=0,
+                            objectives=[o.label for o in config.objectives if o.data is not None])
+    worker = MergeWorker(config)
+    n = len(config.models)
+    uniform, half = {f"weight.{i}": 1 / n for i in range(n)}, {f"weight.{i}": 0.5 for i in range(n)}
+    specs = {"uniform average [aligned: weights] + corrected": space.candidate(uniform),
+             "weights 0.5 [aligned: weights] + corrected": space.candidate(half),
+             "uniform average (no align) + corrected": unaligned.candidate(uniform)}
+    return {label: test_scores(config, worker, candidate_from(spec)) for label, spec in specs.items()}
 
 
 def local_check(demo_dir: Path) -> dict[str, Any]:
@@ -301,7 +329,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[{time.perf_counter() - t0:5.0f} s] merges measured", file=sys.stderr, flush=True)
     record["local_check"] = local_check(args.demo_dir)
     print(f"[{time.perf_counter() - t0:5.0f} s] local check done", file=sys.stderr, flush=True)
-    variants = ["static", "aligned"] + (["corrected"] if args.correct else [])
+    if args.correct:
+        try:
+            fixed = corrected_fixed(args.demo_dir)
+        except ValueError as e:
+            record["corrected_not_measured"] = str(e)
+        else:
+            merges["weights 0.5 [aligned: weights]"] = aligned["task arithmetic λ=0.5 [aligned: weights]"]
+            merges.update({k: {t: v[t] for t in TASKS} for k, v in fixed.items()})
+            record["merge_closure"] = {k: closure(v, naive, experts) for k, v in merges.items()}
+            print(f"[{time.perf_counter() - t0:5.0f} s] fixed corrected recipes: {fixed}", file=sys.stderr, flush=True)
+    variants = ["static", "aligned"] + (["corrected"] if args.correct and "corrected_not_measured" not in record
+                                        else [])
     for variant in variants:
         for seed in args.seeds:
             try:

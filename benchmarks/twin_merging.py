@@ -23,21 +23,24 @@ Measured per front (the study's Pareto front, re-scored on the test split with
 ``mergesearch.exporting.validate_front``): each task's test accuracy divided by its expert's own test accuracy
 on that task (experts evaluated with the same objectives on the test split); the weakest task's ratio; the
 point with the best weakest ratio and its extra-parameter ratio; the best weakest ratio among points with
-extra ratio <= 0.10. Extra ratios are computed exactly from the twin rank and the router width
-(``true_extra_ratio``: all experts' factors plus the router's parameters and standardisation buffers, over the
-static model's parameters: what the ``extra_params`` objective counts), checked against one built twin model, and
-compared with the stored ``extra_params`` objective; where they disagree, the front is
-also recomputed from every completed trial with the exact ratio (``corrected`` front) and that front is re-scored
-too. Evaluation cost: the trials' stored ``timings`` (``merge``: building the candidate, for twin the SVDs and
-router training; ``eval``: scoring), seconds per trial.
+extra ratio <= 0.10, and per twin rank. Extra ratios are computed exactly from the twin rank and the router
+width (``true_extra_ratio``: all experts' factors plus the router's parameters and standardisation buffers, over
+the static model's parameters: what the ``extra_params`` objective counts), checked against one built twin
+model, and compared with the stored ``extra_params`` objective; where they disagree, the front is also
+recomputed from every completed trial with the exact ratio (``corrected`` front) and re-scored too. Why a rank
+falls short: ``exclusive_energy``, the share of each expert's ‖θt − θ*‖²_F that ranks 1, 2 and 4 keep, for
+uniform task-arithmetic shared merges. Evaluation cost: the trials' stored ``timings`` (``merge``: building the
+candidate, for twin the SVDs and router training; ``eval``: scoring), seconds per trial.
 
     OMP_NUM_THREADS=1 python benchmarks/twin_merging.py [--seeds 0,1] [--budget 40] [--variants static,twin,twin_w16]
 
-Writes ``benchmarks/results/twin_merging.json`` (``--out DIR`` elsewhere) and prints the table. ``--recompute``
-redoes the extra ratios, selections, verdict and table of an existing result file from its stored ranks and test
-scores (no model is loaded). The recorded run was made by a version of this script whose ratios left out the
-router's 2·H standardisation buffers, which the ``extra_params`` objective counts (parameters and buffers, since
-commit df387e1); its ratios were recomputed so (+0.076 percentage points for every twin point).
+Writes ``benchmarks/results/twin_merging.json`` (``--out DIR`` elsewhere) and prints the table.
+``--recompute`` redoes the extra ratios, selections, verdict and table of an existing result file from its stored
+ranks and test scores (no search; the models are loaded to re-check one built twin's ratio and to add
+``exclusive_energy`` when the file lacks it).
+The recorded run was made by a version of this script whose ratios left out the router's 2·H standardisation
+buffers, which the ``extra_params`` objective counts (parameters and buffers, since commit df387e1); its ratios
+were recomputed so (+0.076 percentage points for every twin point).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ TARGET_RATIO = 0.95
 EXTRA_CAP = 0.10
 MAX_RANK = 4
 VARIANTS = {"static": None, "twin": {}, "twin_w16": {"width": 16}}
+#: shared merges whose exclusive parts' spectra are recorded (``exclusive_energy``): per-model weights
+ENERGY_MERGES = {"uniform 1/3": (1 / 3, 1 / 3, 1 / 3), "uniform 1/2": (0.5, 0.5, 0.5)}
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -191,6 +196,42 @@ def check_ratio(config: Any, rank: int, expected: float) -> float:
     if abs(got - expected) > 1e-12:
         raise SystemExit(f"extra ratio of a built rank-{rank} twin is {got}, the formula says {expected}")
     return got
+
+
+def exclusive_energy(config: Any, weights: Mapping[str, Sequence[float]], ranks: Sequence[int] = (1, 2, 4)
+                     ) -> dict[str, dict[str, dict[str, float]]]:
+    """How low-rank each expert's exclusive part is: per shared merge (task arithmetic with the given per-model
+    weights) and expert, the share of Σ‖θt − θ*‖²_F over the factored weights that the best rank-r parts keep
+    (Σ of the r largest squared singular values / Σ of all), for each r in ``ranks``."""
+    import torch
+
+    from mergesearch.execution.worker import MergeWorker
+    from mergesearch.spaces import build_space, num_layers_of
+    from mergesearch.twin.factors import target_weights
+
+    worker = MergeWorker(config)
+    merger = worker.merger
+    space = build_space(config.space, base_model=config.base_model, models=list(config.models),
+                        num_layers=num_layers_of(config.base_model), dtype=config.dtype,
+                        objectives=[o.label for o in config.objectives if o.data is not None])
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label, w in weights.items():
+        merger.apply(space.decode({**space.presets()["uniform"], **{f"weight.{i}": x for i, x in enumerate(w)}}))
+        names = list(target_weights(merger.model, merger.tensor_names))
+        out[label] = {}
+        for expert, task in zip(merger.models, [o.label for o in config.objectives if o.data is not None],
+                                strict=False):
+            total, kept = 0.0, dict.fromkeys(ranks, 0.0)
+            with torch.no_grad():
+                for n in names:
+                    d = (merger.base_state[n].float() + merger.delta(expert, n).float()
+                         - merger.model.get_parameter(n).detach().float())
+                    sq2 = torch.linalg.svdvals(d) ** 2
+                    total += float(sq2.sum())
+                    for r in ranks:
+                        kept[r] += float(sq2[:r].sum())
+            out[label][task] = {str(r): kept[r] / total for r in ranks}
+    return out
 
 
 def run_search(config: Any, variant: str, seed: int) -> Any:
@@ -367,6 +408,10 @@ def table(record: dict[str, Any]) -> str:
     lines.append(f"evaluation cost, mean s/trial (merge + eval): static {c['static']['total']:.3f} "
                  f"({c['static']['merge']:.3f} + {c['static']['eval']:.3f}), twin {c['twin']['total']:.3f} "
                  f"({c['twin']['merge']:.3f} + {c['twin']['eval']:.3f}): x{c['twin_over_static']:.1f}")
+    if record.get("exclusive_energy"):
+        lines.append("share of ||θt − θ*||² kept at rank r (shared = task arithmetic): " + "; ".join(
+            f"{label}: " + ", ".join(f"{t} " + "/".join(f"r{r} {v:.2f}" for r, v in e.items()) for t, e in by.items())
+            for label, by in record["exclusive_energy"].items()))
     lines.append(f"target (a twin front point >= {TARGET_RATIO} of every expert at <= 10 % extra): "
                  f"{'MET' if record['target_met'] else 'MISSED'} — {record['verdict']}")
     return "\n".join(lines)
@@ -404,6 +449,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = args.out / "twin_merging.json"
     if args.recompute:
         record = recompute(json.loads(path.read_text()))
+        config = job_config(args.demo_dir, "twin", 0, args.budget)
+        record["budget"]["checked_rank1_w64"] = check_ratio(config, 1, by_rank(record["budget"]["router_w64"], 1))
+        if "exclusive_energy" not in record:
+            record["exclusive_energy"] = exclusive_energy(config, ENERGY_MERGES)
+            finish(record)
         path.write_text(json.dumps(record, indent=1) + "\n")
         print(record["table"])
         return record
@@ -423,6 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info["checked_rank1_w64"] = check_ratio(config, 1, by_rank(info["router_w64"], 1))
     print(f"experts' own test accuracy {experts}; rank-1 extra ratio {info['checked_rank1_w64']:.4f}",
           file=sys.stderr)
+    energy = exclusive_energy(config, ENERGY_MERGES)
 
     record: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -436,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": seeds,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "load_average_at_start": [round(x, 2) for x in load_start],
-        "expert_test_scores": scores, "expert_own_accuracy": experts, "budget": info, "runs": [],
+        "expert_test_scores": scores, "expert_own_accuracy": experts, "budget": info, "exclusive_energy": energy,
+        "runs": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for variant in variants:

@@ -84,6 +84,10 @@ def _with_execution(config, workers: int | None, address: str | None, executor: 
     return config.model_copy(update={"execution": execution})
 
 
+def _echo_baseline(name: str) -> None:
+    typer.echo(f"reference row scored: {name}", err=True)
+
+
 def _run_search(config, *, storage, study, trials, optimizer, seed, workers, address, executor,
                 progress: bool, new_study: str | None = None) -> None:
     from mergesearch.search.loop import SearchRun, make_executor
@@ -105,14 +109,11 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
                 typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials "
                            "complete" + (f", {run.recovered} orphaned trial(s) re-queued" if run.recovered else ""),
                            err=True)
-                def baseline(name: str) -> None:
-                    typer.echo(f"reference row scored: {name}", err=True)
-
                 if progress:
                     with RunProgress(run) as bar:
-                        report = run.run(pool, on_result=bar, on_baseline=baseline)
+                        report = run.run(pool, on_result=bar, on_baseline=_echo_baseline)
                 else:
-                    report = run.run(pool, on_baseline=baseline)
+                    report = run.run(pool, on_baseline=_echo_baseline)
             finally:
                 pool.close()
         except BaseException:
@@ -148,7 +149,7 @@ def run(
     executor: str | None = typer.Option(None, help="local (in-process) or ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     new_study: str | None = typer.Option(None, "--new-study", metavar="NAME",
-                                         help="Start a new study NAME (refused if it exists) in the same storage."),
+                                         help="Start a new study NAME (refused if it exists)."),
 ) -> None:
     """Run (or resume) a multi-objective merge search and print the Pareto front."""
     from mergesearch.config import load_config

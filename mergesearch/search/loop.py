@@ -319,6 +319,7 @@ class SearchRun:
                             err.add_note(res.engine_error)
                         raise err
                     job = inflight.pop(res.trial)
+                    self.running = len(inflight)
                     record_trial(self.study, res.trial, spec=job["spec"], worker=res.worker, timings=res.timings,
                                  attempts=res.attempts, summary=self.space.summary(job["params"]))
                     if res.ok and res.values is not None:
