@@ -53,6 +53,15 @@ def run_job(job: TensorJob, tensor: Callable[[str, str], torch.Tensor], *, seed:
     """
     method = get_method(job.method)
     b = job.base_index
+    # Without a cache every input is read from its checkpoint: read each once per job (the base in particular
+    # serves every task vector).
+    if cache is None:
+        read, seen = tensor, {}
+
+        def tensor(model: str, name: str) -> torch.Tensor:
+            if (model, name) not in seen:
+                seen[(model, name)] = read(model, name)
+            return seen[(model, name)]
 
     def cached(i: int) -> bool:
         return (cache is not None and b is not None and job.inputs[b][0] == cache.base
@@ -69,7 +78,8 @@ def run_job(job: TensorJob, tensor: Callable[[str, str], torch.Tensor], *, seed:
     def ranks(i: int) -> torch.Tensor | None:
         return cache.ranks(*job.inputs[i]) if cached(i) else None  # type: ignore[union-attr]
 
-    shape = tensor(*job.inputs[0]).shape
+    # the shape from the base when there is one: reading a source tensor from a resident merger would cache it
+    shape = (out if out is not None else tensor(*job.inputs[0 if b is None else b])).shape
     draws = (lambda i, s: cache.draws(shape, s)) if cache is not None else None  # type: ignore[union-attr]
     tseed = job_seed(seed, job.name)
 

@@ -173,36 +173,52 @@ def _della(tau, tkind, draws, ranks, p_lo, p_span, out):  # pragma: no cover - r
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _bracket(tau, tkind, lo, hi, buf):  # pragma: no cover - runs compiled
+def _bracket(tau, tkind, lo, hi, buf, first, last):  # pragma: no cover - runs compiled
     below, m, cap = 0, 0, buf.shape[0]
     blk = np.empty(BLOCK, dtype=np.float32)
-    n = tau.shape[0]
-    for start in range(0, n, BLOCK):
-        k = min(BLOCK, n - start)
+    for start in range(first, last, BLOCK):
+        k = min(BLOCK, last - start)
         t = _load(tau, tkind, start, k, blk)
-        for j in range(k):
+        for j in range(k):  # vectorises
+            below += abs(t[j]) < lo
+        for j in range(k):  # branch-free compaction: always write, advance only inside [lo, hi]
             a = abs(t[j])
-            below += a < lo
-            if (a >= lo) & (a <= hi):  # rare (about n / QUANTILES entries): a well-predicted branch
-                if m < cap:
-                    buf[m] = a
-                m += 1
+            buf[min(m, cap - 1)] = a
+            m += (a >= lo) & (a <= hi)
     return below, m
 
 
 def bracket_select(tau: torch.Tensor, rank: int, lo: float, hi: float, width: int) -> float | None:
-    """The |τ| of ascending rank ``rank`` when it lies in [lo, hi] (about ``width`` entries there), in one pass.
+    """The |τ| of ascending rank ``rank`` when it lies in [lo, hi] (about ``width`` entries there), in one pass
+    split over ``torch.get_num_threads()`` threads like :func:`fused_merge`.
 
     Returns:
         The value, or None when the bracket held far more entries than ``width`` (ties) or missed the rank.
     """
     src, kind = _array(tau)
-    buf = np.empty(2 * width + 1024, dtype=np.float32)
-    below, m = _bracket(src, kind, np.float32(lo), np.float32(hi), buf)
-    k = rank - below
-    if m > buf.shape[0] or not 0 <= k < m:
+    n = src.shape[0]
+    parts = max(1, min(torch.get_num_threads(), n // MIN_PARALLEL))
+    cuts = [n * p // parts for p in range(parts)] + [n]
+    cap = 2 * width + 1024
+
+    def part(p: int) -> tuple[int, int, np.ndarray]:
+        buf = np.empty(cap, dtype=np.float32)
+        below, m = _bracket(src, kind, np.float32(lo), np.float32(hi), buf, cuts[p], cuts[p + 1])
+        return below, m, buf
+
+    if parts == 1:
+        results = [part(0)]
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            results = list(pool.map(part, range(parts)))
+    if any(m > cap for _, m, _ in results):
         return None
-    return float(np.partition(buf[:m], k)[k])
+    below = sum(r[0] for r in results)
+    inside = np.concatenate([buf[:m] for _, m, buf in results])
+    k = rank - below
+    if not 0 <= k < inside.shape[0]:
+        return None
+    return float(np.partition(inside, k)[k])
 
 
 def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo: float,

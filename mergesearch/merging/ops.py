@@ -84,8 +84,11 @@ def _emit(group: TensorGroup, result: torch.Tensor, bad: int | None = None) -> t
     if group.out is not None and result is not group.out:
         group.out.copy_(result)
         result = group.out
-    if bad is None:
-        bad = int(result.numel() - torch.isfinite(result).sum().item()) if result.is_floating_point() else 0
+    if bad is None and result.is_floating_point():
+        # one reduction (no temporary): NaN/inf propagate into the sum; only then count (a huge finite sum
+        # can overflow: the count decides)
+        bad = 0 if torch.isfinite(result.sum(dtype=torch.float64)) else int(result.numel() -
+                                                                           torch.isfinite(result).sum().item())
     if bad:
         raise NonFiniteError(f"merged tensor {group.name!r} (method {group.method or '?'}) has {bad} non-finite "
                              f"entries (NaN/inf): check its weights and inputs")
@@ -117,10 +120,10 @@ def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Ma
     work = torch.float64 if first.dtype == torch.float64 else torch.float32
     out = group.out if group.out is not None and group.out.dtype == work else None
     # Folding 1/Σw into the coefficients saves a pass; the difference to dividing at the end is ~1 ulp.
-    res = torch.mul(first.to(work), weights[0] / denom, out=out) if out is not None else first.to(work) * (
+    res = torch.mul(first, weights[0] / denom, out=out) if out is not None else first.to(work) * (
         weights[0] / denom)
-    for i in range(1, group.n):
-        res.add_(group.tensor(i).to(work), alpha=weights[i] / denom)
+    for i in range(1, group.n):  # a half-precision input is widened inside the add, not copied first
+        res.add_(group.tensor(i), alpha=weights[i] / denom)
     return _emit(group, res.to(first.dtype))
 
 
