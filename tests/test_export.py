@@ -13,17 +13,7 @@ from safetensors.torch import load_file
 import mergesearch
 from mergesearch.cli import main
 from tests.conftest import write_job
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.support.cli import run_cli as _cli
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mergesearch.cli import main
 from tests.conftest import write_job
+from tests.support.cli import run_cli as _cli
 
 TASKS = ("  - {type: exact_match, name: reverse, data: data/reverse_search.jsonl, test: data/reverse_test.jsonl}\n"
          "  - {type: loglik, name: sort_ll, data: data/sort_search.jsonl, test: data/sort_test.jsonl}\n"
          "  - {type: extra_params, name: extra}\n")
 
 
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _job(tiny_models, tmp_path: Path, twin: str) -> Path:

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from mergesearch.cli import main
 from tests.demo.conftest import FAST_SEED
+from tests.support.cli import run_cli
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return code, capsys.readouterr().out
+    code, out, _ = run_cli(argv, capsys)
+    return code, out
 
 
 @pytest.mark.slow

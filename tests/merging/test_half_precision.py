@@ -10,11 +10,11 @@ import optuna
 import pytest
 import torch
 
-from mergesearch.cli import main
 from mergesearch.merging import run as runmod
 from mergesearch.merging.apply import ResidentMerger
 from mergesearch.merging.plan import MergePlan
 from tests.conftest import write_job
+from tests.support.cli import run_cli
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -86,14 +86,6 @@ def test_resident_half_precision_merge_equals_one_shot_merge(tiny_models, dtype)
         assert torch.equal(state[key], t), key
 
 
-def _run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def test_merge_command_refuses_an_overflowing_merge(tiny_models, tmp_path: Path, capsys):
     # |τ| ≈ 0.02 here: 1e38 · 0.02 · 2 models · λ 100 overflows float32 (and bfloat16)
     plan = _plan(tiny_models, "ties", "bfloat16", weight=1e38, lam=100.0, normalize=False)
@@ -102,14 +94,15 @@ def test_merge_command_refuses_an_overflowing_merge(tiny_models, tmp_path: Path,
 
     cfg.write_text(plan_to_yaml(plan))
     out = tmp_path / "out"
-    assert _run(["merge", str(cfg), str(out)]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_cli(["merge", str(cfg), str(out)], capsys)
+    assert code != 0
+    err = err.strip().splitlines()
     assert len(err) == 1 and "non-finite" in err[0] and "(method ties)" in err[0] and "model." in err[0]
     assert "Traceback" not in err[0]
     assert not out.exists()  # nothing half-written
 
 
-def test_search_stores_an_overflowing_trial_as_failed_and_goes_on(tiny_models, tmp_path: Path):
+def test_search_stores_an_overflowing_trial_as_failed_and_goes_on(tiny_models, tmp_path: Path, capsys):
     # one recipe that overflows, then ordinary trials
     job = write_job(tmp_path, tiny_models, extra="")
     text = job.read_text().replace("weight: [0, 1]", "weight: [0, 1.0e+38]").replace(
@@ -118,7 +111,8 @@ def test_search_stores_an_overflowing_trial_as_failed_and_goes_on(tiny_models, t
         "space: {", "dtype: bfloat16\nspace: {lambda: [0, 100], ")
     job.write_text(text)
     url = f"sqlite:///{tmp_path / 'nf.db'}"
-    assert _run(["run", str(job), "--storage", url, "--study", "nf", "--no-progress", "--trials", "2"]) == 0
+    assert run_cli(["run", str(job), "--storage", url, "--study", "nf", "--no-progress", "--trials", "2"],
+                   capsys)[0] == 0
     trials = optuna.load_study(study_name="nf", storage=url).trials
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed, [t.state for t in trials]

@@ -11,19 +11,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mergesearch.cli import main
 from mergesearch.search.baselines import derive_reference
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.support.cli import run_cli as _cli
 
 
 def test_reference_is_the_base_and_for_costs_the_worst_expert() -> None:

@@ -8,20 +8,9 @@ from pathlib import Path
 
 import optuna
 
-from mergesearch.cli import main
 from mergesearch.search.study import first_difference
 from tests.conftest import make_tiny_llama, write_job
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.support.cli import run_cli as _cli
 
 
 def test_first_difference_names_the_path() -> None:

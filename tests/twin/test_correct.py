@@ -12,6 +12,7 @@ import torch
 
 from mergesearch.candidates import CandidateContext, Corrected, load_model
 from mergesearch.twin.correct import block_stats, decoder_layers
+from tests.support.cli import run_cli as _cli
 from tests.twin.conftest import EXPERTS, make_merger, prompts, shared_plan
 
 
@@ -54,16 +55,6 @@ TASKS = ("  - {type: exact_match, name: reverse, data: data/reverse_search.jsonl
          "  - {type: extra_params, name: extra}\n")
 
 
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from mergesearch.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_corrected_study_exports_reloads_and_rescores(tiny_models, tmp_path: Path, capsys) -> None:
