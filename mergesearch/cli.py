@@ -167,11 +167,21 @@ def demo_models(
     out: Path = typer.Argument(Path("mergesearch-demo"), help="Folder for the base, experts and data."),
     seed: int = typer.Option(0, help="Seed of the data and training."),
     fast: bool = typer.Option(False, help="The smaller variant used by the tests."),
+    non_local: bool = typer.Option(False, "--non-local",
+                                   help="Also experts far from the base (each one's units permuted), with a job "
+                                        "that searches alignment."),
 ) -> None:
     """Build the tiny demo base model and experts (cached)."""
+    say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    if non_local:
+        from mergesearch.demo.non_local import build_non_local
+
+        built = build_non_local(out, seed=seed, fast=fast, progress=say)
+        typer.echo(f"non-local demo models in {built['root']}; job: {built['config']}")
+        return
     from mergesearch.demo.build import build_demo
 
-    paths = build_demo(out, seed=seed, fast=fast, progress=lambda msg: typer.echo(msg, err=True))
+    paths = build_demo(out, seed=seed, fast=fast, progress=say)
     typer.echo(f"demo models in {paths.root}")
 
 

@@ -57,3 +57,17 @@ def test_weight_matching_is_the_identity_on_local_experts_and_inverts_the_permut
 def test_a_second_build_is_reused(non_local) -> None:
     again = build_non_local(non_local["root"], seed=FAST_SEED, fast=True)
     assert again["accuracy"] == non_local["accuracy"]
+
+
+def test_demo_models_command_builds_the_non_local_demo(non_local, capsys) -> None:
+    """``mergesearch demo-models DIR --non-local`` (reusing the module's build) names its job, which searches
+    alignment."""
+    from tests.support.cli import run_cli
+
+    code, out, err = run_cli(["demo-models", str(non_local["root"]), "--non-local", "--fast",
+                              "--seed", str(FAST_SEED)], capsys)
+    assert code == 0, err
+    assert "non-local demo models in" in out and str(non_local["config"]) in out
+    from mergesearch.config import load_config
+
+    assert load_config(non_local["config"]).space.align == ["none", "weights"]
