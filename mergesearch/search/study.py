@@ -108,26 +108,7 @@ def _make_storage(url: str) -> BaseStorage:
             cause = e.__cause__ or e
             why = f"its database driver is not installed ({type(cause).__name__}: {cause})"
         raise StudyError(f"cannot open storage {mask_url(url)}: {why}") from None
-    if url.startswith("sqlite"):
-        _sqlite_wal(storage.engine)
     return storage
-
-
-def _sqlite_wal(engine: Any) -> None:
-    """Write-ahead logging with ``synchronous=NORMAL`` on every connection: a commit appends to the log without an
-    fsync (the log is synced at checkpoints), so the many small commits of ask/tell cost microseconds instead of
-    a disk flush each. Still crash-safe: a power loss can lose the last commits, never corrupt the file; one
-    driver writes a study at a time (the driver lease)."""
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    engine.dispose()  # connections opened before the listener reconnect with the pragmas
 
 
 def _objectives_str(names: Sequence[str], directions: Sequence[str]) -> str:
