@@ -31,6 +31,7 @@ def test_permuted_experts_compute_the_same_function(fast_demo, non_local) -> Non
     for task in EXPERT_TASKS:
         assert non_local["accuracy"][f"expert {task}"] == pytest.approx(fast_demo.accuracy[task], abs=1e-4), task
         assert non_local["max_logit_change"][task] < 1e-4, task
+        assert non_local["accuracy"][f"expert {task}"][task] >= 0.9, task  # each expert masters its task
         assert (non_local["experts"][task] / "model.safetensors").is_file()
     assert non_local["config"].is_file() and non_local["permutations"].is_file()
 
