@@ -3,24 +3,17 @@ a config for every method of the table that mergekit can be given (fast, no merg
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from mergesearch.merging.methods import METHODS
 from mergesearch.merging.plan import MergePlan, mergekit_equivalent
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "compare_mergekit.py"
+from tests.benchmarks.script import load_script
 
 
 @pytest.fixture(scope="module")
 def cm():
-    spec = importlib.util.spec_from_file_location("compare_mergekit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_mergekit")
 
 
 def test_ulp_per_dtype(cm) -> None:

@@ -3,21 +3,15 @@ the memory target and the classification of differing TIES entries (fast, no mer
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "merge_speed.py"
+from tests.benchmarks.script import load_script
 
 
 @pytest.fixture(scope="module")
 def ms():
-    spec = importlib.util.spec_from_file_location("merge_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("merge_speed")
 
 
 def test_ideal_bytes_per_method(ms) -> None:

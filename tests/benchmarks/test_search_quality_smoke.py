@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from mergesearch.demo.build import Recipe, build_demo
+from tests.benchmarks.script import load_script
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "search_quality.py"
 TINY = Recipe(length=4, layers=1, hidden=16, base_steps=3, base_warmup=1, expert_steps=2, expert_warmup=1)
 DIRS = ["maximize", "maximize", "maximize", "minimize"]
 
 
 @pytest.fixture(scope="module")
 def sq():
-    spec = importlib.util.spec_from_file_location("search_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("search_quality")
 
 
 def test_history_is_the_running_hypervolume(sq) -> None:

@@ -3,20 +3,14 @@ parameter arithmetic) on hand-made numbers; no model is built."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "twin_merging.py"
+from tests.benchmarks.script import load_script
 
 
 @pytest.fixture(scope="module")
 def tm():
-    spec = importlib.util.spec_from_file_location("twin_merging", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("twin_merging")
 
 
 def test_normalised_divides_by_each_experts_own_accuracy(tm) -> None:
