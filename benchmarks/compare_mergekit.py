@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from merge_speed import engine_revision  # benchmarks/ is on sys.path when a script runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -393,20 +394,6 @@ def main() -> int:
     print_table(rows)
     print(f"saved {args.out}")
     return 0 if all(r.get("ok") is not False for r in rows) else 1
-
-
-def engine_revision() -> dict:
-    """The commit the engine was run at and the engine files changed on top of it (the tree is shared)."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD"),
-            "modified": git("status", "--short", "--", "mergesearch/merging").splitlines()}
 
 
 def summarize(rows: list[dict]) -> dict:
