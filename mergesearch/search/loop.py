@@ -279,7 +279,7 @@ class SearchRun:
         """
         from mergesearch.execution.stop import Terminated, received
         from mergesearch.search.baselines import ensure_baselines
-        from mergesearch.search.study import carried_attrs, record_trial
+        from mergesearch.search.study import carried_attrs, trial_record
 
         self.prepare()
         start = time.perf_counter()
@@ -320,15 +320,15 @@ class SearchRun:
                         raise err
                     job = inflight.pop(res.trial)
                     self.running = len(inflight)
-                    record_trial(self.study, res.trial, spec=job["spec"], worker=res.worker, timings=res.timings,
-                                 attempts=res.attempts, summary=self.space.summary(job["params"]))
+                    record = trial_record(spec=job["spec"], worker=res.worker, timings=res.timings,
+                                          attempts=res.attempts, summary=self.space.summary(job["params"]))
                     if res.ok and res.values is not None:
-                        self.optimizer.tell(res.trial, [res.values[n] for n, _ in self.objectives])
+                        self.optimizer.tell(res.trial, [res.values[n] for n, _ in self.objectives], attrs=record)
                         complete += 1
                         done_run += 1
                         streak = 0
                     else:
-                        self.optimizer.tell(res.trial, None, error=res.error)
+                        self.optimizer.tell(res.trial, None, error=res.error, attrs=record)
                         failed_run += 1
                         streak += 1
                         last_error = res.error or ""

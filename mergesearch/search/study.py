@@ -272,25 +272,20 @@ def set_trial_attrs(study: optuna.Study, trial_number: int, attrs: Mapping[str, 
         study._storage.set_trial_user_attr(tid, key, value)
 
 
-def record_trial(
-    study: optuna.Study,
-    trial_number: int,
-    *,
-    spec: dict,
-    worker: str,
-    timings: dict,
-    attempts: int,
-    summary: str = "",
-) -> None:
-    """Store a trial's candidate (see :mod:`mergesearch.candidates`: its plan, its ``family`` and, for a family
-    beyond a static merge, the rest of its spec under ``candidate``), its one-line summary, worker, timings
-    (seconds by phase) and attempts; call before tell."""
+def trial_record(*, spec: dict, worker: str, timings: dict, attempts: int, summary: str = "") -> dict[str, Any]:
+    """The user attrs a finished trial stores: its candidate (see :mod:`mergesearch.candidates`: its plan, its
+    ``family`` and, for a family beyond a static merge, the rest of its spec under ``candidate``), its one-line
+    summary, worker, timings (seconds by phase) and attempts. Given to ``Optimizer.tell(..., attrs=)``."""
     spec = dict(spec)
     attrs = {"plan": spec.pop("plan"), "family": spec.pop("family", "static")}
     if spec:
         attrs["candidate"] = spec
-    set_trial_attrs(study, trial_number,
-                    {**attrs, "summary": summary, "worker": worker, "timings": timings, "attempts": attempts})
+    return {**attrs, "summary": summary, "worker": worker, "timings": timings, "attempts": attempts}
+
+
+def record_trial(study: optuna.Study, trial_number: int, **record: Any) -> None:
+    """Store :func:`trial_record` ``(**record)`` on a running trial (call before tell)."""
+    set_trial_attrs(study, trial_number, trial_record(**record))
 
 
 def count_complete(study: optuna.Study) -> int:

@@ -271,9 +271,12 @@ class Optimizer:
             trials.append(trial)
         return trials
 
-    def tell(self, trial_number: int, values: Sequence[float] | None, *, error: str | None = None) -> None:
-        """Finish a trial: COMPLETE with its objective values, or FAIL with user attr ``fail_reason``.
+    def tell(self, trial_number: int, values: Sequence[float] | None, *, error: str | None = None,
+             pruned: bool = False, attrs: Mapping[str, Any] | None = None) -> None:
+        """Finish a trial: COMPLETE with its objective values, PRUNED (stopped at a lower fidelity rung: no
+        values, its partial scores are in ``attrs``), or FAIL with user attr ``fail_reason``.
 
+        ``attrs``: user attrs stored with the result (e.g. :func:`~mergesearch.search.study.trial_record`).
         Non-finite values fail the trial (reason names them). A trial already finished is left as it is.
         """
         m = len(self.study.directions)
@@ -283,16 +286,21 @@ class Optimizer:
                 raise ValueError(f"trial {trial_number}: {len(values)} values for {m} objectives")
             if not all(math.isfinite(v) for v in values):
                 error = f"non-finite objective values {values}"
-        if error is None and values is None:
+        if error is None and values is None and not pruned:
             error = "no values reported"
-        if error is None:
-            self.study.tell(trial_number, values, skip_if_finished=True)
-            return
+        attrs = dict(attrs or {})
+        if error is not None:
+            attrs["fail_reason"] = error
         try:
-            set_trial_attrs(self.study, trial_number, {"fail_reason": error})
+            set_trial_attrs(self.study, trial_number, attrs)
         except optuna.exceptions.UpdateFinishedTrialError:
             return
-        self.study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
+        if error is not None:
+            self.study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
+        elif pruned:
+            self.study.tell(trial_number, state=TrialState.PRUNED, skip_if_finished=True)
+        else:
+            self.study.tell(trial_number, values, skip_if_finished=True)
 
     def enqueue(self, params: Mapping[str, Any], user_attrs: Mapping[str, Any] | None = None) -> None:
         """Queue a parameter set to be evaluated before any proposal (e.g. a hand-tuned recipe).
