@@ -99,10 +99,12 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
     run = SearchRun(config, storage=storage, study_name=study or new_study, trials=trials, optimizer=optimizer,
                     seed=seed, new_study=new_study is not None)
     done = run.completed_count()
-    if done < run.target:
+    if done < run.target and not run.budget_spent():
         try:
-            # workers start (and check the models) before the study is first written: a bad model leaves it
-            # unchanged, and a study this run created is removed again (abandon) until a first result arrives
+            # the lease first: a second driver is refused at once, not after loading its models too. Workers
+            # start (and check the models) before anything else is written: a bad model leaves an existing study
+            # as it was (abandon gives the lease back), a study this run created is removed again
+            run.take_lease()
             pool = make_executor(config)
             try:
                 run.prepare()
@@ -124,15 +126,20 @@ def _run_search(config, *, storage, study, trials, optimizer, seed, workers, add
         status = "interrupted; run the same command to resume" if report.interrupted else "done"
         if report.terminated:
             status = "terminated (SIGTERM); run the same command to resume"
-        typer.echo(f"{status}: {report.completed_this_run} completed, {report.failed_this_run} failed in "
-                   f"{report.elapsed:.1f}s", err=True)
+        pruned = f", {report.pruned_this_run} pruned" if config.search.fidelity is not None else ""
+        budget = config.search.max_examples
+        examples = f"; {report.examples}{f'/{budget}' if budget else ''} examples scored" if report.examples else ""
+        typer.echo(f"{status}: {report.completed_this_run} completed{pruned}, {report.failed_this_run} failed in "
+                   f"{report.elapsed:.1f}s{examples}", err=True)
         if report.interrupted:
             from mergesearch.execution.stop import EXIT_TERMINATED
 
             raise typer.Exit(EXIT_TERMINATED if report.terminated else 130)
     else:
+        why = (f"{run.examples} examples scored, search.max_examples is {config.search.max_examples}"
+               if run.budget_spent() else "--trials raises the target")
         typer.echo(f"study '{run.study_name}' in {mask_url(run.storage)}: {done}/{run.target} trials complete; "
-                   "nothing to run (--trials raises the target)", err=True)
+                   f"nothing to run ({why})", err=True)
     typer.echo(render_table(load_front(run.study)))
 
 
@@ -388,6 +395,11 @@ def show(
     typer.echo(f"trial {info.number} of study '{info.study}': {state}" + (f" ({info.origin})" if info.origin else ""))
     if info.values is not None:
         typer.echo("scores: " + "  ".join(f"{k}={v:.6g}" for k, v in info.values.items()))
+    for k, rung in enumerate(info.details.get("rungs") or ()):  # fidelity rungs: partial scores, in order
+        typer.echo(f"rung {k + 1} ({rung['n']} examples per task): "
+                   + "  ".join(f"{name}={v:.6g}" for name, v in rung["values"].items()))
+    if info.details.get("examples"):
+        typer.echo(f"examples scored: {info.details['examples']}")
     if info.summary:
         typer.echo(f"summary: {info.summary}")
     if info.params:

@@ -8,6 +8,7 @@ a one-line :class:`ConfigError` that names the file, the key path and, for unkno
 from __future__ import annotations
 
 import difflib
+import itertools
 import keyword
 import re
 from pathlib import Path
@@ -81,6 +82,44 @@ class LayerSpace(_Frozen):
         return value
 
 
+class TwinTargets(_Frozen):
+    """Which linear modules of the decoder layers carry exclusive factors, as PEFT's ``target_modules`` and
+    ``layers_to_transform`` say it: ``modules`` are module names or name suffixes (``q_proj``,
+    ``mlp.down_proj``; a module matches when its name equals one or ends with ``.`` + one), ``layers`` decoder
+    layer indices; ``None``: every linear module / every layer."""
+
+    modules: list[str] | None = None
+    layers: list[int] | None = None
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not m or m.startswith(".") or m.endswith(".") for m in value)):
+            raise ValueError("modules: a non-empty list of module names or name suffixes such as q_proj")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError("layers: a non-empty list of distinct layer indices >= 0")
+        return value
+
+
+class TwinDistill(_Frozen):
+    """Fit the exclusive factors to the experts' outputs (knowledge distillation) after the SVD: starting from
+    the rank-r SVD factors, ``steps`` Adam steps at ``lr`` on ``batch`` sequences (all experts together, each
+    row with its expert's adapter) minimise the KL divergence from expert t's next-token distribution (its
+    ``top_k`` most likely tokens) on task t's search prompts followed by expert t's greedy continuation (at most
+    ``max_new_tokens`` tokens), at the continuation's positions."""
+
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    batch: int = Field(default=96, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    top_k: int = Field(default=64, ge=1)
+
+
 class TwinSpace(_Frozen):
     """Twin-Merging for every candidate of the space: the candidate's merge is shared, each expert keeps its
     exclusive part θt − θ* at rank ``rank`` (a fixed int, or ``[low, high]``: searched), mixed per input by a
@@ -88,12 +127,26 @@ class TwinSpace(_Frozen):
 
     ``experts`` maps task objective names to models (a path as in ``models`` or its index); by default the task
     objectives and the models pair up in order. ``router``: router settings (``width``, ``steps``, ``lr``,
-    ``window``).
+    ``window``). ``targets``: named sets of modules that carry factors (:class:`TwinTargets`; default ``all``,
+    every linear module of the decoder layers); two or more are a searched choice. ``distill``: fit the factors
+    to the experts' outputs (:class:`TwinDistill`; ``null``, the default: the SVD factors as the paper has them).
     """
 
     rank: int | Range
     experts: dict[str, str] | None = None
     router: dict[str, Any] = Field(default_factory=dict)
+    targets: dict[str, TwinTargets] = Field(default_factory=lambda: {"all": TwinTargets()})
+    distill: TwinDistill | None = None
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: dict[str, TwinTargets]) -> dict[str, TwinTargets]:
+        if not value:
+            raise ValueError("targets: name at least one set of modules (e.g. all: {})")
+        bad = [k for k in value if not re.fullmatch(r"[A-Za-z0-9_-]+", k)]
+        if bad:
+            raise ValueError(f"targets: {bad[0]!r} is not a name (letters, digits, _ and -)")
+        return value
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -216,6 +269,23 @@ class ObjectiveConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class FidelityConfig(_Frozen):
+    """Fidelity rungs (see :mod:`mergesearch.search.fidelity`): score each objective on nested prefixes of its
+    seeded subset and stop candidates early that a rung shows cannot reach the front."""
+
+    #: examples per objective at each lower rung, increasing; the full subset (``limit``) is always the last stage.
+    rungs: list[int] = Field(min_length=1)
+    #: fraction of a rung's trials that go on to the next stage.
+    keep: float = Field(default=1 / 3, gt=0.0, le=1.0)
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v) or any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError(f"rungs must be positive and increasing, got {v}")
+        return v
+
+
 class SearchConfig(_Frozen):
     """The optimizer and the study's budget."""
 
@@ -237,6 +307,10 @@ class SearchConfig(_Frozen):
     baselines: bool = True
     #: backend-specific options (population size, batch size, ...).
     options: dict[str, Any] = Field(default_factory=dict)
+    #: fidelity rungs; None: every trial is scored on every objective's whole subset.
+    fidelity: FidelityConfig | None = None
+    #: end the study once this many examples were scored (summed over trials, objectives and rungs).
+    max_examples: int | None = Field(default=None, ge=1)
 
 
 class ExecutionConfig(_Frozen):

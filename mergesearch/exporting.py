@@ -85,7 +85,8 @@ class TrialInfo:
         plan: the decoded merge plan (None until the trial was evaluated).
         summary, origin: the one-line plan summary; ``recipe`` / ``refines #n`` / "".
         fail_reason: why a FAIL trial failed.
-        details: worker, attempts, timings (seconds by phase), when stored.
+        details: worker, attempts, timings (seconds by phase), examples scored and the scores at each fidelity
+            rung reached (``rungs``: a PRUNED trial's partial scores), when stored.
     """
 
     study: str
@@ -136,7 +137,7 @@ def describe_trial(study: Any, number: int) -> TrialInfo:
     params = dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})  # WAITING: enqueued values
     values = dict(zip(names, map(float, t.values), strict=True)) if t.values and t.state.name == "COMPLETE" \
         else None
-    details = {k: t.user_attrs[k] for k in ("worker", "attempts", "timings") if k in t.user_attrs}
+    details = {k: t.user_attrs[k] for k in ("worker", "attempts", "timings", "examples", "rungs") if k in t.user_attrs}
     return TrialInfo(study=study.study_name, number=t.number, state=t.state.name, values=values,
                      params={param_label(k, models): v for k, v in params.items()},
                      plan=t.user_attrs.get("plan"), summary=str(t.user_attrs.get("summary", "")),

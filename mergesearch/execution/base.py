@@ -10,12 +10,15 @@ from typing import Any, Protocol
 class Worker(Protocol):
     """Evaluates candidates on a resident model; built once per worker process by a picklable factory."""
 
-    def evaluate(self, spec: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    def evaluate(self, spec: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str, Any]]:
         """Build the candidate (a :mod:`mergesearch.candidates` spec, or a bare ``MergePlan.to_dict()``) and
-        score it.
+        score it; a ``"rungs"`` entry of ``spec`` (a :class:`~mergesearch.search.fidelity.Rungs`) scores it in
+        fidelity stages.
 
         Returns:
-            ``({objective name: value}, {"merge": seconds, "eval": seconds})``.
+            ``({objective name: value} or None when a lower rung stopped it, report)``; the report holds seconds
+            by phase (``merge``, ``eval``) and, where examples were scored, ``examples`` (int) and ``rungs``
+            (the values at each lower rung reached).
 
         Raises:
             TrialError: the candidate is bad (NaN score, invalid plan); the worker stays usable.
@@ -39,6 +42,12 @@ class TrialResult:
     attempts: int = 1
     #: the worker's traceback when the engine failed (a bug, not a bad candidate): the run stops
     engine_error: str | None = None
+    #: values at each lower fidelity rung reached (see :mod:`mergesearch.search.fidelity`)
+    rungs: list[dict[str, float]] = field(default_factory=list)
+    #: examples scored (summed over objectives and rungs)
+    examples: int = 0
+    #: a lower rung stopped the trial: no full-fidelity values
+    pruned: bool = False
 
     @property
     def ok(self) -> bool:

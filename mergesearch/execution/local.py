@@ -45,14 +45,17 @@ def run_trial(worker: Worker, trial: int, plan: dict[str, Any], submitted_at: fl
     """
     start = time.time()
     timings = {"queue": max(0.0, start - submitted_at)}
+    rungs, examples = [], 0
     try:
-        values, worker_timings = worker.evaluate(plan)
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            raise TrialError(f"objective {bad[0]!r} returned {values[bad[0]]}")
-        values = {k: float(v) for k, v in values.items()}
+        values, report = worker.evaluate(plan)
+        rungs, examples = list(report.get("rungs", ())), int(report.get("examples", 0))
+        if values is not None:
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                raise TrialError(f"objective {bad[0]!r} returned {values[bad[0]]}")
+            values = {k: float(v) for k, v in values.items()}
         error = None
-        timings.update({k: float(worker_timings[k]) for k in ("merge", "eval") if k in worker_timings})
+        timings.update({k: float(report[k]) for k in ("merge", "eval") if k in report})
     except Exception as exc:  # never take the worker down: a bad candidate fails its trial, a bug stops the run
         values, error = None, one_line(exc)
         if not candidate_failure(exc):
@@ -62,7 +65,8 @@ def run_trial(worker: Worker, trial: int, plan: dict[str, Any], submitted_at: fl
             return TrialResult(trial=trial, values=None, error=error, worker=name, timings=timings,
                                engine_error=traceback.format_exc())
     timings["total"] = time.time() - submitted_at
-    return TrialResult(trial=trial, values=values, error=error, worker=name, timings=timings)
+    return TrialResult(trial=trial, values=values, error=error, worker=name, timings=timings, rungs=rungs,
+                       examples=examples, pruned=error is None and values is None)
 
 
 def candidate_failure(exc: BaseException) -> bool:

@@ -60,13 +60,16 @@ class MergeWorker:
         self.context = CandidateContext(self.merger, self.tokenizer, objective_prompts(self.objectives),
                                         seed=config.search.seed)
 
-    def evaluate(self, spec: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    def evaluate(self, spec: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str, Any]]:
         """Build the candidate ``spec`` describes (:mod:`mergesearch.candidates`; a bare plan dict is a static
-        merge) on the resident model and score it; see :class:`~mergesearch.execution.base.Worker`."""
+        merge) on the resident model and score it, in the fidelity stages of its ``rungs`` entry if any; see
+        :class:`~mergesearch.execution.base.Worker`."""
         import torch
 
-        from mergesearch.objectives import evaluate
+        from mergesearch.objectives.registry import evaluate_staged
 
+        spec = dict(spec)
+        rungs = spec.pop("rungs", None)
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
@@ -75,13 +78,14 @@ class MergeWorker:
             model = candidate.build(self.context)
             t1 = time.perf_counter()
             try:
-                values = evaluate(self.objectives, model, self.tokenizer)
+                result = evaluate_staged(self.objectives, model, self.tokenizer, rungs)
             finally:
                 candidate.release(model)
             t2 = time.perf_counter()
         finally:
             torch.set_num_threads(previous)
-        return values, {"merge": t1 - t0, "eval": t2 - t1}
+        return result.values, {"merge": t1 - t0, "eval": t2 - t1, "rungs": result.rungs,
+                               "examples": result.examples}
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,27 @@ class ObjectiveBase:
         """The default direction given validated options (e.g. ``loglik`` with ``nll: true`` is minimised)."""
         return cls.default_direction
 
+    def size(self) -> int:
+        """Examples scored at full fidelity (the ``limit``-subset of the data, in its seeded order); 0 for an
+        objective without examples (a cost), which is exact at every fidelity and scored once per trial."""
+        return 0
+
+    def score(self, model: Any, tokenizer: Any, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """Per-example records of examples ``[start, stop)`` (default: to the end) of the seeded subset.
+
+        Fidelity rungs score nested prefixes: the records of ``[0, n1)`` then ``[n1, n2)`` give, concatenated,
+        exactly those of ``[0, n2)``, and :meth:`reduce` of any prefix is the objective on that prefix.
+        """
+        raise NotImplementedError(f"objective '{self.name}' has no per-example scores")
+
+    def reduce(self, records: list[dict[str, Any]]) -> float:
+        """The objective's value over the examples whose records are given (default: mean ``value``)."""
+        return sum(r["value"] for r in records) / len(records)
+
     def __call__(self, model: Any, tokenizer: Any) -> float:
-        raise NotImplementedError
+        """The objective's value at full fidelity (per-example records kept in :attr:`last_details`)."""
+        self.last_details = self.score(model, tokenizer)
+        return self.reduce(self.last_details)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, direction={self.direction!r})"

@@ -47,19 +47,22 @@ class Choice(PromptTask):
                 requests.append((prompt, self.answer_ids(tokenizer, ex, self.params.delimiter + c, False)))
         return requests
 
-    def __call__(self, model: Any, tokenizer: Any) -> float:
+    def score(self, model: Any, tokenizer: Any, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        examples = self.examples[start:stop]
+        first = sum(len(ex["choices"]) for ex in self.examples[:start])  # requests are one per choice
+        count = sum(len(ex["choices"]) for ex in examples)
         scores = iter(score_continuations(
-            model, self.encoded(tokenizer), pad_token=pad_id(tokenizer),
+            model, self.encoded(tokenizer)[first:first + count], pad_token=pad_id(tokenizer),
             padding_side=tokenizer.padding_side, batch_size=self.config.batch_size,
         ))
-        self.last_details = []
-        for ex in self.examples:
+        records = []
+        for ex in examples:
             values = []
             for c in ex["choices"]:
                 s = next(scores)
                 norm = {"none": 1, "chars": len(c), "tokens": s.tokens}
                 values.append(s.logprob / max(norm[self.params.length_norm], 1))
             pred = max(range(len(values)), key=lambda j: (values[j], -j))
-            self.last_details.append({"line": ex["_line"], "pred": pred, "correct": pred == ex["label"],
-                                      "scores": values})
-        return sum(d["correct"] for d in self.last_details) / len(self.last_details)
+            records.append({"line": ex["_line"], "pred": pred, "correct": pred == ex["label"], "scores": values,
+                            "value": float(pred == ex["label"])})
+        return records

@@ -83,14 +83,13 @@ def read_texts(path: Path) -> list[str]:
 def subset(n: int, limit: int | None, seed: int) -> list[int]:
     """Indices of a deterministic subset: the same ``limit`` of ``n`` examples in every call and process.
 
-    A seeded permutation (Python's ``random.Random`` is stable across platforms and versions) keeps the chosen
-    examples fixed for a study; they are returned in file order.
+    The indices come in a seeded random order (Python's ``random.Random`` is stable across platforms and
+    versions), also without a limit: fidelity rungs score prefixes of this order, so every prefix is a random
+    sample of the data (a file sorted by topic or difficulty would bias a plain head), and the prefixes nest.
     """
-    if limit is None or limit >= n:
-        return list(range(n))
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return sorted(order[:limit])
+    return order if limit is None else order[:limit]
 
 
 def load_examples(config: ObjectiveConfig, context: ObjectiveContext, fields: Sequence[Field]) -> list[dict]:

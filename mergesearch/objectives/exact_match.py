@@ -38,29 +38,24 @@ class ExactMatch(PromptAnswerTask):
 
     Params = ExactMatchParams
 
-    def __call__(self, model: Any, tokenizer: Any) -> float:
+    def score(self, model: Any, tokenizer: Any, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        examples = self.examples[start:stop]
         if self.params.mode == "generate":
-            outputs = self.generate(model, tokenizer)
-            correct = [out == ex["answer"].strip() for out, ex in zip(outputs, self.examples, strict=True)]
-            self.last_details = [
-                {"line": ex["_line"], "correct": c, "output": o}
-                for ex, c, o in zip(self.examples, correct, outputs, strict=True)
-            ]
-        else:
-            scores = score_continuations(
-                model, self.encoded(tokenizer), pad_token=pad_id(tokenizer),
-                padding_side=tokenizer.padding_side, batch_size=self.config.batch_size,
-            )
-            correct = [s.greedy for s in scores]
-            self.last_details = [
-                {"line": ex["_line"], "correct": c} for ex, c in zip(self.examples, correct, strict=True)
-            ]
-        return sum(correct) / len(correct)
+            outputs = self.generate(model, tokenizer, start, stop)
+            correct = [out == ex["answer"].strip() for out, ex in zip(outputs, examples, strict=True)]
+            return [{"line": ex["_line"], "correct": c, "output": o, "value": float(c)}
+                    for ex, c, o in zip(examples, correct, outputs, strict=True)]
+        scores = score_continuations(
+            model, self.encoded(tokenizer)[start:stop], pad_token=pad_id(tokenizer),
+            padding_side=tokenizer.padding_side, batch_size=self.config.batch_size,
+        )
+        return [{"line": ex["_line"], "correct": s.greedy, "value": float(s.greedy)}
+                for ex, s in zip(examples, scores, strict=True)]
 
     @torch.inference_mode()
-    def generate(self, model: Any, tokenizer: Any) -> list[str]:
-        """Greedy outputs (decoded, cut at EOS and stop strings, stripped), one per example."""
-        requests = self.encoded(tokenizer)
+    def generate(self, model: Any, tokenizer: Any, start: int = 0, stop: int | None = None) -> list[str]:
+        """Greedy outputs (decoded, cut at EOS and stop strings, stripped), one per example of ``[start, stop)``."""
+        requests = self.encoded(tokenizer)[start:stop]
         prompts = [p for p, _ in requests]
         max_new = self.params.max_new_tokens or max(len(a) for _, a in requests) + 1
         eos, filler = tokenizer.eos_token_id, pad_id(tokenizer)

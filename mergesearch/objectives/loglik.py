@@ -27,15 +27,15 @@ class LogLik(PromptAnswerTask):
     def direction_for(cls, params: Any) -> Direction:
         return "minimize" if params.nll else "maximize"
 
-    def __call__(self, model: Any, tokenizer: Any) -> float:
+    def score(self, model: Any, tokenizer: Any, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
         scores = score_continuations(
-            model, self.encoded(tokenizer), pad_token=pad_id(tokenizer),
+            model, self.encoded(tokenizer)[start:stop], pad_token=pad_id(tokenizer),
             padding_side=tokenizer.padding_side, batch_size=self.config.batch_size,
         )
-        self.last_details = [
-            {"line": ex["_line"], "logprob": s.logprob, "tokens": s.tokens}
-            for ex, s in zip(self.examples, scores, strict=True)
-        ]
-        total = sum(s.logprob for s in scores)
-        value = total / sum(s.tokens for s in scores) if self.params.per_token else total / len(scores)
+        return [{"line": ex["_line"], "logprob": s.logprob, "tokens": s.tokens}
+                for ex, s in zip(self.examples[start:stop], scores, strict=True)]
+
+    def reduce(self, records: list[dict[str, Any]]) -> float:
+        total = sum(r["logprob"] for r in records)
+        value = total / sum(r["tokens"] for r in records) if self.params.per_token else total / len(records)
         return -value if self.params.nll else value

@@ -65,23 +65,37 @@ class Perplexity(ObjectiveBase):
         texts = read_texts(self.path)
         self.texts = [texts[i] for i in subset(len(texts), config.limit, config.seed)]
         self._key: Any = None
-        self._requests: list[tuple[list[int], list[int]]] = []
+        self._requests: list[list[tuple[list[int], list[int]]]] = []
 
-    def requests(self, model: Any, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-        """Window requests for this tokenizer and model (cached)."""
+    def size(self) -> int:
+        return len(self.texts)
+
+    def requests(self, model: Any, tokenizer: Any) -> list[list[tuple[list[int], list[int]]]]:
+        """Window requests per text for this tokenizer and model (cached)."""
         max_pos = getattr(model.config, "max_position_embeddings", None) or 1024
         window = self.params.window or min(max_pos, 1024)
         stride = self.params.stride or window
         if self._key != (tokenizer, window, stride):
-            self._requests = [r for t in self.texts for r in windows(list(tokenizer(t)["input_ids"]), window, stride)]
-            if not self._requests:
+            self._requests = [windows(list(tokenizer(t)["input_ids"]), window, stride) for t in self.texts]
+            if not any(self._requests):
                 raise DataError(f"{self.path}: texts too short (need at least 2 tokens)")
             self._key = (tokenizer, window, stride)
         return self._requests
 
-    def __call__(self, model: Any, tokenizer: Any) -> float:
-        scores = score_continuations(
-            model, self.requests(model, tokenizer), pad_token=pad_id(tokenizer),
+    def score(self, model: Any, tokenizer: Any, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        per_text = self.requests(model, tokenizer)[start:stop]
+        scores = iter(score_continuations(
+            model, [r for text in per_text for r in text], pad_token=pad_id(tokenizer),
             padding_side=tokenizer.padding_side, batch_size=self.config.batch_size,
-        )
-        return math.exp(-sum(s.logprob for s in scores) / sum(s.tokens for s in scores))
+        ))
+        records = []
+        for text in per_text:
+            parts = [next(scores) for _ in text]
+            records.append({"logprob": sum(s.logprob for s in parts), "tokens": sum(s.tokens for s in parts)})
+        return records
+
+    def reduce(self, records: list[dict[str, Any]]) -> float:
+        tokens = sum(r["tokens"] for r in records)
+        if tokens == 0:  # only texts of one token in this prefix: nothing predicted yet
+            raise DataError(f"{self.path}: texts too short (need at least 2 tokens)")
+        return math.exp(-sum(r["logprob"] for r in records) / tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from mergesearch.objectives.python import PythonObjective
 
 if TYPE_CHECKING:
     from mergesearch.config import ObjectiveConfig
+    from mergesearch.search.fidelity import Rungs
 
 OBJECTIVES: dict[str, type[ObjectiveBase]] = {
     "exact_match": ExactMatch,
@@ -91,17 +93,75 @@ def build_objectives(configs: Sequence[ObjectiveConfig], context: ObjectiveConte
     return [objective_class(c)(c, context) for c in configs]
 
 
+@dataclass
+class Evaluation:
+    """What scoring one model produced.
+
+    Attributes:
+        values: ``{objective name: value}`` at full fidelity; None when a lower rung stopped the trial.
+        rungs: ``{objective name: value}`` at each lower rung reached, in order.
+        examples: examples scored, summed over objectives and rungs (objectives without examples count 0).
+    """
+
+    values: dict[str, float] | None
+    rungs: list[dict[str, float]] = field(default_factory=list)
+    examples: int = 0
+
+
+def _finite(o: Objective, value: Any) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise TrialError(f"objective '{o.name}' returned {value}")
+    return value
+
+
+def evaluate_staged(objectives: Sequence[Objective], model: Any, tokenizer: Any,
+                    rungs: Rungs | None = None) -> Evaluation:
+    """Score ``model`` on every objective, in the stages of ``rungs`` (None: one full-fidelity stage).
+
+    Each stage scores only the examples it adds to the previous one (prefixes of each objective's seeded
+    subset); an objective without examples (a cost) is scored once, at the first stage. After each lower rung,
+    ``rungs.promoted`` decides whether the next stage runs.
+
+    Raises:
+        TrialError: an objective returned a non-finite value at some stage (the message names it).
+    """
+    model.eval()  # scoring never wants dropout
+    sizes = list(rungs.sizes) if rungs is not None else []
+    records: dict[str, list[dict[str, Any]]] = {o.name: [] for o in objectives}
+    fixed: dict[str, float] = {}
+    out = Evaluation(values=None)
+    for k in range(len(sizes) + 1):
+        values = {}
+        for o in objectives:
+            n = o.size() if isinstance(o, ObjectiveBase) else 0
+            if n == 0:
+                if o.name not in fixed:
+                    fixed[o.name] = _finite(o, o(model, tokenizer))
+                values[o.name] = fixed[o.name]
+                continue
+            want, done = (n if k == len(sizes) else min(sizes[k], n)), len(records[o.name])
+            if want > done:
+                records[o.name] += o.score(model, tokenizer, done, want)
+                out.examples += want - done
+            values[o.name] = _finite(o, o.reduce(records[o.name][:want]))
+        if k == len(sizes):
+            out.values = values
+            for o in objectives:
+                if records[o.name]:
+                    o.last_details = records[o.name]
+            return out
+        out.rungs.append(values)
+        if rungs is not None and not rungs.promoted(k, values):
+            return out
+    return out
+
+
 def evaluate(objectives: Sequence[Objective], model: Any, tokenizer: Any) -> dict[str, float]:
-    """Score ``model`` on every objective: ``{objective name: value}``.
+    """Score ``model`` on every objective at full fidelity: ``{objective name: value}``.
 
     Raises:
         TrialError: an objective returned a non-finite value (the message names it).
     """
-    model.eval()  # scoring never wants dropout
-    values = {}
-    for o in objectives:
-        value = float(o(model, tokenizer))
-        if not math.isfinite(value):
-            raise TrialError(f"objective '{o.name}' returned {value}")
-        values[o.name] = value
-    return values
+    values = evaluate_staged(objectives, model, tokenizer).values
+    return values if values is not None else {}

@@ -36,6 +36,9 @@ class PromptTask(ObjectiveBase):
         self._tokenizer: Any = None
         self._encoded: Any = None
 
+    def size(self) -> int:
+        return len(self.examples)
+
     def check_examples(self) -> None:
         """Validate field types at build time (so a bad line fails before the search starts)."""
         for ex in self.examples:

@@ -35,6 +35,10 @@ class RunReport:
     best: dict[str, float] = field(default_factory=dict)
     #: stopped by SIGTERM rather than Ctrl-C (the CLI then exits 143, not 130)
     terminated: bool = False
+    #: trials a lower fidelity rung stopped in this run
+    pruned_this_run: int = 0
+    #: examples scored by every trial of the study (what ``search.max_examples`` counts)
+    examples: int = 0
 
 
 def objective_specs(config: JobConfig) -> list[tuple[str, str]]:
@@ -173,6 +177,8 @@ class SearchRun:
         self.recovered = 0
         #: trials being evaluated right now (kept up to date by :meth:`run`)
         self.running = 0
+        #: examples scored by the study's trials, and trials pruned by this run (kept up to date by :meth:`run`)
+        self.examples = self.pruned_run = 0
         self._prepared = False
         try:
             self.optimizer = Optimizer(self.study, self.space.distributions,
@@ -180,16 +186,55 @@ class SearchRun:
                                        options=dict(config.search.options), reference_point=self.reference)
             self.lease = DriverLease(self.study)
             self.lease.check()  # refuse a study another driver runs before loading any model
+            self._load_fidelity()  # (reads only) so that a spent examples budget starts no worker
         except BaseException:
             self.abandon()
             raise
 
+    def take_lease(self) -> None:
+        """Take the study's driver lease, and keep it fresh, before the workers start: a second driver is then
+        refused at once (in its constructor), before it loads any model. :meth:`prepare` takes it otherwise.
+
+        The lease is the only thing written until :meth:`prepare`; :meth:`abandon` puts it back as it was. A job
+        that gives the stored trials another meaning takes none: :meth:`prepare` refuses it (once the workers
+        have started, so a broken model is named first), and nothing at all is written. Follow it with
+        :meth:`run` or :meth:`abandon`: until then a thread keeps the lease fresh.
+
+        Raises:
+            StudyError: another live driver holds the lease, or the storage cannot be written.
+        """
+        from mergesearch.search.study import check_meaning
+
+        if self.lease.held or self._prepared:
+            return
+        try:
+            check_meaning(self.study, self.storage, job_meaning(self.config), fingerprint(self.config))
+        except StudyError:
+            return
+        self._acquire_lease()
+        self.lease.start()  # model loading may outlast the lease's staleness: refresh it meanwhile
+
+    def _acquire_lease(self) -> None:
+        """:meth:`DriverLease.acquire`, a failing first write (read-only storage, full disk) as one StudyError."""
+        try:
+            self.lease.acquire()
+        except StudyError:
+            raise
+        except Exception as e:  # the first write: a read-only file or database, a full disk, a lost server
+            from mergesearch.search.study import mask_url
+
+            while e.__cause__ or e.__context__:  # optuna wraps the database's own (telling) error
+                e = e.__cause__ or e.__context__
+            raise StudyError(f"cannot write to storage {mask_url(self.storage)}: {type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}") from None
+
     def prepare(self) -> None:
-        """Check that the job gives the stored trials the same meaning, take the study's driver lease, recover
-        orphaned trials, store the config and enqueue initial points.
+        """Check that the job gives the stored trials the same meaning, take the study's driver lease (unless
+        :meth:`take_lease` did), recover orphaned trials, store the config and enqueue initial points.
 
         The constructor only validates and reads (so a bad input leaves an existing study untouched); this is
-        the first write. :meth:`run` calls it when needed; call it earlier to know :attr:`recovered`.
+        the first write but the lease's. :meth:`run` calls it when needed; call it earlier to know
+        :attr:`recovered`.
 
         Raises:
             StudyError: the job differs from the stored one (the first difference is named), or another live
@@ -203,17 +248,8 @@ class SearchRun:
         # here, not in the constructor: the workers have checked models and data by now, and a broken model
         # is a better first message than "the models differ from the stored ones"
         check_meaning(self.study, self.storage, job_meaning(self.config), fingerprint(self.config))
-        try:
-            self.lease.acquire()
-        except StudyError:
-            raise
-        except Exception as e:  # the first write: a read-only file or database, a full disk, a lost server
-            from mergesearch.search.study import mask_url
-
-            while e.__cause__ or e.__context__:  # optuna wraps the database's own (telling) error
-                e = e.__cause__ or e.__context__
-            raise StudyError(f"cannot write to storage {mask_url(self.storage)}: {type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]}") from None
+        if not self.lease.held:
+            self._acquire_lease()
         self.recovered = recover_orphans(self.study)
         store_config(self.study, self.config)
         if not self.study.trials:
@@ -241,15 +277,24 @@ class SearchRun:
         return points
 
     def abandon(self) -> bool:
-        """Undo the creation of a study that no trial result ever reached (a run that failed or was stopped
-        before its first result): delete the study, and the storage file if this run created it.
+        """Undo what a run that failed or was stopped before its first result wrote: a study it created is
+        deleted (with the storage file, if this run created that too); in an existing study, a lease taken
+        before :meth:`prepare` wrote anything else is put back as it was (:meth:`DriverLease.give_back`), one
+        still held after it is released.
 
         Returns:
             True when the study was removed.
         """
         import optuna
 
+        lease = getattr(self, "lease", None)  # absent when the constructor failed before making it
+        if lease is not None:
+            lease.stop()  # first: a refresh must not write to a study being restored or deleted
         if not self.created or any("plan" in t.user_attrs for t in self.study.get_trials(deepcopy=False)):
+            if lease is not None and lease.held and self._prepared:
+                lease.release()
+            elif lease is not None:
+                lease.give_back()
             return False
         storage = self.study._storage
         optuna.delete_study(study_name=self.study_name, storage=storage)
@@ -290,23 +335,25 @@ class SearchRun:
         self.lease.start()
         # counted once, then kept here: the lease makes this driver the only writer of the study
         complete = self.completed_count()
-        self.running = 0
+        self.running = self.pruned_run = 0
+        self._load_fidelity()
         try:
-            if complete < self.target:
+            if complete < self.target and not self.budget_spent():
                 ensure_baselines(self.study, self.config, self.objectives, executor, on_baseline)
             while True:
                 self.running = len(inflight)
                 if self.lease.lost is not None:
                     raise StudyError(f"study '{self.study_name}' was taken over by another driver "
                                      f"({self.lease.lost}); this run stopped")
-                if complete >= self.target and not inflight:
+                if (complete >= self.target or self.budget_spent()) and not inflight:
                     break
-                n = min(executor.idle(), self.target - complete - len(inflight))
+                # pruned trials do not count towards `trials`: only full-fidelity results do
+                n = 0 if self.budget_spent() else min(executor.idle(), self.target - complete - len(inflight))
                 if n > 0:
                     self._enqueue_refinements(n, complete + len(inflight))
                     for trial in self.optimizer.ask(n):
                         spec = self.space.candidate(trial.params)
-                        executor.submit(trial.number, spec)
+                        executor.submit(trial.number, self._job(spec))
                         inflight[trial.number] = {"params": trial.params, "spec": spec,
                                                   "attrs": carried_attrs(trial.user_attrs)}
                 for res in executor.completed(timeout=0.5):
@@ -322,10 +369,15 @@ class SearchRun:
                     self.running = len(inflight)
                     record = trial_record(spec=job["spec"], worker=res.worker, timings=res.timings,
                                           attempts=res.attempts, summary=self.space.summary(job["params"]))
+                    record.update(self._fidelity_record(res))
                     if res.ok and res.values is not None:
                         self.optimizer.tell(res.trial, [res.values[n] for n, _ in self.objectives], attrs=record)
                         complete += 1
                         done_run += 1
+                        streak = 0
+                    elif res.pruned:
+                        self.optimizer.tell(res.trial, None, pruned=True, attrs=record)
+                        self.pruned_run += 1
                         streak = 0
                     else:
                         self.optimizer.tell(res.trial, None, error=res.error, attrs=record)
@@ -346,7 +398,52 @@ class SearchRun:
         return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
                          failed_this_run=failed_run, completed_this_run=done_run,
                          elapsed=time.perf_counter() - start, interrupted=interrupted,
-                         hypervolume=self.hypervolume(), best=self.best(), terminated=terminated)
+                         hypervolume=self.hypervolume(), best=self.best(), terminated=terminated,
+                         pruned_this_run=self.pruned_run, examples=self.examples)
+
+    def _load_fidelity(self) -> None:
+        """Read what the stored trials spent (examples) and reached (rung scores): a resumed run goes on from it."""
+        from optuna.trial import TrialState
+
+        from mergesearch.search.fidelity import examples_spent, rung_table
+
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                               TrialState.FAIL))
+        #: examples scored by every stored trial (the ``search.max_examples`` budget counts these)
+        self.examples = examples_spent(trials)
+        fidelity = self.config.search.fidelity
+        names = [n for n, _ in self.objectives]
+        self._seen = rung_table(trials, fidelity.rungs, names) if fidelity is not None else []
+
+    def budget_spent(self) -> bool:
+        """Whether ``search.max_examples`` is reached."""
+        limit = self.config.search.max_examples
+        return limit is not None and self.examples >= limit
+
+    def _job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """What a worker gets for a trial: the candidate spec, with the fidelity schedule if the job has rungs."""
+        from mergesearch.search.fidelity import Rungs
+
+        fidelity = self.config.search.fidelity
+        if fidelity is None:
+            return spec
+        rungs = Rungs(sizes=tuple(fidelity.rungs), keep=fidelity.keep, names=tuple(n for n, _ in self.objectives),
+                      signs=tuple(-1.0 if d == "maximize" else 1.0 for _, d in self.objectives),
+                      seen=tuple(tuple(vectors) for vectors in self._seen))
+        return {**spec, "rungs": rungs}
+
+    def _fidelity_record(self, res: TrialResult) -> dict[str, Any]:
+        """The user attrs of a result's examples and rung scores; counts them into this run's totals."""
+        from mergesearch.search.fidelity import EXAMPLES_ATTR, RUNGS_ATTR
+
+        self.examples += res.examples
+        out: dict[str, Any] = {EXAMPLES_ATTR: res.examples}
+        fidelity = self.config.search.fidelity
+        if fidelity is not None and res.rungs:
+            out[RUNGS_ATTR] = [{"n": n, "values": v} for n, v in zip(fidelity.rungs, res.rungs, strict=False)]
+            for k, values in enumerate(res.rungs):
+                self._seen[k].append(tuple(float(values[n]) for n, _ in self.objectives))
+        return out
 
     def _requeue_running(self, inflight: dict[int, dict[str, Any]]) -> None:
         """Fail and re-enqueue every trial of this run still RUNNING, so a resumed run evaluates it again.

@@ -64,7 +64,8 @@ class Front:
         objectives: ``(name, direction)`` per objective, in the study's order; direction is
             ``"maximize"`` or ``"minimize"``.
         trials: the non-dominated feasible COMPLETE trials, sorted by the first objective (best first).
-        counts: trial counts by state: ``complete``, ``failed``, ``running``, ``total``.
+        counts: trial counts by state: ``complete``, ``failed``, ``running``, ``pruned``, ``total``; and
+            ``examples``: examples scored by all trials (see :mod:`mergesearch.search.fidelity`).
         hypervolume: hypervolume of the front w.r.t. ``reference_point``.
         reference_point: objective name → reference value (user units).
         all_values: ``(n, m)`` values of every completed feasible trial with finite values (for plots).
@@ -426,7 +427,9 @@ def load_front(study_or_storage: optuna.Study | str | Any, study_name: str | Non
     states = [t.state for t in all_trials]
     counts = {"complete": states.count(optuna.trial.TrialState.COMPLETE),
               "failed": states.count(optuna.trial.TrialState.FAIL),
-              "running": states.count(optuna.trial.TrialState.RUNNING), "total": len(states)}
+              "running": states.count(optuna.trial.TrialState.RUNNING), "total": len(states),
+              "pruned": states.count(optuna.trial.TrialState.PRUNED),
+              "examples": sum(int(t.user_attrs.get("examples", 0)) for t in all_trials)}
     if counts["complete"] == 0:
         raise StudyError(f"study '{study.study_name}' has no completed trials ({counts['total']} in total, "
                          f"{counts['failed']} failed, {counts['running']} running)")
@@ -543,8 +546,10 @@ def front_caption(front: Front) -> list[str]:
     """Lines for above/below the table: what the front is; the hypervolume and trial counts (and, with
     reference rows, which of them the front dominates)."""
     c = front.counts
+    pruned = f", {c['pruned']} pruned" if c.get("pruned") else ""
+    examples = f"; {c['examples']} examples scored" if c.get("examples") else ""
     below = (f"{hypervolume_text(front)}; trials: {c['total']} total, "
-             f"{c['complete']} complete, {c['failed']} failed, {c['running']} running")
+             f"{c['complete']} complete{pruned}, {c['failed']} failed, {c['running']} running{examples}")
     dom = dominance_text(front)
     return [f"Pareto front{' of ' + front.study_name if front.study_name else ''}: "
             f"{len(front.trials)} of {c['complete']} completed trials"

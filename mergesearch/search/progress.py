@@ -1,6 +1,7 @@
 """Progress of a search run: a live bar on a terminal, plain lines elsewhere (logs, CI, ``ray job submit``).
 
-Both show trials done/failed/running, elapsed time, an ETA, the hypervolume (the same value ``front`` prints:
+Both show trials done/failed/running (and pruned, with fidelity rungs), examples scored (of
+``search.max_examples`` if set), elapsed time, an ETA, the hypervolume (the same value ``front`` prints:
 both read the study's stored reference point) and the best value per objective, by name. A live bar
 redrawn with carriage returns is unreadable in a log file and gets cut at the log's width, so off a
 terminal one self-contained line is printed every ``every_trials`` results or ``every_seconds`` seconds,
@@ -48,7 +49,7 @@ class RunProgress:
         self.run = run
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal
-        self.failed = 0
+        self.failed = self.pruned = 0
         self.hv_every = hv_every
         self._hv_at = 0.0
         self._hv: tuple[float, float | None] | None = None
@@ -106,7 +107,7 @@ class RunProgress:
         return self._hv
 
     def stats(self) -> str:
-        """``failed=1 running=2 eta=3m05s hv=0.41 (raw 12.3) reverse=0.81 swap=0.62 l1=0.0031``."""
+        """``failed=1 running=2 examples=960 eta=3m05s hv=0.41 (raw 12.3) best: reverse=0.81 l1=0.0031``."""
         elapsed = time.monotonic() - self._t0
         new = self.done - self.start_done
         left = self.run.target - self.done
@@ -117,7 +118,11 @@ class RunProgress:
             raw, norm = hv
             hv_text = f" hv={norm:.3g} (raw {raw:.4g})" if norm is not None else f" hv={raw:.4g}"
         best = " ".join(f"{k}={v:.4g}" for k, v in self.best.items())
-        return f"failed={self.failed} running={self.run.running}{eta}{hv_text} best: {best}"
+        search = self.run.config.search
+        pruned = f" pruned={self.pruned}" if search.fidelity is not None else ""
+        budget = f"/{search.max_examples}" if search.max_examples is not None else ""
+        examples = f" examples={self.run.examples}{budget}" if self.run.examples or budget else ""
+        return f"failed={self.failed}{pruned} running={self.run.running}{examples}{eta}{hv_text} best: {best}"
 
     def line(self) -> str:
         """One self-contained plain progress line."""
@@ -137,6 +142,8 @@ class RunProgress:
             for name, value in result.values.items():
                 pick = max if self.directions[name] == "maximize" else min
                 self.best[name] = pick(self.best.get(name, value), value)
+        elif result.pruned:
+            self.pruned += 1
         else:
             self.failed += 1
         if self.progress is not None:

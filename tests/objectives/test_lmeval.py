@@ -58,3 +58,22 @@ def test_lm_eval_unknown_task(task_dir):
     cfg = objective(type="lm_eval", task="no_such_task", include_path=task_dir / "tasks")
     with pytest.raises(ConfigError, match="unknown lm-eval task 'no_such_task'"):
         build_objectives([cfg], ObjectiveContext())
+
+
+@pytest.mark.slow
+def test_lm_eval_documents_nest_and_aggregate_like_lm_eval(lm, task_dir):
+    from lm_eval.evaluator import evaluate
+
+    model, tok, _ = lm
+    cfg = objective(type="lm_eval", name="lm", task="tiny_choice", metric="acc", include_path=task_dir / "tasks",
+                    num_fewshot=0, limit=8, seed=1)
+    (obj,) = build_objectives([cfg], ObjectiveContext())
+    assert obj.size() == 8 == len(set(obj.docs))  # a seeded subset of the 12 documents
+    full = obj.score(model, tok)
+    # rung subsets: documents [0, 3) then [3, 8) are exactly the full set's records, in order
+    assert obj.score(model, tok, 0, 3) + obj.score(model, tok, 3, 8) == full
+    # the objective equals lm-eval's own result on the same documents
+    out = evaluate(lm=obj._wrapper(model, tok), task_dict=obj.task_dict, samples={"tiny_choice": obj.docs},
+                   bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    assert obj(model, tok) == pytest.approx(out["results"]["tiny_choice"]["acc,none"])
+    assert obj.reduce(full[:3]) == pytest.approx(sum(r["value"] for r in full[:3]) / 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -18,6 +19,8 @@ class _Run:
     target = 10
     objectives = (("acc", "maximize"), ("l1", "minimize"))
     running = 2
+    examples = 0
+    config = SimpleNamespace(search=SimpleNamespace(fidelity=None, max_examples=None))
 
     def completed_count(self) -> int:
         return 0
@@ -53,3 +56,17 @@ def test_plain_line_after_every_seconds_without_results() -> None:
                      every_seconds=1.0):
         time.sleep(2.5)
     assert out.getvalue().count("[s] 0/10 done") >= 2
+
+
+def test_fidelity_runs_show_pruned_trials_and_the_examples_budget() -> None:
+    run = _Run()
+    run.config = SimpleNamespace(search=SimpleNamespace(fidelity=object(), max_examples=100))
+    out = io.StringIO()
+    with RunProgress(run, console=Console(file=out, force_terminal=False), every_trials=2,
+                     every_seconds=1000) as bar:
+        bar(_result(1))
+        run.examples = 40
+        bar(TrialResult(2, None, None, "w", rungs=[{"acc": 0.1, "l1": 3.0}], examples=8, pruned=True))
+    first = out.getvalue().splitlines()[0]
+    # a pruned trial is neither done nor failed
+    assert first.startswith("[s] 1/10 done") and "failed=0 pruned=1" in first and "examples=40/100" in first

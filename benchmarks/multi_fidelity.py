@@ -1,0 +1,188 @@
+"""Multi-fidelity search on the demo: hypervolume against examples evaluated, with and without fidelity rungs.
+
+For each space (``weights``: the demo's per-model task-arithmetic weights; ``layers``: weights per model, layer
+and self_attn/mlp/rest, 36 parameters) and each seed, two searches with the same optimizer:
+
+- single fidelity: ``--trials`` trials, every one scored on each task's whole subset (limit 128);
+- rungs: ``search.fidelity: {rungs: RUNGS, keep: KEEP}`` with ``search.max_examples`` = the single-fidelity
+  run's total, so both spend the same number of examples.
+
+Everything compared is fixed here, before any run: optimizer ``tpe``, rungs ``[16, 48]`` (then the full 128),
+keep 1/3, 60 single-fidelity trials, seeds 0..2. One reference point for every hypervolume (as in
+``search_quality.py``): accuracy 0 on each task and l1 = 1.1 × the l1 of the plan with every weight 1;
+hypervolumes are normalised by the box [0, 1]^3 × [0, l1_ref]. Only full-fidelity (COMPLETE) trials count
+towards a hypervolume; the examples axis counts every example scored, pruned trials included.
+
+**Target**: the rungs run reaches the single-fidelity run's final hypervolume with ≤ 1/3 of its examples
+(per space, on the mean curves over seeds; per seed too).
+
+    OMP_NUM_THREADS=1 python benchmarks/multi_fidelity.py [--seeds 3] [--trials 60] [--spaces weights,layers]
+        [--quick]
+
+Writes ``benchmarks/results/multi_fidelity.json`` (``--out DIR`` elsewhere) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import search_quality as sq  # the demo, its reference point and hypervolume helpers
+
+RUNGS = [16, 48]
+KEEP = 1 / 3
+OPTIMIZER = "tpe"
+
+
+def run_one(config: Any, worker: Any, seed: int, *, trials: int, rungs: list[int] | None,
+            max_examples: int | None) -> dict[str, Any]:
+    """One in-memory search; per trial in number order: values (NaN when not COMPLETE) and examples."""
+    import optuna
+
+    from mergesearch.config import FidelityConfig
+    from mergesearch.execution.local import LocalExecutor
+    from mergesearch.search.loop import SearchRun
+
+    search = config.search.model_copy(update={
+        "fidelity": None if rungs is None else FidelityConfig(rungs=rungs, keep=KEEP),
+        "max_examples": max_examples, "baselines": False, "initial": [], "refine": 0})
+    config = config.model_copy(update={"search": search})
+    run = SearchRun(config, storage="memory://", study_name=f"s{seed}-{'rungs' if rungs else 'single'}",
+                    trials=trials, optimizer=OPTIMIZER, seed=seed)
+    start = time.perf_counter()
+    run.run(LocalExecutor(lambda: worker))  # one resident worker for every run: models load once
+    elapsed = time.perf_counter() - start
+    trials_ = sorted(run.study.get_trials(deepcopy=False), key=lambda t: t.number)
+    done = [t for t in trials_ if t.state != optuna.trial.TrialState.RUNNING]
+    m = len(run.objectives)
+    complete = optuna.trial.TrialState.COMPLETE
+    return {"seed": seed, "elapsed": elapsed,
+            "values": [list(t.values) if t.state == complete else [float("nan")] * m for t in done],
+            "examples": [int(t.user_attrs.get("examples", 0)) for t in done],
+            "states": [t.state.name for t in done]}
+
+
+def curve(run: dict[str, Any], directions: list[str], ref: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(cumulative examples, normalised hypervolume)`` after each trial of ``run``."""
+    hv = sq.history(np.array(run["values"], dtype=float), directions, ref, scale)
+    return np.cumsum(run["examples"]), np.array(hv)
+
+
+def examples_to_reach(examples: np.ndarray, hv: np.ndarray, target: float) -> int | None:
+    """Examples spent when ``hv`` first reaches ``target`` (None: never)."""
+    hit = np.nonzero(hv >= target - 1e-12)[0]
+    return int(examples[hit[0]]) if len(hit) else None
+
+
+def hv_at(examples: np.ndarray, hv: np.ndarray, budget: float) -> float:
+    """Hypervolume after the last trial that ended within ``budget`` examples (0 before the first)."""
+    i = np.searchsorted(examples, budget, side="right")
+    return float(hv[i - 1]) if i else 0.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--trials", type=int, default=60, help="single-fidelity trials (sets the examples budget)")
+    p.add_argument("--spaces", default="weights,layers")
+    p.add_argument("--demo-dir", type=Path, default=sq.DEMO_DIR)
+    p.add_argument("--out", type=Path, default=sq.RESULTS)
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 trials, weights space")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.trials, args.spaces = 1, 4, "weights"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import optuna
+    import torch
+
+    from mergesearch.execution.worker import MergeWorker
+    from mergesearch.search.loop import objective_specs
+
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"optimizer": OPTIMIZER, "rungs": RUNGS, "keep": KEEP, "trials": args.trials,
+                              "seeds": list(range(args.seeds)), "machine": {
+                                  "platform": platform.platform(), "cpus": os.cpu_count(),
+                                  "load_average_start": os.getloadavg()}, "spaces": {}}
+    rows = []
+    for space in args.spaces.split(","):
+        config = sq.demo_config(args.demo_dir, space)
+        worker = MergeWorker(config)
+        objectives = objective_specs(config)
+        names, directions = [n for n, _ in objectives], [d for _, d in objectives]
+        largest = sq.evaluate_baselines(config, worker, names)["task_arithmetic w=1.0"]
+        ref = np.array([0.0 if d == "maximize" else 1.1 * largest[i] for i, d in enumerate(directions)])
+        scale = float(np.prod(sq.box_sides(ref, directions)))
+        out: dict[str, Any] = {"reference_point": dict(zip(names, map(float, ref), strict=True)),
+                               "hv_normaliser": scale, "single": [], "rungs": [], "per_seed": []}
+        for seed in range(args.seeds):
+            single = run_one(config, worker, seed, trials=args.trials, rungs=None, max_examples=None)
+            budget = int(sum(single["examples"]))
+            staged = run_one(config, worker, seed, trials=100_000, rungs=RUNGS, max_examples=budget)
+            (_, hs), (xr, hr) = curve(single, directions, ref, scale), curve(staged, directions, ref, scale)
+            target = float(hs[-1])
+            need = examples_to_reach(xr, hr, target)
+            out["single"].append(single)
+            out["rungs"].append(staged)
+            out["per_seed"].append({
+                "seed": seed, "budget_examples": budget, "single_final_hv": target,
+                "rungs_final_hv": float(hr[-1]), "rungs_hv_at_third": hv_at(xr, hr, budget / 3),
+                "rungs_examples_to_reach": need, "fraction": None if need is None else need / budget,
+                "rungs_trials": len(staged["states"]), "rungs_pruned": staged["states"].count("PRUNED"),
+                "single_seconds": single["elapsed"], "rungs_seconds": staged["elapsed"]})
+            print(f"[{space} seed {seed}] single: hv {target:.4f} with {budget} examples ({single['elapsed']:.0f}s); "
+                  f"rungs: {len(staged['states'])} trials ({staged['states'].count('PRUNED')} pruned), hv "
+                  f"{hr[-1]:.4f}, reached single's final at {need} examples "
+                  f"({'-' if need is None else f'{need / budget:.2f}'} of budget)", file=sys.stderr)
+        # mean curves over seeds on a common examples grid
+        budget = min(p["budget_examples"] for p in out["per_seed"])
+        grid = np.linspace(0, budget, 201)
+        mean = {}
+        for kind in ("single", "rungs"):
+            curves = [curve(r, directions, ref, scale) for r in out[kind]]
+            mean[kind] = np.mean([[hv_at(x, h, g) for g in grid] for x, h in curves], axis=0)
+        need = examples_to_reach(grid, mean["rungs"], float(mean["single"][-1]))
+        fraction = None if need is None else need / budget
+        out["mean"] = {"grid": grid.tolist(), "single": mean["single"].tolist(), "rungs": mean["rungs"].tolist(),
+                       "single_final_hv": float(mean["single"][-1]), "rungs_examples_to_reach": need,
+                       "fraction": fraction, "target_met": fraction is not None and fraction <= 1 / 3,
+                       "seeds_met": sum(p["fraction"] is not None and p["fraction"] <= 1 / 3
+                                        for p in out["per_seed"])}
+        record["spaces"][space] = out
+        rows.append((space, out["mean"]))
+    record["elapsed"] = time.perf_counter() - t0
+    record["machine"]["load_average_end"] = os.getloadavg()
+    print(f"\n{'space':8} {'single final hv':>16} {'rungs: examples to reach it':>28} {'fraction':>9} "
+          f"{'target ≤ 1/3':>13} {'seeds met':>10}")
+    for space, m in rows:
+        frac = "never" if m["fraction"] is None else f"{m['fraction']:.2f}"
+        need = "-" if m["rungs_examples_to_reach"] is None else f"{m['rungs_examples_to_reach']:.0f}"
+        print(f"{space:8} {m['single_final_hv']:16.4f} {need:>28} {frac:>9} "
+              f"{'met' if m['target_met'] else 'MISSED':>13} {m['seeds_met']:>6}/{args.seeds}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "multi_fidelity.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"saved {path}", file=sys.stderr)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Multi-fidelity search: the promotion rule, nested rung subsets, staged evaluation, the examples budget."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mergesearch.config import load_config
+from mergesearch.errors import ConfigError
+from mergesearch.execution.local import LocalExecutor
+from mergesearch.execution.worker import MergeWorkerFactory
+from mergesearch.objectives import ObjectiveContext, build_objectives
+from mergesearch.objectives.registry import evaluate_staged
+from mergesearch.search.fidelity import Rungs, crowding, promoted
+from mergesearch.search.loop import SearchRun
+from mergesearch.search.pareto import load_front
+from tests.conftest import write_job
+
+MAX, MIN = -1.0, 1.0  # signs: value * sign is minimised
+
+# --- the promotion rule -------------------------------------------------------------------------------------
+
+
+def test_promotion_single_objective_keeps_the_top_fraction() -> None:
+    seen = [[v / 10] for v in range(1, 10)]  # 0.1 .. 0.9; with own: 10 vectors, keep 1/3 -> best 4 go on
+    assert promoted(seen, [0.85], [MAX], 1 / 3)  # 1 ahead
+    assert promoted(seen, [0.65], [MAX], 1 / 3)  # 3 ahead (.7 .8 .9)
+    assert not promoted(seen, [0.55], [MAX], 1 / 3)  # 4 ahead
+    assert promoted(seen, [0.15], [MIN], 1 / 3) and not promoted(seen, [0.45], [MIN], 1 / 3)
+    assert promoted(seen, [0.0], [MAX], 1.0)  # keep everything
+    assert promoted([], [0.0], [MAX], 1 / 3)  # the first trial at a rung always goes on
+
+
+def test_promotion_ties_favour_the_trial() -> None:
+    # 8 examples give few distinct accuracies: a trial equal to all the others is not behind any of them
+    assert promoted([[0.5, 0.5]] * 9, [0.5, 0.5], [MAX, MAX], 1 / 3)
+
+
+def test_promotion_two_objectives_rank_then_crowding() -> None:
+    front = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]  # mutually non-dominated (both maximised)
+    seen = front + [[0.1, 0.1]] * 6  # dominated by [0.5, 0.5]; with own: 10 vectors, keep 1/3 -> 4
+    assert promoted(seen, [0.2, 0.2], [MAX, MAX], 1 / 3)  # second front: the 3 of the first are ahead
+    assert not promoted(seen, [0.05, 0.05], [MAX, MAX], 1 / 3)  # third front: 9 ahead
+    # keep 0.2 -> 2: on the first front with the two extremes (infinite crowding) ahead is not enough
+    assert not promoted(seen, [0.6, 0.6], [MAX, MAX], 0.2)
+    assert promoted(seen, [2.0, 2.0], [MAX, MAX], 0.2)  # dominates everything: nothing ahead
+    assert not promoted(seen, [0.2, 0.2], [MAX, MAX], 0.2)
+
+
+def test_crowding_closed_form() -> None:
+    import numpy as np
+
+    cd = crowding(np.array([[0.0, 4.0], [1.0, 2.0], [4.0, 0.0]]))
+    assert np.isinf(cd[0]) and np.isinf(cd[2])
+    assert cd[1] == pytest.approx(4 / 4 + 4 / 4)
+
+
+def test_rungs_must_increase(tiny_models, tmp_path) -> None:
+    job = write_job(tmp_path, tiny_models, extra="")
+    job.write_text(job.read_text().replace("seed: 0}", "seed: 0, fidelity: {rungs: [4, 2]}}"))
+    with pytest.raises(ConfigError, match="rungs must be positive and increasing"):
+        load_config(job)
+
+
+# --- nested subsets and staged evaluation -------------------------------------------------------------------
+
+
+@pytest.fixture
+def task_objectives(tiny_models, tmp_path):
+    """The tiny job's two task objectives (exact_match, loglik; 8 examples each) and a model + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(write_job(tmp_path, tiny_models))
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["a"])
+    tok = AutoTokenizer.from_pretrained(tiny_models["a"])
+    return config, build_objectives(config.objectives[:2], ObjectiveContext()), model, tok
+
+
+def test_rung_subsets_nest_and_equal_a_smaller_limit(task_objectives, tmp_path) -> None:
+    config, objectives, model, tok = task_objectives
+    for o, oc in zip(objectives, config.objectives[:2], strict=True):
+        full = o.score(model, tok)
+        # rung N1's examples are the first N1 of rung N2's, and scoring them in two stages changes nothing
+        assert o.score(model, tok, 0, 3) + o.score(model, tok, 3, 5) == full[:5]
+        (small,) = build_objectives([oc.model_copy(update={"limit": 3})], ObjectiveContext())
+        assert [r["line"] for r in small.score(model, tok)] == [r["line"] for r in full[:3]]
+        assert small(model, tok) == pytest.approx(o.reduce(full[:3]))
+
+
+def test_evaluate_staged_stops_a_dominated_trial(task_objectives) -> None:
+    _, objectives, model, tok = task_objectives
+    names = tuple(o.name for o in objectives)
+    open_rungs = Rungs(sizes=(2, 4), keep=1 / 3, names=names, signs=(MAX, MAX))
+    staged = evaluate_staged(objectives, model, tok, open_rungs)
+    full = evaluate_staged(objectives, model, tok)
+    assert staged.values == pytest.approx(full.values)
+    assert staged.examples == full.examples == 16  # each example once, not once per rung
+    assert len(staged.rungs) == 2
+    for o in objectives:  # a rung's value is the objective on that prefix
+        assert staged.rungs[0][o.name] == pytest.approx(o.reduce(o.score(model, tok, 0, 2)))
+    better = ((2.0, 1e9),) * 5  # five earlier trials far ahead at rung 0
+    stopped = evaluate_staged(objectives, model, tok, Rungs((2, 4), 1 / 3, names, (MAX, MAX), seen=(better,)))
+    assert stopped.values is None and len(stopped.rungs) == 1 and stopped.examples == 4
+
+
+# --- the search loop with rungs and an examples budget ------------------------------------------------------
+
+
+def _job(tiny_models, root: Path, search: str) -> Path:
+    job = write_job(root, tiny_models)
+    job.write_text(job.read_text().replace("search: {optimizer: random, trials: 4, seed: 0}", f"search: {search}"))
+    return job
+
+
+def _run(job: Path, url: str, **kw) -> SearchRun:
+    run = SearchRun(load_config(job), storage=url, study_name="f", **kw)
+    pool = LocalExecutor(MergeWorkerFactory(run.config))
+    try:
+        run.run(pool)
+    finally:
+        pool.close()
+    return run
+
+
+def test_rungs_prune_and_pruned_trials_stay_off_the_front(tiny_models, tmp_path) -> None:
+    job = _job(tiny_models, tmp_path, "{optimizer: random, trials: 8, seed: 1, baselines: false, "
+                                      "fidelity: {rungs: [2, 4], keep: 0.34}}")
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    run = _run(job, url)
+    trials = optuna.load_study(study_name="f", storage=url).trials
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 8 and states.count(TrialState.PRUNED) >= 1
+    for t in trials:
+        rungs = t.user_attrs["rungs"]
+        assert [r["n"] for r in rungs] == [2, 4][: len(rungs)]
+        # examples: 2 task objectives x (last rung reached, or all 8 when complete)
+        n = 8 if t.state == TrialState.COMPLETE else rungs[-1]["n"]
+        assert t.user_attrs["examples"] == 2 * n
+        if t.state == TrialState.PRUNED:
+            assert t.values is None and "plan" in t.user_attrs
+    assert run.examples == sum(t.user_attrs["examples"] for t in trials)
+    front = load_front(url, "f")
+    pruned = {t.number for t in trials if t.state == TrialState.PRUNED}
+    assert pruned and not pruned & {p.number for p in front.trials}
+
+
+def test_max_examples_stops_at_the_budget_and_resumes_to_it(tiny_models, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    job = _job(tiny_models, tmp_path, "{optimizer: random, trials: 50, seed: 0, baselines: false, max_examples: 40}")
+    run = _run(job, url)  # 16 examples per trial: the third trial crosses 40
+    trials = optuna.load_study(study_name="f", storage=url).trials
+    assert len(trials) == 3 and run.examples == 48
+    again = _run(job, url)  # spent: nothing more
+    assert len(optuna.load_study(study_name="f", storage=url).trials) == 3 and again.examples == 48
+    job.write_text(job.read_text().replace("max_examples: 40", "max_examples: 80"))
+    more = _run(job, url)
+    assert more.examples == 80 and len(optuna.load_study(study_name="f", storage=url).trials) == 5
+
+
+REPO = Path(__file__).resolve().parents[2]
+HOLD = ("import os, time\n\ndef hold(model, tokenizer, examples):\n"
+        "    flag = os.path.join(os.path.dirname(__file__), 'held')\n"
+        "    if os.path.exists(os.path.join(os.path.dirname(__file__), 'hold')) and not os.path.exists(flag):\n"
+        "        open(flag, 'w').close()\n        time.sleep(60)\n"
+        "    return 0.0\n")
+
+
+@pytest.mark.slow
+def test_crash_between_rungs_resumes_without_losing_or_double_counting(tiny_models, tmp_path) -> None:
+    # objectives in order: the two tasks (scored on rung 0's 2 examples), then a python objective that blocks
+    # once: the driver is killed there, mid-trial, after rung 0's examples were scored
+    (tmp_path / "hold.py").write_text(HOLD)
+    (tmp_path / "hold").touch()
+    job = _job(tiny_models, tmp_path, "{optimizer: random, trials: 4, seed: 0, baselines: false, "
+                                      "fidelity: {rungs: [2, 4], keep: 1.0}}")
+    job.write_text(job.read_text().replace("  - {type: l1_from_base, name: l1}\n",
+                                           "  - {type: python, name: hold, target: 'hold.py:hold'}\n"))
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    argv = [sys.executable, "-m", "mergesearch.cli", "run", str(job), "--storage", url, "--study", "f",
+            "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "held").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (tmp_path / "held").exists(), proc.stderr.read().decode() if proc.poll() is not None else "no hold"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    trials = optuna.load_study(study_name="f", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.RUNNING] and "examples" not in trials[0].user_attrs
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
+    trials = optuna.load_study(study_name="f", storage=url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and not [t for t in trials if t.state == TrialState.RUNNING]
+    # the killed attempt is failed and counts nothing; its re-run counts its examples once
+    assert trials[0].state == TrialState.FAIL and "examples" not in trials[0].user_attrs
+    assert sum(t.user_attrs.get("examples", 0) for t in trials) == 4 * 16
