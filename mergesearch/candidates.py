@@ -102,25 +102,49 @@ class Twin:
         experts: (objective name, model) pairs: expert ``model`` serves the task scored by that objective, whose
             search prompts train the router; router outputs follow this order.
         router: :class:`~mergesearch.twin.router.RouterSettings` fields (e.g. ``{"width": 64}``).
+        modules, layers: the decoder layers' linear modules that get factors (PEFT ``target_modules`` /
+            ``layers_to_transform``; ``None``: all).
+        distill: :class:`~mergesearch.twin.distill.DistillSettings` fields: fit the factors to the experts'
+            outputs on their tasks' search prompts (``None``: the SVD factors).
     """
 
     plan: MergePlan
     rank: int
     experts: tuple[tuple[str, str], ...]
     router: Mapping[str, Any] = field(default_factory=dict)
+    modules: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    distill: Mapping[str, Any] | None = None
     family: ClassVar[str] = "twin"
 
     def spec(self) -> dict[str, Any]:
-        return {"family": self.family, "plan": self.plan.to_dict(), "rank": self.rank,
-                "experts": [list(e) for e in self.experts], "router": dict(self.router)}
+        out = {"family": self.family, "plan": self.plan.to_dict(), "rank": self.rank,
+               "experts": [list(e) for e in self.experts], "router": dict(self.router)}
+        # written only when set, so the specs of studies made before these settings read back the same
+        if self.modules is not None:
+            out["modules"] = list(self.modules)
+        if self.layers is not None:
+            out["layers"] = list(self.layers)
+        if self.distill is not None:
+            out["distill"] = dict(self.distill)
+        return out
 
     def build(self, ctx: CandidateContext) -> nn.Module:
         from mergesearch.twin import RouterSettings, build_twin
+        from mergesearch.twin.distill import DistillSettings
 
         prompts = [ctx.prompts(objective) for objective, _ in self.experts]
+        router = RouterSettings(**self.router)
+        distill = teachers = None
+        if self.distill is not None and self.rank > 0:
+            distill = DistillSettings(**self.distill)
+            # before the shared plan is applied: the teachers need each expert in the resident model
+            teachers = [_teacher(ctx, model, objective, distill, router.chat_template)
+                        for objective, model in self.experts]
         return build_twin(ctx.merger, self.plan, self.rank, prompts, experts=[m for _, m in self.experts],
-                          names=[o for o, _ in self.experts], router=RouterSettings(**self.router),
-                          tokenizer=ctx.tokenizer, seed=ctx.seed)
+                          names=[o for o, _ in self.experts], router=router, tokenizer=ctx.tokenizer,
+                          seed=ctx.seed, modules=self.modules, layers=self.layers, distill=distill,
+                          teachers=teachers)
 
     def release(self, model: nn.Module) -> None:
         model.detach()  # type: ignore[operator]  # remove the adapters' hooks from the resident model
@@ -172,17 +196,37 @@ class Corrected:
         return _export_routed(self.spec(), ctx, model, out_dir, recipe, extra_files, overwrite)
 
 
+def _expert_plan(merger: ResidentMerger, model: str) -> MergePlan:
+    """The plan that puts expert ``model`` (θ0 + τ) into the resident model."""
+    from mergesearch.merging.plan import InputModel
+
+    return MergePlan(merge_method="task_arithmetic", base_model=merger.base,
+                     dtype=str(merger.dtype).removeprefix("torch."),
+                     models=[InputModel(model=model, parameters={"weight": 1.0})])
+
+
 def _expert_stats(ctx: CandidateContext, model: str, objective: str, layers: Sequence[str]) -> Any:
     """Expert ``model``'s block-output statistics on ``objective``'s prompts, computed once per context."""
     key = ("expert_stats", model, objective)
     if key not in ctx.cache:
-        from mergesearch.merging.plan import InputModel
         from mergesearch.twin.correct import block_stats
 
-        merger = ctx.merger
-        expert = MergePlan(merge_method="task_arithmetic", base_model=merger.base, dtype=str(merger.dtype)
-                           .removeprefix("torch."), models=[InputModel(model=model, parameters={"weight": 1.0})])
-        ctx.cache[key] = block_stats(merger.apply(expert), ctx.tokenizer, ctx.prompts(objective), layers)
+        expert = ctx.merger.apply(_expert_plan(ctx.merger, model))
+        ctx.cache[key] = block_stats(expert, ctx.tokenizer, ctx.prompts(objective), layers)
+    return ctx.cache[key]
+
+
+def _teacher(ctx: CandidateContext, model: str, objective: str, settings: Any, chat_template: bool) -> Any:
+    """Expert ``model``'s distillation targets on ``objective``'s prompts (a twin ``Teacher``), computed once per
+    context: they do not depend on the trial's shared merge. Leaves the expert in the resident model."""
+    key = ("twin_teacher", model, objective, settings.max_new_tokens, settings.top_k, chat_template)
+    if key not in ctx.cache:
+        from mergesearch.objectives.scoring import encode_prompt
+        from mergesearch.twin.distill import expert_teacher
+
+        expert = ctx.merger.apply(_expert_plan(ctx.merger, model))
+        ids = [encode_prompt(ctx.tokenizer, p, chat_template) for p in ctx.prompts(objective)]
+        ctx.cache[key] = expert_teacher(expert, ctx.tokenizer, ids, settings)
     return ctx.cache[key]
 
 
@@ -204,7 +248,10 @@ def _export_routed(spec: dict[str, Any], ctx: CandidateContext, model: nn.Module
 FAMILIES: dict[str, Callable[[Mapping[str, Any]], Candidate]] = {
     "static": lambda s: Static(MergePlan.model_validate(s["plan"])),
     "twin": lambda s: Twin(MergePlan.model_validate(s["plan"]), int(s["rank"]),
-                           tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {})),
+                           tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {}),
+                           None if s.get("modules") is None else tuple(str(m) for m in s["modules"]),
+                           None if s.get("layers") is None else tuple(int(x) for x in s["layers"]),
+                           None if s.get("distill") is None else dict(s["distill"])),
     "corrected": lambda s: Corrected(MergePlan.model_validate(s["plan"]),
                                      tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {})),
 }

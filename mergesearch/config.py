@@ -109,15 +109,19 @@ class TwinTargets(_Frozen):
 class TwinDistill(_Frozen):
     """Fit the exclusive factors to the experts' outputs (knowledge distillation) after the SVD: starting from
     the rank-r SVD factors, ``steps`` Adam steps at ``lr`` on ``batch`` sequences (all experts together, each
-    row with its expert's adapter) minimise the KL divergence from expert t's next-token distribution (its
-    ``top_k`` most likely tokens) on task t's search prompts followed by expert t's greedy continuation (at most
-    ``max_new_tokens`` tokens), at the continuation's positions."""
+    row with its expert's adapter) minimise the KL divergence from expert t's next-token distribution (over its
+    ``top_k`` most likely tokens and "any other") on task t's search prompts followed by expert t's greedy
+    continuation (at most ``max_new_tokens`` tokens), at the positions that predict the continuation, both
+    distributions softened by ``temperature`` (knowledge distillation's T; the KL is scaled by T²). Costs
+    ``steps`` forward and backward passes of ``batch`` sequences per trial; the experts' targets are computed once
+    per worker. See :mod:`mergesearch.twin.distill`."""
 
     steps: int = Field(default=100, ge=1)
     lr: float = Field(default=1e-2, gt=0)
     batch: int = Field(default=96, ge=1)
     max_new_tokens: int = Field(default=16, ge=1)
     top_k: int = Field(default=64, ge=1)
+    temperature: float = Field(default=4.0, gt=0)
 
 
 class TwinSpace(_Frozen):

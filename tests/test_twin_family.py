@@ -62,6 +62,12 @@ def test_twin_study_stores_picks_exports_and_rescores(tiny_models, tmp_path: Pat
     ("{rank: 2, experts: {nope: 0, sort_ll: 1}}", "ab", "unknown objective 'nope'"),
     ("{rank: 2, experts: {reverse: /no/such/model, sort_ll: 1}}", "ab", "unknown model '/no/such/model'"),
     ("{rank: 2}", "a", "needs at least two experts; the job has 1 model"),
+    ("{rank: 2, targets: {attn: {modules: [q_projx]}}}", "ab",
+     "space.twin.targets.attn: module 'q_projx' matches no linear module of the decoder layers"),
+    ("{rank: 2, targets: {all: {}, early: {layers: [7]}}}", "ab",
+     "space.twin.targets.early: layer 7 does not exist (the base has layers 0..1)"),
+    ("{rank: 40, targets: {mlp: {modules: [mlp.down_proj]}}}", "ab",
+     "space.twin.rank: 40 is larger than tensor 'model.layers.0.mlp.down_proj.weight' (32, 64)"),
 ])
 def test_bad_twin_spaces_are_one_line_and_store_nothing(tiny_models, tmp_path: Path, capsys, twin, models,
                                                         needle) -> None:
@@ -73,3 +79,52 @@ def test_bad_twin_spaces_are_one_line_and_store_nothing(tiny_models, tmp_path: P
     assert code != 0
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not db.exists() or not optuna.get_all_study_summaries(f"sqlite:///{db}")
+
+
+def test_twin_targets_are_a_searched_choice_and_cost_exactly_what_they_add(tiny_models, tmp_path: Path,
+                                                                         capsys) -> None:
+    from safetensors.torch import load_file
+
+    from mergesearch.candidates import stored_candidate
+
+    twin = ("{rank: 2, router: {steps: 20, width: 8}, distill: {steps: 2, batch: 8, max_new_tokens: 3}, "
+            "targets: {all: {}, qv0: {modules: [q_proj, v_proj], layers: [0]}}}")
+    job = _job(tiny_models, tmp_path, twin)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    code, _, err = _cli(["run", str(job), "--storage", url, "--study", "t", "--trials", "6", "--no-progress"], capsys)
+    assert code == 0, err
+    trials = [t for t in optuna.load_study(study_name="t", storage=url).trials if t.state.name == "COMPLETE"]
+    assert len(trials) == 6
+    hidden, inter, layers, experts, rank = 32, 64, 2, 2, 2
+    per_module = {"q_proj": 2 * hidden, "k_proj": 2 * hidden, "v_proj": 2 * hidden, "o_proj": 2 * hidden,
+                  "gate_proj": hidden + inter, "up_proj": hidden + inter, "down_proj": hidden + inter}
+    router = hidden * 8 + 8 + 8 * experts + experts + 2 * hidden
+    static = sum(int(v.numel()) for v in load_file(str(tiny_models["base"] / "model.safetensors")).values())
+    seen = set()
+    for t in trials:
+        choice = t.params["twin.targets"]
+        seen.add(choice)
+        spec = t.user_attrs["candidate"]
+        assert spec["distill"]["steps"] == 2
+        if choice == "all":
+            assert "modules" not in spec and "layers" not in spec
+            factors = experts * rank * layers * sum(per_module.values())
+        else:
+            assert spec["modules"] == ["q_proj", "v_proj"] and spec["layers"] == [0]
+            factors = experts * rank * (per_module["q_proj"] + per_module["v_proj"])
+        assert t.values[2] == pytest.approx((factors + router) / static, rel=1e-9)
+        rebuilt = stored_candidate(t.user_attrs).spec()  # what is stored rebuilds the same candidate
+        assert {k: v for k, v in rebuilt.items() if k not in ("family", "plan")} == spec
+    assert seen == {"all", "qv0"}
+    # the picked (distilled, targeted) twin exports as PEFT adapters on exactly its modules and re-scores the same
+    qv0 = max((t for t in trials if t.params["twin.targets"] == "qv0"), key=lambda t: t.values[0])
+    out = tmp_path / "picked"
+    code, _, err = _cli(["export", "--storage", url, "--study", "t", "--trial", str(qv0.number), "--out", str(out)],
+                        capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "adapters" / "reverse" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    code, text, err = _cli(["eval", str(job), "--model", str(out), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(text) == pytest.approx(dict(zip(["reverse", "sort_ll", "extra"], qv0.values, strict=True)),
+                                             rel=1e-5, abs=1e-5)

@@ -33,7 +33,7 @@ import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from mergesearch.candidates import Corrected, Static, Twin, twin_experts
-from mergesearch.config import SpaceConfig
+from mergesearch.config import SpaceConfig, TwinSpace
 from mergesearch.errors import ConfigError, ModelError
 from mergesearch.merging.methods import METHODS, REQUIRED, Param, get_method
 from mergesearch.merging.plan import ConditionalValue, InputModel, InputSlice, MergePlan, OutputSlice, ParamValue
@@ -156,6 +156,12 @@ class MergeSpace:
             d["correct"] = CategoricalDistribution(list(self.correct))
         if space.twin is not None and not isinstance(space.twin.rank, int):
             d["twin.rank"] = IntDistribution(int(space.twin.rank.low), int(space.twin.rank.high))
+        #: twin target label -> (modules, layers) that get factors (None: all)
+        self.twin_targets: dict[str, tuple[tuple[str, ...] | None, tuple[int, ...] | None]] = {}
+        if space.twin is not None:
+            self.twin_targets = _twin_targets(space.twin, base_model, num_layers)
+            if len(self.twin_targets) > 1:
+                d["twin.targets"] = CategoricalDistribution(list(self.twin_targets))
         if self.layers is not None:
             for k in range(self.layers.slots):
                 d[f"layer.{k}"] = CategoricalDistribution(list(self.layers.choices))
@@ -200,6 +206,8 @@ class MergeSpace:
                 out[name] = 0
             elif name == "twin.rank":
                 out[name] = (dist.low + dist.high) // 2
+            elif name == "twin.targets":
+                out[name] = next(iter(self.twin_targets))
             else:
                 out[name] = _clamp(dist, _neutral(self._params[name.split(".")[0]]))
         return out
@@ -342,7 +350,9 @@ class MergeSpace:
         if self.twin is None:
             return Static(plan).spec()
         rank = self.twin.rank if isinstance(self.twin.rank, int) else int(p["twin.rank"])
-        return Twin(plan, rank, self.twin_experts, self.twin.router).spec()
+        modules, layers = self.twin_targets[p.get("twin.targets", next(iter(self.twin_targets)))]
+        distill = None if self.twin.distill is None else self.twin.distill.model_dump()
+        return Twin(plan, rank, self.twin_experts, self.twin.router, modules, layers, distill).spec()
 
     def _kept(self, p: dict[str, Any], method: str) -> list[tuple[Token, int]]:
         """``(token, source_depth)`` of each kept slot after the min/max repair, in output order."""
@@ -419,6 +429,11 @@ class MergeSpace:
             parts.append(f"align={p.get('align', self.align[0])}")
         if self.twin is not None:
             parts.append(f"twin r={self.twin.rank if isinstance(self.twin.rank, int) else p['twin.rank']}")
+            label = p.get("twin.targets", next(iter(self.twin_targets)))
+            if self.twin_targets[label] != (None, None):
+                parts.append(f"on {label}")
+            if self.twin.distill is not None:
+                parts.append("distilled")
         return " ".join(parts)
 
 
@@ -469,6 +484,46 @@ def _check(space: SpaceConfig, models: list[str], num_layers: int) -> None:
             raise ConfigError(f"space.filters: '{f}' is not a tensor-name filter (the catch-all 'rest' is implicit)")
         if space.filters.count(f) > 1:
             raise ConfigError(f"space.filters: '{f}' listed twice")
+
+
+def _twin_targets(twin: TwinSpace, base_model: str, num_layers: int
+                  ) -> dict[str, tuple[tuple[str, ...] | None, tuple[int, ...] | None]]:
+    """``space.twin.targets`` as label -> (modules, layers), each set checked against the base's decoder layers:
+    every module entry and layer must select something (PEFT would silently adapt less), and the largest rank
+    must fit every targeted weight.
+
+    The module names come from the base checkpoint's tensor names (its header only); a checkpoint that cannot
+    be read that way leaves the module check to the first trial (:func:`~mergesearch.twin.factors.select_targets`).
+
+    Raises:
+        ConfigError: one line naming ``space.twin.targets.<label>`` or ``space.twin.rank``.
+    """
+    from mergesearch.models import Checkpoint, layer_key
+    from mergesearch.twin.factors import select_targets
+
+    out: dict[str, tuple[tuple[str, ...] | None, tuple[int, ...] | None]] = {}
+    shapes: dict[str, tuple[int, ...]] | None = None
+    rank = twin.rank if isinstance(twin.rank, int) else int(twin.rank.high)
+    for label, t in twin.targets.items():
+        key = f"space.twin.targets.{label}"
+        for layer in t.layers or ():
+            if layer >= num_layers:
+                raise ConfigError(f"{key}: layer {layer} does not exist (the base has layers 0..{num_layers - 1})")
+        if t.modules is not None or t.layers is not None:
+            if shapes is None:
+                try:
+                    shapes = dict(Checkpoint(base_model).shapes)
+                except ModelError:
+                    shapes = {}
+            weights = [n for n, s in shapes.items()
+                       if layer_key(n)[1] is not None and n.endswith(".weight") and len(s) == 2]
+            if weights:
+                for name in select_targets(weights, t.modules, t.layers, key=key):
+                    if rank > min(shapes[name]):
+                        raise ConfigError(f"space.twin.rank: {rank} is larger than tensor {name!r} "
+                                          f"{tuple(shapes[name])} allows (max rank {min(shapes[name])})")
+        out[label] = (None if t.modules is None else tuple(t.modules), None if t.layers is None else tuple(t.layers))
+    return out
 
 
 def build_space(space: SpaceConfig, *, base_model: str, models: list[str], num_layers: int,

@@ -1,10 +1,11 @@
-"""Twin-Merging's exclusive knowledge: per expert, a rank-r truncated SVD of θt − θ* for every linear weight.
+"""Twin-Merging's exclusive knowledge: per expert, a rank-r truncated SVD of θt − θ* for each targeted linear weight.
 
 The shared expert θ* is whatever static merge the resident model holds. Expert t's exclusive part of a 2-D weight
-W of the transformer blocks is D_t = θt[W] − θ*[W] = (θ0[W] + τt[W]) − θ*[W], built from the merger's cached task
-vectors (no expert is read again), truncated to rank r and kept as LoRA-shaped factors B_t [out, r], A_t [r, in]
-with B_t·A_t ≈ D_t. Singular values are split as √S on each side, so both factors have the same scale (no factor
-underflows or overflows when cast to half precision).
+W of the transformer blocks (all of them, or those ``modules`` / ``layers`` select, as PEFT's ``target_modules``
+/ ``layers_to_transform`` do) is D_t = θt[W] − θ*[W] = (θ0[W] + τt[W]) − θ*[W], built from the merger's cached
+task vectors (no expert is read again), truncated to rank r and kept as LoRA-shaped factors B_t [out, r],
+A_t [r, in] with B_t·A_t ≈ D_t. Singular values are split as √S on each side, so both factors have the same scale
+(no factor underflows or overflows when cast to half precision).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class TwinFactors:
 
 
 def target_weights(model: nn.Module, tensor_names: Sequence[str]) -> Iterator[str]:
-    """The parameter names the factors cover: 2-D ``weight`` of an ``nn.Linear`` inside the decoder layers.
+    """The parameter names the factors may cover: 2-D ``weight`` of an ``nn.Linear`` inside the decoder layers.
 
     Embeddings, the LM head, norms and biases stay shared (Twin-Merging factorises the blocks' linear maps; only
     ``nn.Linear`` layers can take a LoRA adapter in PEFT and a forward hook here).
@@ -80,6 +81,45 @@ def target_weights(model: nn.Module, tensor_names: Sequence[str]) -> Iterator[st
         module = model.get_submodule(name.removesuffix(".weight"))
         if isinstance(module, nn.Linear) and module.weight.ndim == 2:
             yield name
+
+
+def module_matches(module: str, entry: str) -> bool:
+    """PEFT's ``target_modules`` rule for one list entry: the module's full name equals it or ends with ``.entry``."""
+    return module == entry or module.endswith("." + entry)
+
+
+def select_targets(weights: Sequence[str], modules: Sequence[str] | None = None,
+                   layers: Sequence[int] | None = None, *, key: str = "twin targets") -> list[str]:
+    """The weights (of ``weights``, in their order) whose module ``modules`` and ``layers`` select.
+
+    Args:
+        weights: candidate ``<module>.weight`` names inside the decoder layers (e.g. :func:`target_weights`).
+        modules: module names or suffixes (PEFT ``target_modules``); ``None``: all.
+        layers: decoder layer indices (PEFT ``layers_to_transform``); ``None``: all.
+        key: how the error messages name the setting.
+
+    Raises:
+        ConfigError: an entry of ``modules`` or ``layers`` that selects nothing (a typo must not silently shrink
+            the family), or an empty selection.
+    """
+    mods = [w.removesuffix(".weight") for w in weights]
+    present = sorted({layer_key(w)[1] for w in weights} - {None})
+    for entry in modules or ():
+        if not any(module_matches(m, entry) for m in mods):
+            kinds = sorted({m.rsplit(".", 1)[-1] for m in mods})
+            raise ConfigError(f"{key}: module {entry!r} matches no linear module of the decoder layers "
+                              f"(their names end in: {', '.join(kinds)})")
+    for layer in layers or ():
+        if layer not in present:
+            raise ConfigError(f"{key}: layer {layer} does not exist (the model has layers "
+                              f"{present[0]}..{present[-1]})" if present else f"{key}: the model has no layers")
+    out = [w for w, m in zip(weights, mods, strict=True)
+           if (modules is None or any(module_matches(m, e) for e in modules))
+           and (layers is None or layer_key(w)[1] in layers)]
+    if not out:
+        raise ConfigError(f"{key}: modules {list(modules or [])} and layers {list(layers or [])} select no module "
+                          "together")
+    return out
 
 
 def truncated_svd(delta: torch.Tensor, rank: int, name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +160,8 @@ def truncated_svd(delta: torch.Tensor, rank: int, name: str, seed: int = 0) -> t
 
 
 def compute_factors(merger: ResidentMerger, rank: int, *, experts: Sequence[str] | None = None,
-                    names: Sequence[str] | None = None, seed: int = 0) -> TwinFactors:
+                    names: Sequence[str] | None = None, seed: int = 0, modules: Sequence[str] | None = None,
+                    layers: Sequence[int] | None = None) -> TwinFactors:
     """Factor every expert's exclusive part against the shared model the merger holds now.
 
     Call after ``merger.apply(plan)`` (the shared merge). Uses the merger's cached τ and base tensors and the
@@ -132,13 +173,16 @@ def compute_factors(merger: ResidentMerger, rank: int, *, experts: Sequence[str]
         experts: the experts to factor, as the merger names them (default: all of ``merger.models``).
         names: a short name per expert (default: each reference's last path component).
         seed: seeds the randomized SVDs.
+        modules, layers: which linear modules of the decoder layers get factors (:func:`select_targets`;
+            default: all of them).
 
     Returns:
         The stacked factors, on the merger's device.
 
     Raises:
-        ConfigError: a negative rank, a rank larger than some covered tensor allows, an unknown expert, or a
-            shared model whose layers are not the base's (a plan that adds, drops or reorders layers).
+        ConfigError: a negative rank, a rank larger than some covered tensor allows, an unknown expert, a module
+            or layer that selects nothing, or a shared model whose layers are not the base's (a plan that adds,
+            drops or reorders layers).
     """
     if rank < 0:
         raise ConfigError(f"twin rank must be ≥ 0, got {rank}")
@@ -156,7 +200,7 @@ def compute_factors(merger: ResidentMerger, rank: int, *, experts: Sequence[str]
         raise ConfigError("twin merging needs a shared model with the base's layers in order; the plan maps "
                           f"output layers to base layers {list(layer_map)}")
     model = merger.model
-    targets = list(target_weights(model, merger.tensor_names))
+    targets = select_targets(list(target_weights(model, merger.tensor_names)), modules, layers)
     for name in targets:  # refuse an impossible rank before spending time on any SVD
         shape = tuple(model.get_parameter(name).shape)
         if rank > min(shape):

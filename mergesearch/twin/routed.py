@@ -91,6 +91,8 @@ class RoutedModel(nn.Module):
         self._alpha: torch.Tensor | None = None
         self._handles = []
         self._detached = False
+        #: what fitting the factors to the experts did (a ``DistillReport``; None: plain SVD factors)
+        self.distill_report: Any = None
         if factors.rank > 0:
             for name, mixer in zip(self.targets, self.mixers, strict=True):
                 module = shared.get_submodule(name)
