@@ -1,11 +1,13 @@
 """Preference in, model out: ask the ``hm3`` policy for the layer path it expects best for a preference.
 
-:func:`suggest` (what ``mergesearch suggest JOB --prefer A=2,B=1`` runs) rebuilds the policy from the stored
-trials, decodes its greedy path for the preference ω (weights normalised to sum 1, objectives not named get 0),
-takes the non-layer parameters (method, weights, densities) of the stored trial best under ω (the same augmented
-Tchebycheff scalarisation the policy is trained on), evaluates that point as a new trial of the study (user attr
+:func:`suggest` (what ``mergesearch suggest JOB --prefer A=2,B=1`` runs) rebuilds the policy and value from the
+stored trials and asks them for the path they expect best for the preference ω (weights normalised to sum 1,
+objectives not named get 0): the policy's greedy path and samples, each improved slot by slot on the value,
+ranked by the value's prediction under the ASF that ``pick`` ranks a front by
+(:meth:`~mergesearch.search.optimizers.hm3.HM3Sampler.best_path`). It takes the non-layer parameters (method,
+weights, densities) of the stored trial best under that ASF, evaluates that point as a new trial of the study (user attr
 ``suggested_for``) and says where it lands: on the front or not, and its rank among the front's trials by the
-preference's ASF (:func:`mergesearch.search.preference.pick`).
+preference's ASF (:func:`mergesearch.search.preference.pick`; a stored trial with the same values ties with it).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class Suggestion:
         weights: the preference, normalised (objective name -> weight, sum 1).
         values: its objective values by name (None if the evaluation failed: see ``error``).
         on_front: it is non-dominated among the study's trials.
-        rank: its rank (1 = best) among the front's trials by the preference's ASF, counting it in; None when
-            it is not on the front. front_size: the number of trials on the front.
+        rank: its rank (1 = best) among the front's trials by the preference's ASF, counting it in (trials with
+            the same objective values tie with it); None when it is not on the front. front_size: the number of
+            trials on the front.
         lines: human-readable report lines.
     """
 
@@ -121,11 +124,16 @@ def suggest(config: JobConfig, prefer: str | Mapping[str, float], *, storage: st
     check_layer_space(run.space.distributions)
     options = validate_options(config.search.options) if config.search.optimizer == "hm3" else {}
     params = propose(run.study, run.space.distributions, weights, seed=run.seed, options=options)
-    run.optimizer.enqueue(params, {SUGGESTED_ATTR: weights})
-    run.target = run.completed_count() + 1
-    own = executor is None
-    if own:
-        executor = make_executor(config, workers or 1, address)
+    run.take_lease()  # before the first write and before workers start: a running driver refuses us at once
+    try:
+        run.optimizer.enqueue(params, {SUGGESTED_ATTR: weights})
+        run.target = run.completed_count() + 1
+        own = executor is None
+        if own:
+            executor = make_executor(config, workers or 1, address)
+    except BaseException:
+        run.abandon()  # gives the lease back
+        raise
     try:
         run.run(executor)
     finally:
@@ -161,7 +169,10 @@ def report(study: optuna.Study, params: Mapping[str, Any], weights: Mapping[str,
     out.on_front = any(t.number == trial.number for t in front.trials)
     if out.on_front:
         ranking = pick(front, {n: v for n, v in weights.items() if v > 0}).ranking
-        out.rank = 1 + [t.number for t in ranking].index(trial.number)
+        # a stored trial with the very same objective values is a tie, not a better point: count only the
+        # trials ranked ahead with other values (pick orders exact ties arbitrarily, by trial number)
+        ahead = ranking[: [t.number for t in ranking].index(trial.number)]
+        out.rank = 1 + sum(list(t.values.values()) != list(trial.values) for t in ahead)
         out.lines.append(f"on the front: rank {out.rank} of {out.front_size} by this preference's ASF")
     else:
         out.lines.append(f"not on the front ({out.front_size} trials): dominated by a stored trial")

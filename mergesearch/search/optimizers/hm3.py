@@ -5,20 +5,36 @@ released; this is our reading of it for the ``layer.<k>`` slots of a :class:`~me
 
 - State: a preference ω on the simplex over the study's objectives and the slots chosen so far; action: the next
   slot's choice. Policy and value heads share one embedding of (ω, partial path, position): a 2-layer MLP
-  (tensor shapes: input ``m + T·(C+1) + T + 1``, hidden ``H``; policy ``C`` logits, value ``m`` outputs).
-- Reward at the end of a path: minus the augmented Tchebycheff scalarisation of its objective vector under ω,
-  ``max_j ω_j f_j + 0.05 Σ_j ω_j f_j``, on objectives turned to minimisation and scaled to [0, 1] over the stored
-  trials (0 = best seen). The value head predicts the normalised objective vector from any (ω, partial path).
-- Training: every proposal rebuilds the networks from the stored trials (the ``initial`` points and a start-up
-  design of ``n_startup`` random paths first), so storage is the only state and a resume reproduces the same
-  proposals for a seed. Each of ``steps`` Adam steps samples preference vectors from Dirichlet(1) and takes
-  (1) the value regression on stored paths and every prefix of them, (2) a policy gradient on the stored paths
-  (their real reward under ω, the value's scalarised prediction at each prefix as the baseline) and (3) a
-  policy gradient on paths the policy samples itself, rewarded by the value head's prediction of the full path
-  (again with the value as baseline), plus an entropy bonus. New results change the stored trials, so they
-  update the networks at the next ask.
+  (tensor shapes: input ``m + T·(C+1) + T + 1``, hidden ``H``; policy ``C`` logits, value ``m`` outputs, plus a
+  linear map from the input to the value so that what adds up over slots extrapolates to unseen paths).
+- Objectives are turned to minimisation and scaled per column (:class:`Scale`): 0 = the best stored value, 1 = the
+  study's hypervolume reference point (the worst acceptable value; without one, the front's worst), ``1 + log``
+  past it. The value of a finished path predicts its objective vector; the value of a partial path what the
+  policy reaches from it under ω.
+- Reward of a finished path: minus the augmented Tchebycheff scalarisation of the value's prediction under ω,
+  ``max_j ω_j (f_j - z_j) + RHO Σ_j ω_j (f_j - z_j)``, around a utopian point ``z`` a ``MARGIN`` beyond the best
+  value in sight (stored or predicted). Around the ideal itself, every path predicted past it on the objectives
+  ω weighs would tie with the zero-weight terms: the policy could not learn the extremes a corner ω asks for.
+- Training: every proposal brings the networks up to date with the stored trials (the ``initial`` points and a
+  start-up design of ``n_startup`` random paths first), a deterministic chain over the results in the order they
+  completed, so storage is the only state and a resume reproduces the same proposals for a seed. Each Adam step
+  draws ``PREFS_PER_STEP`` vectors ω from Dirichlet(1) and combines
+
+  1. the value regression on every stored path (offline: the trials in storage are the data);
+  2. on-policy rollouts (``ROLLOUTS`` per ω) rewarded by the value of the finished path: the value at each
+     prefix regresses on that outcome (the critic) and is the baseline of a GAE(``GAE_LAMBDA``) policy gradient,
+     plus an entropy bonus;
+  3. policy improvement by the value: at each slot of ``IMPROVED`` rollouts per ω, the choice the value prefers
+     with the rest of the path kept is imitated (a one-step search distilled into the policy; without it the
+     policy gradient alone needs thousands of steps to coordinate the slots for a mixed ω);
+  4. self-imitation of the ``TOP_STORED`` stored paths best under each ω (their real outcome), weighted by how
+     much they beat what the policy expects to reach, so the policy moves past them once it finds better.
 - Online: ``ask(n)`` draws n preference vectors spread over the simplex (scrambled Sobol points mapped to it)
-  and samples one path per vector from the policy, masked so the path keeps ``min_layers..max_layers`` layers.
+  and samples one path per vector from the policy (mixed with ``EXPLORE`` of the uniform distribution per slot),
+  masked so the path keeps ``min_layers..max_layers`` layers. The start-up design draws the number of kept slots
+  uniformly, then which slots and their choices. :meth:`HM3Sampler.suggest` (``mergesearch suggest``) returns
+  the best path for one ω among the policy's greedy path and samples, each improved slot by slot on the value
+  until no slot changes, ranked by the value's prediction under the ASF that ``pick`` ranks a front by.
 - Other parameters (method, weights, densities, ``layer_offset.<k>``) come from an inner, preference-aware
   sampler: the non-layer part of the stored trial that is best under the same ω, moved by a Gaussian step
   (sd ``sigma`` of the unit cube; categoricals and ints resampled with probability ``sigma``). Start-up points
@@ -28,9 +44,9 @@ released; this is our reading of it for the ``layer.<k>`` slots of a :class:`~me
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -43,7 +59,17 @@ from mergesearch.search.unit import from_unit, to_unit
 
 SKIP = "skip"
 LOGIT_CAP = 3.0
+REFERENCE_ATTR = "hv_reference"  # the study's hypervolume reference point (mergesearch.search.baselines)
+MARGIN = 0.1  # the utopian point of the training scalarisation lies this far beyond the best value in sight
 RHO = 0.05  # augmentation of the Tchebycheff scalarisation (breaks ties between weakly dominated points)
+PICK_TIE = 1e-6  # pick's ASF breaks exact ties by the weighted sum
+PREFS_PER_STEP = 8  # preference vectors ω drawn per training step
+ROLLOUTS = 8  # paths the policy samples per ω and step
+EXPLORE = 0.1  # share of the uniform distribution mixed into each slot of a proposal (the policy sharpens
+# fast and would otherwise stop trying the one-slot changes a layer path often needs, e.g. skipping a repeated depth)
+IMPROVED = 4  # rollouts per ω and step whose slot-wise improvement on the value is imitated
+TOP_STORED = 4  # stored paths imitated per ω and step (the best under it)
+GAE_LAMBDA = 0.5  # credit of a slot's choice: 0 = the value's change it caused, 1 = the finished path's reward
 CONFIG_ATTR = "job_config"  # where the driver stores the job config (mergesearch.exporting)
 
 
@@ -69,9 +95,14 @@ def check_layer_space(distributions: Mapping[str, BaseDistribution]) -> list[str
     return slots
 
 
-def scalarise(F: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Augmented Tchebycheff values (lower is better) of ``F`` ``(..., m)`` under weights ``w`` ``(..., m)``."""
-    x = F * w  # numpy arrays or torch tensors
+def scalarise(F: Any, w: Any, z: Any = 0.0) -> Any:
+    """Augmented Tchebycheff values (lower is better) of ``F`` ``(..., m)`` under weights ``w`` ``(..., m)``
+    around the utopian point ``z`` (broadcast to ``(..., m)``): ``max_j w_j (f_j - z_j) + RHO Σ_j w_j (f_j - z_j)``.
+
+    Numpy arrays or torch tensors. With ``z`` at the ideal point this is the ASF that
+    :func:`mergesearch.search.preference.pick` ranks a front by (plus the augmentation that breaks its ties).
+    """
+    x = (F - z) * w
     return (x.amax(-1) if hasattr(x, "amax") else x.max(-1)) + RHO * x.sum(-1)
 
 
@@ -84,10 +115,47 @@ def simplex_points(n: int, m: int, seed: int) -> np.ndarray:
     return np.diff(edges, axis=1)
 
 
-def normalise(F: np.ndarray) -> np.ndarray:
-    """Minimisation objectives ``(n, m)`` scaled to [0, 1] per column over the rows (0 = best)."""
-    lo, span = F.min(0), np.ptp(F, axis=0)
-    return (F - lo) / np.where(span > 0, span, 1.0)
+def non_dominated_mask(F: np.ndarray) -> np.ndarray:
+    """``(n,)`` True for the rows of ``F`` ``(n, m)`` (minimised) that no other row dominates."""
+    le = (F[:, None, :] <= F[None, :, :]).all(-1)  # le[j, i]: row j is at least as good as row i everywhere
+    lt = (F[:, None, :] < F[None, :, :]).any(-1)
+    return ~(le & lt).any(0)
+
+
+class Scale:
+    """How the policy and value see the objectives: minimisation objectives ``(n, m)`` mapped per column to
+    0 = the ideal (best stored value) and 1 = the study's hypervolume reference point (the worst acceptable value,
+    where it is worse than the ideal; else the front's worst value), then squashed past 1 by ``1 + log``: a layer
+    path that duplicates every layer costs 20 times what the reference allows, and such outliers would otherwise
+    dominate the value regression without changing any decision. Invertible (:meth:`raw`), so predictions can be
+    read in user units and in :func:`~mergesearch.search.preference.pick`'s units (:meth:`pick_units`).
+
+    Args:
+        F: ``(n, m)`` stored objectives, minimisation form.
+        reference: ``(m,)`` the reference point in minimisation form, or None.
+    """
+
+    def __init__(self, F: np.ndarray, reference: np.ndarray | None = None) -> None:
+        self.lo = F.min(0)
+        front = F[non_dominated_mask(F)].max(0) - self.lo
+        #: pick's scale: the front's spread (one point on the front: the stored spread, else 1)
+        self.front = np.where(front > 0, front, np.ptp(F, axis=0))
+        self.front = np.where(self.front > 0, self.front, 1.0)
+        span = self.front if reference is None else np.where(reference > self.lo, reference - self.lo, self.front)
+        self.span = span
+
+    def __call__(self, F: np.ndarray) -> np.ndarray:
+        """``(n, m)`` training units of minimisation objectives ``F`` ``(n, m)``."""
+        x = (F - self.lo) / self.span
+        return np.where(x > 1.0, 1.0 + np.log(np.maximum(x, 1.0)), x)
+
+    def raw(self, g: np.ndarray) -> np.ndarray:
+        """Minimisation objectives from training units ``g`` ``(..., m)`` (the inverse of the call)."""
+        return self.lo + self.span * np.where(g > 1.0, np.exp(np.minimum(g, 50.0) - 1.0), g)
+
+    def pick_units(self, F: np.ndarray) -> np.ndarray:
+        """Minimisation objectives ``(..., m)`` as pick scales the stored front (0 = ideal, 1 = its worst)."""
+        return (F - self.lo) / self.front
 
 
 class Bounds:
@@ -126,6 +194,15 @@ class Bounds:
         ok[can_keep & ~can_skip, self.skip] = False
         return ok
 
+    def along(self, paths: np.ndarray) -> np.ndarray:
+        """``(B, T, C)`` allowed choices at every slot of ``paths`` ``(B, T)`` (their own earlier slots kept)."""
+        kept = np.zeros(len(paths), dtype=int)
+        out = []
+        for k in range(self.T):
+            out.append(self.masks(k, kept))
+            kept += paths[:, k] != self.skip if self.skip is not None else 1
+        return np.stack(out, 1)
+
     def repair(self, path: Sequence[int], fill: int) -> list[int]:
         """The space's own repair (earliest skips filled, latest kept slots skipped), on choice indices."""
         out = list(path)
@@ -155,6 +232,16 @@ def torch_tanh(x: Any) -> Any:
     return torch.tanh(x)
 
 
+class Rollout(NamedTuple):
+    """Paths decoded slot by slot: ``paths`` ``(B, T)`` (choice indices), ``logp`` ``(B, T, C)`` the policy's
+    log-probabilities at each slot (choices outside the layer bounds at -1e9), ``values`` ``(B, T+1, m)`` the
+    value at each prefix (the last: of the finished path)."""
+
+    paths: Any
+    logp: Any
+    values: Any
+
+
 class PolicyValueNet:
     """Policy and value heads on a shared MLP embedding of (ω, partial path, position); built lazily (torch)."""
 
@@ -167,7 +254,12 @@ class PolicyValueNet:
         self.trunk = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
         self.policy = nn.Linear(hidden, C)
         self.value = nn.Linear(hidden, m)
-        self.params = [*self.trunk.parameters(), *self.policy.parameters(), *self.value.parameters()]
+        # a linear path from the inputs to the value: objectives that add up over slots (a layer's own
+        # contribution) extrapolate to unseen paths instead of flattening in the saturated embedding
+        self.value_linear = nn.Linear(n_in, m, bias=False)
+        nn.init.zeros_(self.value_linear.weight)
+        self.modules = [self.trunk, self.policy, self.value, self.value_linear]
+        self.params = [p for mod in self.modules for p in mod.parameters()]
         self.torch = torch
 
     def encode(self, w: Any, paths: Any, k: Any) -> Any:
@@ -181,10 +273,12 @@ class PolicyValueNet:
         return torch.cat([w, onehot.reshape(B, -1), pos], dim=1)
 
     def __call__(self, w: Any, paths: Any, k: Any) -> tuple[Any, Any]:
-        h = self.trunk(self.encode(w, paths, k))
+        """Policy logits ``(B, C)`` and value ``(B, m)`` for ω ``(B, m)``, paths ``(B, T)``, positions ``(B,)``."""
+        x = self.encode(w, paths, k)
+        h = self.trunk(x)
         # soft-capped logits: no choice's probability falls below ~e^-6 of another's, so the policy keeps
         # exploring and the offline gradients cannot saturate the shared embedding
-        return LOGIT_CAP * torch_tanh(self.policy(h) / LOGIT_CAP), self.value(h)
+        return LOGIT_CAP * torch_tanh(self.policy(h) / LOGIT_CAP), self.value(h) + self.value_linear(x)
 
     def prefixes(self, paths: Any) -> tuple[Any, Any]:
         """Every prefix of ``paths`` ``(N, T)``: partial paths ``(N, T+1, T)`` and positions ``(N, T+1)``."""
@@ -235,6 +329,7 @@ class HM3Sampler(BatchSampler):
         self.steps, self.hidden, self.lr, self.sigma, self.entropy = steps, hidden, lr, sigma, entropy
         self.update_steps = update_steps
         self._chain: dict[str, Any] | None = None  # networks, optimiser and the results they were trained on
+        self._reference: tuple[float, ...] | None = None  # the study's reference point (minimisation form)
         self.net: PolicyValueNet | None = None  # the networks of the last rebuild
         self.fill = self.choices.index("merged") if "merged" in self.choices else \
             next(i for i, c in enumerate(self.choices) if c != SKIP)
@@ -249,6 +344,20 @@ class HM3Sampler(BatchSampler):
             hi = hi if hi is not None else layers.get("max_layers")
         T = len(self.slots)
         return Bounds(self.choices, T, 1 if lo is None else int(lo), T if hi is None else int(hi))
+
+    @staticmethod
+    def reference(study: optuna.Study) -> tuple[float, ...] | None:
+        """The study's stored hypervolume reference point in minimisation form (None when it has none)."""
+        point = (study.user_attrs.get(REFERENCE_ATTR) or {}).get("point") or {}
+        names = study.user_attrs.get("objective_names") or []
+        if len(names) != len(study.directions) or not all(isinstance(point.get(n), (int, float)) for n in names):
+            return None
+        return tuple(float(point[n]) * (1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0)
+                     for n, d in zip(names, study.directions, strict=True))
+
+    def scale(self, F: np.ndarray) -> np.ndarray:
+        """Training units ``(n, m)`` of the stored objectives ``F`` ``(n, m)`` (see :class:`Scale`)."""
+        return Scale(F, None if self._reference is None else np.array(self._reference))(F)
 
     def data(self, study: optuna.Study, bounds: Bounds
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict], list[int]]:
@@ -286,100 +395,166 @@ class HM3Sampler(BatchSampler):
         return net, torch.optim.Adam(net.params, lr=self.lr)
 
     def train(self, net: PolicyValueNet, opt: Any, paths: np.ndarray, F: np.ndarray, steps: int, seed: int) -> None:
-        """``steps`` Adam steps on stored paths ``(N, T)`` and objectives ``(N, m)`` (deterministic for a seed)."""
+        """``steps`` Adam steps on stored paths ``(N, T)`` and objectives ``(N, m)`` (deterministic for a seed).
+
+        Each step samples ``PREFS_PER_STEP`` preference vectors ω from Dirichlet(1) and combines (see the module
+        docstring): the value regression on the stored paths; on-policy rollouts (``ROLLOUTS`` per ω) with
+        their critic and GAE policy gradient; imitation of the rollouts' slot-wise improvement on the value;
+        and self-imitation of the stored paths best under each ω.
+        """
         import torch
 
         rng = np.random.default_rng(seed)
         N, m = F.shape
         T, C = paths.shape[1], len(self.choices)
+        Fn = self.scale(F)  # (N, m), 0 = the ideal, 1 = the reference point
         tp = torch.as_tensor(paths)
-        tf = torch.as_tensor(normalise(F), dtype=torch.float32)
-        partial, pos = net.prefixes(tp)  # (N, T+1, T), (N, T+1)
-        act = torch.cat([tp, torch.zeros(N, 1, dtype=torch.long)], dim=1)  # the action at each prefix (last: none)
+        tf = torch.as_tensor(Fn, dtype=torch.float32)
         bounds = self._last_bounds
-        kept = np.zeros(N, dtype=int)
-        step_masks = []
-        for k in range(T):
-            step_masks.append(bounds.masks(k, kept))
-            kept += paths[:, k] != bounds.skip if bounds.skip is not None else 1
-        masks = torch.as_tensor(np.stack(step_masks, 1))  # (N, T, C)
-        K, B, R = 6, min(N, 24), 8  # preference vectors, stored paths and own rollouts (per vector) per step
+        K, R, top = PREFS_PER_STEP, ROLLOUTS, min(N, TOP_STORED)
+        partial, pos = net.prefixes(tp)  # (N, T+1, T), (N, T+1)
+        masks = torch.as_tensor(bounds.along(paths))  # (N, T, C)
         for _ in range(steps):
-            w = torch.as_tensor(rng.dirichlet(np.ones(m), K), dtype=torch.float32)  # (K, m)
-            idx = torch.as_tensor(rng.choice(N, B, replace=False))
-            # (1) value regression and (2) policy gradient on stored paths, every (ω, prefix) pair
-            W = w[:, None, None, :].expand(K, B, T + 1, m).reshape(-1, m)
-            P = partial[idx].unsqueeze(0).expand(K, B, T + 1, T).reshape(-1, T)
-            Kp = pos[idx].unsqueeze(0).expand(K, B, T + 1).reshape(-1)
-            logits, value = net(W, P, Kp)
-            target = tf[idx].unsqueeze(0).unsqueeze(2).expand(K, B, T + 1, m).reshape(-1, m)
-            loss_v = ((value - target) ** 2).mean()
-            reward = -scalarise(target, W)  # (K·B·(T+1),) real reward of the whole stored path under ω
-            base = -scalarise(value.detach(), W)  # the value's prediction from this prefix, scalarised
-            step = Kp < T
-            adv = (reward - base)[step]
-            adv = adv / (adv.std() + 1e-6)
-            mask = masks[idx].unsqueeze(0).expand(K, B, T, C).reshape(-1, C)
-            logp = torch.log_softmax(logits[step].masked_fill(~mask, -1e9), -1)
-            a = act[idx].unsqueeze(0).expand(K, B, T + 1).reshape(-1)[step]
-            # off-policy data: only better-than-baseline paths are reinforced (pushing down logged actions of
-            # another policy has no bound); the on-policy term below uses both signs
-            loss_pg = -(adv.clamp(min=0.0) * logp.gather(1, a[:, None]).squeeze(1)).mean()
-            # (3) on-policy rollouts rewarded by the value head's prediction of the finished path
-            lp, ent, vals, final = self._rollout(net, w.repeat_interleave(R, 0), bounds, rng)
-            r = -scalarise(final.detach(), w.repeat_interleave(R, 0))
-            adv2 = (r[:, None] - vals.detach())  # (K·R, T): reward minus the value baseline at each step
-            adv2 = adv2 / (adv2.std() + 1e-6)
-            loss_on = -(adv2 * lp).mean() - self.entropy * ent.mean()
+            w_np = rng.dirichlet(np.ones(m), K)  # (K, m)
+            w = torch.as_tensor(w_np, dtype=torch.float32)
+            W = w.repeat_interleave(R, 0)  # (B, m), B = K·R
+            # on-policy: paths the policy samples, rewarded by the value of the finished path; the value at
+            # each prefix learns what the policy reaches from there and is the baseline of that step's action
+            roll = self._rollout(net, W, bounds, rng)
+            final = roll.values[:, T].detach()  # (B, m)
+            # Tchebycheff around a utopian point beyond everything in sight, the stored ideal (0) and what the
+            # value predicts for these paths: around the ideal itself, any path predicted past it on the
+            # objectives ω weighs would look equally good (their terms all fall below the zero-weight ones)
+            z = torch.minimum(final.min(0).values, torch.zeros(m)) - MARGIN  # (m,)
+            loss_critic = ((roll.values[:, :T] - final[:, None]) ** 2).mean()
+            # GAE(λ) over the value's scalarised predictions: each slot's action is credited with how much it
+            # changed the expected outcome (λ = 0), blended with the finished path's reward (λ = 1)
+            v_sc = -scalarise(roll.values.detach(), W[:, None], z)  # (B, T+1); the last entry is the reward
+            delta = v_sc[:, 1:] - v_sc[:, :-1]  # (B, T)
+            adv = torch.zeros_like(delta)
+            run = torch.zeros(len(delta))
+            for k in reversed(range(T)):
+                run = delta[:, k] + GAE_LAMBDA * run
+                adv[:, k] = run
+            adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+            taken = roll.logp.gather(2, roll.paths[..., None]).squeeze(-1)  # (B, T)
+            entropy = -(roll.logp.exp() * roll.logp.clamp(min=-30.0)).sum(-1)  # (B, T)
+            loss_pg = -(adv * taken).mean() - self.entropy * entropy.mean()
+            # policy improvement by the value: at each slot, the choice the value prefers with the rest of the
+            # sampled path kept (a one-step search, distilled into the policy), on IMPROVED rollouts per ω
+            some = (torch.arange(K)[:, None] * R + torch.arange(min(R, IMPROVED))[None]).reshape(-1)
+            with torch.no_grad():
+                target = self.slot_scores(net, W[some], roll.paths[some], z).argmin(-1)  # (K·IMPROVED, T)
+            loss_improve = -roll.logp[some].gather(2, target[..., None]).mean()
+            # stored trials, in one batch: the value of every stored path (its objective vector, whatever ω:
+            # drawn at random per row) and self-imitation of the `top` stored paths best under each ω where
+            # their real outcome beats what the policy expects to reach (so it moves past them once it does)
+            S = scalarise(Fn[None], w_np[:, None], z.numpy())  # (K, N)
+            idx = torch.as_tensor(np.argsort(S, axis=1, kind="stable")[:, :top].reshape(-1))  # (K·top,)
+            ret = -torch.as_tensor(np.sort(S, axis=1, kind="stable")[:, :top].reshape(-1), dtype=torch.float32)
+            Ws = w.repeat_interleave(top, 0)  # (K·top, m)
+            # one batch: every stored path as a finished path, then each selected path's prefixes 0..T
+            # (the empty one gives the baseline, the others the imitated actions)
+            logits, value = net(
+                torch.cat([torch.as_tensor(rng.dirichlet(np.ones(m), N), dtype=torch.float32),
+                           Ws.repeat_interleave(T + 1, 0)]),
+                torch.cat([tp, partial[idx].reshape(-1, T)]),
+                torch.cat([torch.full((N,), T, dtype=torch.long), pos[idx].reshape(-1)]))
+            loss_leaf = ((value[:N] - tf) ** 2).mean()
+            root = value[N:].reshape(-1, T + 1, m)[:, 0].detach()  # (K·top, m): expected outcome from scratch
+            gain = (ret + scalarise(root, Ws, z)).clamp(min=0.0)  # (K·top,)
+            sil_logits = logits[N:].reshape(-1, T + 1, C)[:, :T].reshape(-1, C)
+            logp = torch.log_softmax(sil_logits.masked_fill(~masks[idx].reshape(-1, C), -1e9), -1)
+            chosen = logp.gather(1, tp[idx].reshape(-1, 1)).reshape(-1, T)  # (K·top, T)
+            loss_sil = -(gain[:, None] * chosen).mean()
             opt.zero_grad()
-            (loss_v + loss_pg + 0.5 * loss_on).backward()
+            (loss_leaf + loss_critic + loss_pg + loss_improve + loss_sil).backward()
             opt.step()
 
-    def _rollout(self, net: PolicyValueNet, w: Any, bounds: Bounds, rng: np.random.Generator,
-                 greedy: bool = False) -> tuple[Any, Any, Any, Any]:
-        """Decode one path per row of ``w`` ``(B, m)`` slot by slot under the layer bounds.
+    def slot_scores(self, net: PolicyValueNet, w: Any, paths: Any, z: Any) -> Any:
+        """``(B, T, C)`` the value's scalarised prediction (lower is better) of each path of ``paths``
+        ``(B, T)`` with slot k set to choice c, the rest kept (inf where that breaks the layer bounds); ``w``
+        ``(B, m)`` the preferences, ``z`` ``(m,)`` the utopian point."""
+        torch = net.torch
+        B, T, C = paths.shape[0], net.T, net.C
+        cand = paths[:, None, None, :].repeat(1, T, C, 1)  # (B, T, C, T)
+        k = torch.arange(T)[:, None].expand(T, C)
+        c = torch.arange(C)[None, :].expand(T, C)
+        cand[:, k, c, k] = c
+        cand = cand.reshape(-1, T)
+        Wc = w.repeat_interleave(T * C, 0)
+        _, v = net(Wc, cand, torch.full((len(cand),), T, dtype=torch.long))
+        score = scalarise(v, Wc, z)
+        bounds = self._last_bounds
+        if bounds.skip is not None:
+            kept = (cand != bounds.skip).sum(-1)
+            score = score.masked_fill((kept < bounds.lo) | (kept > bounds.hi), float("inf"))
+        return score.reshape(B, T, C)
 
-        Returns:
-            log-probabilities ``(B, T)`` of the actions taken, entropies ``(B, T)``, the value's scalarised
-            baseline at each step ``(B, T)``, and the value's prediction for the finished paths ``(B, m)``.
-        """
+    def improve(self, net: PolicyValueNet, w: Any, paths: Any, score: Callable[[Any, Any], Any]) -> Any:
+        """``paths`` ``(B, T)`` improved by one sweep of coordinate descent (slot by slot, in order) on
+        ``score(value, w)`` ``(B·C,)`` (lower is better) of the value's prediction ``(B·C, m)`` of the finished
+        path under ``w`` ``(B, m)``; a move that would break the layer bounds is never taken."""
+        torch = net.torch
+        B, T, C = paths.shape[0], net.T, net.C
+        bounds = self._last_bounds
+        out = paths.clone()
+        leaf = torch.full((B * C,), T, dtype=torch.long)
+        Wc = w.repeat_interleave(C, 0)
+        with torch.no_grad():
+            for k in range(T):
+                cand = out.unsqueeze(1).repeat(1, C, 1)  # (B, C, T): slot k set to every choice
+                cand[:, :, k] = torch.arange(C)
+                _, v = net(Wc, cand.reshape(-1, T), leaf)
+                s = score(v, Wc).reshape(B, C)
+                if bounds.skip is not None:
+                    kept = (cand != bounds.skip).sum(-1)
+                    s = s.masked_fill((kept < bounds.lo) | (kept > bounds.hi), float("inf"))
+                out[:, k] = s.argmin(-1)
+        return out
+
+    def _rollout(self, net: PolicyValueNet, w: Any, bounds: Bounds, rng: np.random.Generator,
+                 greedy: bool = False, explore: float = 0.0) -> Rollout:
+        """Decode one path per row of ``w`` ``(B, m)`` slot by slot under the layer bounds (see :class:`Rollout`);
+        ``explore``: each slot's choice is drawn from the policy mixed with this much of the uniform distribution
+        over the allowed choices."""
         torch = net.torch
         B, T, C = w.shape[0], net.T, net.C
         path = torch.full((B, T), -1, dtype=torch.long)
         kept = np.zeros(B, dtype=int)
-        lps, ents, vals = [], [], []
+        logps, vals = [], []
         u = torch.as_tensor(rng.random((B, T)), dtype=torch.float32)
         for k in range(T):
             logits, value = net(w, path, torch.full((B,), k, dtype=torch.long))
             mask = torch.as_tensor(bounds.masks(k, kept))
             logp = torch.log_softmax(logits.masked_fill(~mask, -1e9), -1)
-            probs = logp.exp()
+            probs = logp.detach().exp()
+            if explore > 0:
+                probs = (1 - explore) * probs + explore * mask / mask.sum(-1, keepdim=True)
             if greedy:
                 a = probs.argmax(-1)
             else:  # inverse-CDF sampling with numpy's uniforms: reproducible from the rng alone
-                a = (probs.detach().cumsum(-1) < u[:, k:k + 1]).sum(-1).clamp(max=C - 1)
+                a = (probs.cumsum(-1) < u[:, k:k + 1]).sum(-1).clamp(max=C - 1)
                 a = torch.where(mask.gather(1, a[:, None]).squeeze(1), a, probs.argmax(-1))
-            lps.append(logp.gather(1, a[:, None]).squeeze(1))
-            ents.append(-(probs * logp).sum(-1))
-            vals.append(-scalarise(value, w))
+            logps.append(logp)
+            vals.append(value)
             path = path.clone()
             path[:, k] = a
-            if bounds.skip is not None:
-                kept += (a.numpy() != bounds.skip)
-            else:
-                kept += 1
+            kept += (a.numpy() != bounds.skip) if bounds.skip is not None else 1
         _, final = net(w, path, torch.full((B,), T, dtype=torch.long))
-        self._decoded = path
-        return torch.stack(lps, 1), torch.stack(ents, 1), torch.stack(vals, 1), final
+        vals.append(final)
+        return Rollout(path, torch.stack(logps, 1), torch.stack(vals, 1))
 
-    def decode(self, net: PolicyValueNet, w: np.ndarray, rng: np.random.Generator, greedy: bool = False
-               ) -> np.ndarray:
-        """Paths ``(B, T)`` (choice indices) for preference vectors ``w`` ``(B, m)``."""
+    def decode(self, net: PolicyValueNet, w: np.ndarray, rng: np.random.Generator, greedy: bool = False,
+               explore: float = 0.0) -> np.ndarray:
+        """Paths ``(B, T)`` (choice indices) for preference vectors ``w`` ``(B, m)`` (``explore``: see
+        :meth:`_rollout`)."""
         import torch
 
         with torch.no_grad():
-            self._rollout(net, torch.as_tensor(w, dtype=torch.float32), self._last_bounds, rng, greedy=greedy)
-        return self._decoded.numpy()
+            roll = self._rollout(net, torch.as_tensor(w, dtype=torch.float32), self._last_bounds, rng, greedy,
+                                 explore)
+        return roll.paths.numpy()
 
     # --- proposals ---------------------------------------------------------------------------------
     def rng_for(self, study: optuna.Study) -> np.random.Generator:
@@ -398,12 +573,14 @@ class HM3Sampler(BatchSampler):
         import torch
 
         self._last_bounds = self.bounds(study)
+        self._reference = self.reference(study)
         paths, F, X, seen, order = self.data(study, self._last_bounds)
         start = max(self.n_startup, 2)
         if len(paths) < start:
             return None, paths, F, X, seen
         chain = self._chain
-        if chain is None or chain["order"] != order[: len(chain["order"])] or chain["m"] != F.shape[1]:
+        if (chain is None or chain["order"] != order[: len(chain["order"])] or chain["m"] != F.shape[1]
+                or chain["reference"] != self._reference):
             chain = None  # another study, or history we have not seen: rebuild from the first results
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny networks: more threads only fight over busy cores
@@ -411,7 +588,8 @@ class HM3Sampler(BatchSampler):
             with torch.random.fork_rng():
                 if chain is None:
                     net, opt = self.new_net(F.shape[1], int(np.random.default_rng([self.seed, 29]).integers(2**31)))
-                    chain = {"net": net, "opt": opt, "order": order[:start], "m": F.shape[1]}
+                    chain = {"net": net, "opt": opt, "order": order[:start], "m": F.shape[1],
+                             "reference": self._reference}
                     self._advance(chain, paths, F, order, start, self.steps)
                 for k in range(len(chain["order"]) + 1, len(order) + 1):
                     self._advance(chain, paths, F, order, k, self.update_steps)
@@ -436,7 +614,7 @@ class HM3Sampler(BatchSampler):
             new_paths = np.array([self.random_path(rng) for _ in range(n)]).reshape(n, len(self.slots))
             others = sobol(n, len(self.others), int(rng.integers(2**31))) if self.others else np.zeros((n, 0))
         else:
-            new_paths = self.decode(net, w, rng)
+            new_paths = self.decode(net, w, rng, explore=EXPLORE)
             others = np.array([self.inner(X, F, wi, rng) for wi in w]).reshape(n, len(self.others))
         seen_keys = {self._key(p) for p in seen}
         out = []
@@ -459,14 +637,20 @@ class HM3Sampler(BatchSampler):
         return {k: params[k] for k in self.distributions}
 
     def random_path(self, rng: np.random.Generator) -> list[int]:
-        """A uniformly random path within the layer bounds (the start-up design)."""
+        """A random path within the layer bounds (the start-up design): the number of kept slots uniform over the
+        bounds, which slots uniform, each kept slot's choice uniform. Drawing every slot's choice uniformly
+        instead would keep about T·(C-1)/C slots almost always: the network's depth, the first thing a layer
+        search decides, would hardly vary."""
         b = self._last_bounds
-        path, kept = [], 0
-        for k in range(len(self.slots)):
-            allowed = np.flatnonzero(b.mask(k, kept))
-            c = int(rng.choice(allowed))
-            path.append(c)
-            kept += c != b.skip
+        T = len(self.slots)
+        if b.skip is None:
+            return [int(c) for c in rng.integers(len(self.choices), size=T)]
+        kept = int(rng.integers(b.lo, b.hi + 1))
+        where = rng.choice(T, kept, replace=False)
+        others = [c for c in range(len(self.choices)) if c != b.skip]
+        path = [b.skip] * T
+        for k in where:
+            path[int(k)] = int(rng.choice(others))
         return path
 
     def mutate(self, path: Sequence[int], rng: np.random.Generator) -> list[int]:
@@ -479,23 +663,19 @@ class HM3Sampler(BatchSampler):
         """Non-layer coordinates for preference ``w``: the best stored trial under ``w``, moved a little."""
         if not len(self.others):
             return np.zeros(0)
-        best = X[int(np.argmin(scalarise(normalise(F), w)))]
+        best = X[int(np.argmin(scalarise(self.scale(F), w, -MARGIN)))]
         x = best + rng.normal(0.0, self.sigma, best.shape)
         jump = np.array([not isinstance(d, FloatDistribution) for d in self.others.values()])
         x = np.where(jump & (rng.random(best.shape) < self.sigma), rng.random(best.shape), x)
         return np.clip(x, 0.0, 1.0)
-
-    def best_others(self, X: np.ndarray, F: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """Non-layer coordinates of the stored trial best under ``w`` (no move)."""
-        return X[int(np.argmin(scalarise(normalise(F), w)))] if len(self.others) else np.zeros(0)
 
     @staticmethod
     def _key(params: Mapping[str, Any]) -> tuple:
         return tuple(sorted((k, round(v, 12) if isinstance(v, float) else v) for k, v in params.items()))
 
     def suggest(self, study: optuna.Study, weights: Sequence[float]) -> dict[str, Any]:
-        """The path the policy expects best for ``weights`` (greedy decoding) with the non-layer parameters of
-        the stored trial best under them; see :func:`mergesearch.search.suggest.suggest`.
+        """The path the networks expect best for ``weights`` (:meth:`best_path`) with the non-layer parameters of
+        the stored trial best under them (by the same measure); see :func:`mergesearch.search.suggest.suggest`.
 
         Raises:
             ConfigError: fewer completed trials than the policy needs.
@@ -506,8 +686,42 @@ class HM3Sampler(BatchSampler):
                               f"suggest a path, the study has {len(paths)}")
         w = np.asarray(weights, dtype=float).reshape(1, -1)
         w = w / w.sum()
-        path = self.decode(net, w, np.random.default_rng(self.seed), greedy=True)[0]
-        return self.params_of(path, self.best_others(X, F, w[0]))
+        scale = Scale(F, None if self._reference is None else np.array(self._reference))
+        path = self.best_path(net, w[0], scale, np.random.default_rng(self.seed))
+        others = X[int(np.argmin(pick_asf(scale.pick_units(F), w)))] if len(self.others) else np.zeros(0)
+        return self.params_of(path, others)
+
+    def best_path(self, net: PolicyValueNet, w: np.ndarray, scale: Scale, rng: np.random.Generator,
+                  samples: int = 63) -> np.ndarray:
+        """The path ``(T,)`` the networks expect best under ``w`` ``(m,)`` by the ASF that
+        :func:`~mergesearch.search.preference.pick` ranks the front by (:func:`pick_asf` of the value's prediction
+        in pick's units, ``scale``): the policy's greedy path and ``samples`` paths it samples, each improved slot by
+        slot on the value until no slot changes, ranked by the value."""
+        import torch
+
+        def score(v: Any, W: Any) -> Any:
+            return torch.as_tensor(pick_asf(scale.pick_units(scale.raw(v.numpy())), W.numpy()))
+
+        W = torch.as_tensor(np.repeat(w[None], samples + 1, 0), dtype=torch.float32)
+        cand = np.concatenate([self.decode(net, w[None], rng, greedy=True),
+                               self.decode(net, np.repeat(w[None], samples, 0), rng)])
+        paths = torch.as_tensor(cand)
+        T = len(self.slots)
+        with torch.no_grad():
+            for _ in range(T):
+                better = self.improve(net, W, paths, score)
+                if torch.equal(better, paths):
+                    break
+                paths = better
+            _, v = net(W, paths, torch.full((len(paths),), T, dtype=torch.long))
+        return paths[int(np.argmin(score(v, W)))].numpy()
+
+
+def pick_asf(P: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``(...,)`` pick's ASF ``max_j w_j p_j`` of objectives ``P`` ``(..., m)`` in its units (0 = the front's
+    ideal, 1 = its worst) under weights ``w`` ``(..., m)``, its ties broken by the weighted sum (lower is better)."""
+    x = P * w
+    return x.max(-1) + PICK_TIE * x.sum(-1)
 
 
 def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -520,6 +734,8 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"optimizer option {key!r} must be an integer >= {lo}, got {v!r}")
             out[key] = v
+    if out.get("min_layers", 1) > out.get("max_layers", out.get("min_layers", 1)):
+        raise ConfigError(f"optimizer options: min_layers ({out['min_layers']}) > max_layers ({out['max_layers']})")
     for key, (lo, hi) in {"lr": (0.0, 1.0), "sigma": (0.0, 1.0), "entropy": (0.0, 10.0)}.items():
         if key in options:
             v = options[key]
