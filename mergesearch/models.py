@@ -19,6 +19,8 @@ from mergesearch.errors import ModelError
 #: ``<prefix>.<layer index>.<suffix>`` for the decoder stacks of common architectures (Llama, GPT-2, NeoX, OPT).
 LAYER_RE = re.compile(r"^(.*?\b(?:layers|h|blocks)\.)(\d+)(\..+)$")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+#: safetensors' dtype names of the floating-point dtypes (others map to None in ``Checkpoint.dtypes``)
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -91,6 +93,7 @@ class Checkpoint:
         path: the resolved local directory.
         config: ``config.json`` as a dict.
         shapes: tensor name -> shape, in file order.
+        dtypes: tensor name -> the dtype stored in the file (None for non-floating dtypes of safetensors files).
         num_layers: decoder layers per the config.
     """
 
@@ -108,6 +111,7 @@ class Checkpoint:
         self._files: dict[str, Path] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype | None] = {}
         if not self._open_safetensors():
             self._open_pickle(allow_pickle)
         if not self.shapes:
@@ -129,7 +133,9 @@ class Checkpoint:
                 with safe_open(str(f), framework="pt") as st:
                     for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                         self._files[name] = f
-                        self.shapes[name] = tuple(st.get_slice(name).get_shape())
+                        piece = st.get_slice(name)
+                        self.shapes[name] = tuple(piece.get_shape())
+                        self.dtypes[name] = _ST_DTYPES.get(piece.get_dtype())
             except Exception as e:  # SafetensorError (truncated or corrupt header) or OSError
                 reason = (str(e).splitlines() or [type(e).__name__])[0]
                 raise ModelError(f"model {self.ref!r}: cannot read {f} ({reason})") from None
@@ -150,6 +156,7 @@ class Checkpoint:
                 raise ModelError(f"model {self.ref!r}: cannot read {f.name} ({e})") from None
             self._pickled.update(state)
         self.shapes = {k: tuple(v.shape) for k, v in self._pickled.items()}
+        self.dtypes = {k: v.dtype for k, v in self._pickled.items()}
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.Tensor:
         """One tensor, cast to ``dtype``; raises ModelError if absent or not finite."""
@@ -162,16 +169,33 @@ class Checkpoint:
 
             with safe_open(str(self._files[name]), framework="pt", device=device) as st:
                 t = st.get_tensor(name)
-        # A sum is a cheap finiteness probe; it can overflow, so confirm before blaming the file.
-        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise ModelError(f"model {self.ref!r}: tensor {name!r} contains NaN or Inf")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
 
+    def read_copies(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> bool:
+        """Whether ``get(name, dtype, device)`` returns a tensor of its own (converted to another dtype or moved
+        off the CPU) rather than a view of the memory-mapped file, which must never be written."""
+        stored = self.dtypes.get(name)
+        return torch.device(device).type != "cpu" or (stored is not None and dtype is not None and stored != dtype)
+
     @property
     def tied_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", False))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or ±inf, in one pass that allocates nothing tensor-sized.
+
+    min and max propagate NaN and are ±inf exactly when an entry is; unlike a sum they cannot overflow, and
+    unlike ``sum(dtype=float64)`` or ``isfinite(t)`` they make no float64 copy or bool mask of ``t``.
+    """
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def layer_key(name: str) -> tuple[str, int | None]:

@@ -82,3 +82,32 @@ def test_layer_key():
     assert layer_key("transformer.h.3.attn.c_attn.weight") == ("transformer.h.{}.attn.c_attn.weight", 3)
     assert layer_key("model.norm.weight") == ("model.norm.weight", None)
     assert Path(resolve_model(".")).is_dir()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_all_finite_sees_nan_and_inf_and_never_overflows(dtype):
+    from mergesearch.models import all_finite
+
+    big = torch.finfo(dtype).max
+    t = torch.full((1000,), big, dtype=dtype)  # finite, yet its sum overflows to inf
+    assert all_finite(t) and all_finite(torch.empty(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[567] = bad
+        assert not all_finite(u), bad
+
+
+def test_checkpoint_dtypes_and_which_reads_are_copies(tmp_path, tiny_models):
+    ck = Checkpoint(str(tiny_models["a"]))
+    assert set(ck.dtypes) == set(ck.shapes) and set(ck.dtypes.values()) == {torch.float32}
+    name = "lm_head.weight"
+    # same dtype on the CPU: a view of the memory-mapped file (must never be written); else a copy of our own
+    assert not ck.read_copies(name, torch.float32) and not ck.read_copies(name)
+    assert ck.read_copies(name, torch.bfloat16) and ck.read_copies(name, torch.float32, device="meta")
+    d = tmp_path / "half"
+    shutil.copytree(tiny_models["a"], d)
+    sd = load_file(str(d / "model.safetensors"))
+    save_file({k: v.half() for k, v in sd.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    half = Checkpoint(str(d))
+    assert half.dtypes[name] == torch.float16 and not half.read_copies(name, torch.float16)
+    assert half.read_copies(name, torch.float32)

@@ -2,20 +2,22 @@
 
 ``ResidentMerger`` reads the base and the sources once, keeps τi = θi − θ0 for every source tensor, and writes
 each plan's merged weights straight into the parameters of one ``AutoModelForCausalLM`` (no reload, no disk).
-Magnitude sparsifiers (TIES, breadcrumbs) sort |τ| of a tensor once, the first time it is needed, and keep only
-|τ| at 4097 evenly spaced ranks (:class:`~mergesearch.merging.sparsify.MagnitudeOrder`), so merging at a new
-density is one bracketed selection pass plus one fused pass, and the cache stays 16 KiB a tensor. DARE keeps its
+Magnitude sparsifiers (TIES, breadcrumbs) count |τ| of a tensor by the top bits of its pattern once, the first time
+it is needed (:class:`~mergesearch.merging.sparsify.MagnitudeOrder`: one pass, a few KiB a tensor), so merging at a
+new density is a lookup (bfloat16/float16) or one gathering pass (float32) plus one fused pass. DARE keeps its
 int16 draws and, per (tensor, input), the cumulative ‖τ‖₁ by draw value, so its L1 rescale at any density is a
 lookup too; both are reused while the plan's ``random_seed`` stays the same (the search fixes it per study). DELLA
-keeps its per-row ranks.
+keeps its per-row ranks as uint16.
 
-Memory: with ``offload=True`` the task vectors and the per-tensor caches derived from them live in CPU memory
-(pinned when merging on CUDA) and each tensor's entries are copied to the device only while that tensor is merged,
-so the device holds the resident model, the base tensors and one tensor's worth of task vectors. With
-``shared_deltas`` the task vectors are not computed but taken as given, e.g. zero-copy views of one read-only copy
-in Ray's object store shared by every worker of a node (see :func:`task_vectors`); they are never written to.
-Plans that change the layer count (``slices``) draw decoder layers from a pool of modules. ``apply(plan)``
-gives the same weights as ``merge_config`` for the plan.
+Memory (CPU, no offload): the base tensors, N task vectors and the resident model, each once in the working dtype,
+plus those caches; the resident model's weights are copies of the base tensors, not views of the memory-mapped
+checkpoint (see ``_own_weights``). With ``offload=True`` the task vectors and the per-tensor caches derived from
+them live in CPU memory (pinned when merging on CUDA) and each tensor's entries are copied to the device only
+while that tensor is merged, so the device holds the resident model, the base tensors and one tensor's worth of
+task vectors. With ``shared_deltas`` the task vectors are not computed but taken as given, e.g. zero-copy views
+of one read-only copy in Ray's object store shared by every worker of a node (see :func:`task_vectors`); they are
+never written to. Plans that change the layer count (``slices``) draw decoder layers from a pool of modules.
+``apply(plan)`` gives the same weights as ``merge_config`` for the plan.
 """
 
 from __future__ import annotations
@@ -34,18 +36,35 @@ from mergesearch.errors import ConfigError, ModelError
 from mergesearch.merging.engine import run_job
 from mergesearch.merging.plan import MergePlan
 from mergesearch.merging.resolve import plan_models, resolve
-from mergesearch.merging.sparsify import MagnitudeOrder, della_rank_norm, l1_by_draw, uniform_draws
+from mergesearch.merging.sparsify import MagnitudeOrder, della_ranks, l1_by_draw, uniform_draws
 from mergesearch.models import Checkpoint, check_compatible, layer_key, to_dtype
 
 #: numpy dtype holding a working dtype's bits (numpy has no bfloat16: its bits travel as int16).
 _NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 
 
-def task_vectors(base: Checkpoint, model: Checkpoint, dtype: torch.dtype, device: str = "cpu"
-                 ) -> dict[str, torch.Tensor]:
-    """τ = θ_model − θ_base of every tensor of ``base``, in ``dtype`` (shapes as in the checkpoints)."""
+def task_vectors(base: Checkpoint, model: Checkpoint, dtype: torch.dtype, device: str = "cpu",
+                 base_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """τ = θ_model − θ_base of every tensor of ``base``, in ``dtype`` (shapes as in the checkpoints).
+
+    Args:
+        base_state: the base's tensors already read in ``dtype`` on ``device`` (saves reading them again).
+    """
+    return {n: task_vector(base, model, n, dtype, device, base_state) for n in base.shapes}
+
+
+def task_vector(base: Checkpoint, model: Checkpoint, name: str, dtype: torch.dtype, device: str = "cpu",
+                base_state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """τ = θ_model[name] − θ_base[name] in ``dtype`` (one rounding), shape of the tensor; see :func:`task_vectors`."""
     with torch.no_grad():
-        return {n: model.get(n, dtype, device) - base.get(n, dtype, device) for n in base.shapes}
+        theta0 = base_state[name] if base_state is not None else base.get(name, dtype, device)
+        theta = model.get(name, dtype, device)
+        if model.read_copies(name, dtype, device):
+            # our own copy: τ takes its memory, so nothing is freed. Freed blocks of a size the allocator keeps
+            # in its heap (after large frees, e.g. from_pretrained's) pile up as holes that later tensors
+            # reuse only in part: measured, 20-30 % of the task vectors' size on top of them.
+            return theta.sub_(theta0)
+        return theta - theta0  # a view of the file: never written
 
 
 def to_numpy_bits(t: torch.Tensor) -> np.ndarray:
@@ -111,31 +130,68 @@ class ResidentMerger:
         self.tensor_names = list(ck.shapes)
         self.num_layers = ck.num_layers
         self.tokenizer_path: Path = ck.path
+        # The model first, while the process is small: converting a checkpoint to another dtype costs
+        # from_pretrained a transient several times the model, and what it frees is reused by the tensors below.
+        self.model = AutoModelForCausalLM.from_pretrained(ck.path, dtype=self.dtype,
+                                                          trust_remote_code=trust_remote_code)
         with torch.no_grad():
             self.base_state = {n: ck.get(n, self.dtype, device) for n in self.tensor_names}
+        self._own_weights()
+        self.model.to(device).eval()
+        self.model.requires_grad_(False)
+        # τ are computed and stored one tensor at a time: no model's whole set exists twice (e.g. before pinning)
+        same_home = torch.device(self._home) == torch.device(device)
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         for m in self.models:
-            if shared_deltas is None:
-                found = task_vectors(ck, self.checkpoints[m], self.dtype, self._home)
-            else:
-                found = {n: self._shared(shared_deltas, m, n) for n in self.tensor_names}
-            # shared task vectors are not pinned: that would copy them out of the shared buffer
-            self._deltas.update({(m, n): self._store(t, pin=shared_deltas is None) for n, t in found.items()})
-        self._orders: dict[tuple[str, str], MagnitudeOrder] = {}  # |τ| at evenly spaced ranks (16 KiB a tensor)
+            for n in self.tensor_names:
+                if shared_deltas is not None:  # not pinned: that would copy them out of the shared buffer
+                    self._deltas[(m, n)] = self._store(self._shared(shared_deltas, m, n), pin=False)
+                else:
+                    self._deltas[(m, n)] = self._store(task_vector(
+                        ck, self.checkpoints[m], n, self.dtype, self._home, self.base_state if same_home else None))
+        self._orders: dict[tuple[str, str], MagnitudeOrder] = {}  # counts of |τ| by key (a few KiB a tensor)
         self._raw: dict[tuple[str, str], torch.Tensor] = {}
         self._draws: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._draws_seed: int | None = None
-        self._ranks: dict[tuple[str, str], torch.Tensor] = {}
+        self._ranks: dict[tuple[str, str], torch.Tensor] = {}  # DELLA's row ranks, uint16
         self._l1: dict[tuple[str, str, int], torch.Tensor] = {}
         self._tokenizer: Any = None
-        self.model = AutoModelForCausalLM.from_pretrained(ck.path, dtype=self.dtype,
-                                                          trust_remote_code=trust_remote_code).to(device).eval()
-        self.model.requires_grad_(False)
         self._layers_path = self._find_layers_path()
         self._pool: list[nn.Module] = list(self.model.get_submodule(self._layers_path)) if self._layers_path else []
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
         self._layer_types = list(getattr(cfg, "layer_types", None) or [])
+
+    def _own_weights(self) -> None:
+        """Give the resident model's weights that are views of the checkpoint file memory of their own.
+
+        ``from_pretrained`` leaves weights stored in the working dtype as views of the memory-mapped checkpoint,
+        untouched until used. Written in place by the first merge, each page would be copied while the file's page
+        stays mapped, and both count as the process's memory: the model twice over. ``base_state`` holds the same
+        values (the checkpoint cast to the working dtype) already on the device, so they are copied from there,
+        without reading the file again. Weights stored in another dtype were converted, hence copied, by
+        ``from_pretrained`` and are left as they are, as are tensors the architecture keeps in another dtype or
+        that are not found by name. The Parameter objects stay (tied weights keep sharing one).
+        """
+        ck = self.checkpoints[self.base]
+        with torch.no_grad():
+            for name in self.tensor_names:
+                if ck.read_copies(name, self.dtype):  # from_pretrained reads on the CPU, like get(name, dtype)
+                    continue
+                module_path, _, attr = name.rpartition(".")
+                try:
+                    module = self.model.get_submodule(module_path)
+                except AttributeError:
+                    continue
+                current = getattr(module, attr, None)
+                value = self.base_state[name]
+                if not isinstance(current, torch.Tensor) or current.dtype != value.dtype \
+                        or current.shape != value.shape:
+                    continue
+                if isinstance(current, nn.Parameter):
+                    current.data = value.clone()
+                elif attr in module._buffers:
+                    module._buffers[attr] = value.clone()
 
     def _shared(self, shared: Mapping[tuple[str, str], torch.Tensor], model: str, name: str) -> torch.Tensor:
         t = shared.get((model, name))
@@ -184,9 +240,9 @@ class ResidentMerger:
         return self._orders[key]
 
     def ranks(self, model: str, name: str) -> torch.Tensor:
-        """DELLA's normalized row ranks of |τ| (computed on first use)."""
+        """DELLA's row ranks of |τ| (:func:`della_ranks`: uint16, computed on first use)."""
         key = (model, name)
-        return self._cached("ranks", self._ranks, key, lambda: della_rank_norm(self.delta(*key)))
+        return self._cached("ranks", self._ranks, key, lambda: della_ranks(self.delta(*key)))
 
     def draws(self, shape: torch.Size, seed: int) -> torch.Tensor:
         """DARE's uniform draws for one (tensor, input, plan seed), kept until a plan with another seed."""

@@ -14,8 +14,11 @@ converted with integer operations (exact, and round to nearest even on the way b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numba
 import numpy as np
@@ -27,6 +30,18 @@ BLOCK = 2048
 MIN_PARALLEL = 1 << 18
 
 _U16 = (torch.bfloat16, torch.float16)
+T = TypeVar("T")
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One thread pool for every split pass of this module, started on first use and kept: starting threads per
+    call cost more than the pass itself on tensors of a few MB. Its threads only run compiled kernels (the GIL
+    is released), one range each. A forked child gets a pool of its own (it inherits none of the threads)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="mergesearch-kernel"))
+    return _POOL[1]
 
 
 @numba.njit(inline="always")
@@ -154,7 +169,7 @@ def _merge(base, bkind, out, okind, taus, tkind, use_draws, draws, lo, hi, keep_
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _della(tau, tkind, draws, ranks, p_lo, p_span, out):  # pragma: no cover - runs compiled
+def _della(tau, tkind, draws, ranks, width, p_lo, p_span, out):  # pragma: no cover - runs compiled
     f32 = np.float32
     before, after = 0.0, 0.0
     buf = np.empty(BLOCK, dtype=f32)
@@ -162,82 +177,152 @@ def _della(tau, tkind, draws, ranks, p_lo, p_span, out):  # pragma: no cover - r
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
         t = _load(tau, tkind, start, m, buf)
+        dr, rk, o = draws[start:start + m], ranks[start:start + m], out[start:start + m]
+        for j in range(m):  # vectorises (the sums below cannot: they keep index order)
+            # p = rank / width as sparsify.rank_norm computes it (one float32 division), then della_mask's test
+            p = p_lo + f32(rk[j]) / width * p_span
+            o[j] = t[j] if f32(dr[j]) + f32(32768.0) < p * f32(65536.0) else f32(0.0)
         for j in range(m):
-            x = t[j]
-            keep = f32(draws[start + j]) + f32(32768.0) < (p_lo + ranks[start + j] * p_span) * f32(65536.0)
-            v = x if keep else f32(0.0)
-            out[start + j] = v
-            before += abs(x)
-            after += abs(v)
+            before += abs(t[j])
+            after += abs(o[j])
     return before, after
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def _l1_hist(tau, tkind, draws, hist):  # pragma: no cover - runs compiled
+    buf = np.empty(BLOCK, dtype=np.float32)
+    n = draws.shape[0]
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        t = _load(tau, tkind, start, m, buf)
+        for j in range(m):  # in index order, like index_add_: the same float64 sums, bit for bit
+            hist[np.int32(draws[start + j]) + 32769] += abs(np.float64(t[j]))
+
+
+def l1_hist(tau: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Σ |τ| by draw value (float64, 65537 bins, bin d + 32769 for draw d; bin 0 stays 0), in one pass reading τ
+    in its own dtype: no float64 copy of τ or int32 copy of the draws (12 bytes an entry) as ``index_add_``
+    needs.
+
+    Args:
+        tau: contiguous CPU float32/bfloat16/float16 task vector; ``draws``: its int16 draws, same numel.
+    """
+    hist = np.zeros(65537, dtype=np.float64)
+    src, kind = _array(tau)
+    _l1_hist(src, kind, _array(draws)[0], hist)
+    return torch.from_numpy(hist)
+
+
+#: distinct magnitude keys: the 15 bits below the sign of a bfloat16/float16 pattern, or of float32's top half
+KEYS = 1 << 15
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _key_counts(bits, shift, counts, first, last):  # pragma: no cover - runs compiled
+    for j in range(first, last):  # the sign bit is the top bit: shift it to bit 15 and drop it
+        counts[(np.uint32(bits[j]) >> np.uint32(shift)) & np.uint32(0x7FFF)] += 1
+
+
+def key_counts(tau: torch.Tensor, threads: int = 1) -> np.ndarray:
+    """How many entries of ``tau`` (contiguous CPU float32/bfloat16/float16) fall on each magnitude key, in one
+    pass split over ``threads`` threads.
+
+    The key of an entry is the bit pattern of |τ| cut to 15 bits: bfloat16 and float16 keep all of theirs (a key
+    is one value), float32 keeps its top 16 bits minus the sign (a key is a range of 2^16 adjacent floats). Keys
+    order like magnitudes, so cumulative counts give every order statistic's key.
+
+    Returns:
+        int64 array of :data:`KEYS` counts.
+    """
+    src, kind = _array(tau)
+    # float32 as its uint32 bits, whose top 16 hold the key; half precision is uint16 bits already
+    bits, shift = (src.view(np.uint32), 16) if kind == 0 else (src, 0)
+    n = src.shape[0]
+    parts = max(1, min(threads, n // MIN_PARALLEL))
+    cuts = [n * p // parts for p in range(parts)] + [n]
+
+    def part(p: int) -> np.ndarray:
+        counts = np.zeros(KEYS, dtype=np.int64)
+        _key_counts(bits, shift, counts, cuts[p], cuts[p + 1])
+        return counts
+
+    if parts == 1:
+        return part(0)
+    return np.sum(list(_pool().map(part, range(parts))), axis=0)
+
+
+#: entries a bracket pass tests together before gathering: in-bracket entries are rare (a key holds well under 1 %
+#: of a tensor), so most runs of 32 have none, and the test over a run vectorises where a gather cannot
+RUN = 32
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _bracket(tau, tkind, lo, hi, buf, first, last):  # pragma: no cover - runs compiled
-    below, m, cap = 0, 0, buf.shape[0]
+    m, cap = 0, buf.shape[0]
     blk = np.empty(BLOCK, dtype=np.float32)
     for start in range(first, last, BLOCK):
         k = min(BLOCK, last - start)
         t = _load(tau, tkind, start, k, blk)
-        for j in range(k):  # vectorises
-            below += abs(t[j]) < lo
-        for j in range(k):  # branch-free compaction: always write, advance only inside [lo, hi]
-            a = abs(t[j])
-            buf[min(m, cap - 1)] = a
-            m += (a >= lo) & (a <= hi)
-    return below, m
+        for r0 in range(0, k, RUN):
+            r1 = min(k, r0 + RUN)
+            hits = 0
+            for j in range(r0, r1):  # vectorises
+                a = abs(t[j])
+                hits += (a >= lo) & (a <= hi)
+            if hits:
+                for j in range(r0, r1):  # branch-free compaction: always write, advance only inside [lo, hi]
+                    a = abs(t[j])
+                    buf[min(m, cap - 1)] = a
+                    m += (a >= lo) & (a <= hi)
+    return m
 
 
-def bracket_select(tau: torch.Tensor, rank: int, lo: float, hi: float, width: int) -> float | None:
-    """The |τ| of ascending rank ``rank`` when it lies in [lo, hi] (about ``width`` entries there), in one pass
-    split over ``torch.get_num_threads()`` threads like :func:`fused_merge`.
+def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) -> float | None:
+    """The k-th smallest (0-based) of the |τ| in [lo, hi], of which there are ``width``, in one pass gathering
+    them, split over ``torch.get_num_threads()`` threads like :func:`fused_merge`.
 
     Returns:
-        The value, or None when the bracket held far more entries than ``width`` (ties) or missed the rank.
+        The value, or None when the bracket held another number of entries than ``width`` (e.g. NaN bounds).
     """
     src, kind = _array(tau)
     n = src.shape[0]
     parts = max(1, min(torch.get_num_threads(), n // MIN_PARALLEL))
     cuts = [n * p // parts for p in range(parts)] + [n]
-    cap = 2 * width + 1024
+    cap = width + 1
 
-    def part(p: int) -> tuple[int, int, np.ndarray]:
+    def part(p: int) -> tuple[int, np.ndarray]:
         buf = np.empty(cap, dtype=np.float32)
-        below, m = _bracket(src, kind, np.float32(lo), np.float32(hi), buf, cuts[p], cuts[p + 1])
-        return below, m, buf
+        return _bracket(src, kind, np.float32(lo), np.float32(hi), buf, cuts[p], cuts[p + 1]), buf
 
-    if parts == 1:
-        results = [part(0)]
-    else:
-        with ThreadPoolExecutor(parts) as pool:
-            results = list(pool.map(part, range(parts)))
-    if any(m > cap for _, m, _ in results):
+    results = [part(0)] if parts == 1 else list(_pool().map(part, range(parts)))
+    if sum(m for m, _ in results) != width or not 0 <= k < width:
         return None
-    below = sum(r[0] for r in results)
-    inside = np.concatenate([buf[:m] for _, m, buf in results])
-    k = rank - below
-    if not 0 <= k < inside.shape[0]:
-        return None
+    inside = np.concatenate([buf[:m] for m, buf in results])
     return float(np.partition(inside, k)[k])
 
 
 def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo: float,
                p_span: float) -> tuple[torch.Tensor, float, float]:
-    """DELLA's mask⊙τ in one pass, with ‖τ‖₁ and ‖mask⊙τ‖₁ (float64 sums) for the rescale.
+    """DELLA's mask⊙τ in one pass, with ‖τ‖₁ and ‖mask⊙τ‖₁ (float64 sums, in index order) for the rescale.
 
-    Keeps where draw + 32768 < 65536·p, with p = p_lo + rank·p_span in float32.
+    Keeps where draw + 32768 < 65536·p, with p = p_lo + (rank / width)·p_span in float32 (width = row length − 1,
+    as :func:`mergesearch.merging.sparsify.rank_norm`).
 
     Args:
         tau: task vector (float32, bfloat16 or float16), shape S; ``draws``: its int16 draws, ``ranks``: its
-            float32 row ranks in [0, 1].
+            row ranks (:func:`mergesearch.merging.sparsify.della_ranks`, uint16 or int32).
 
     Returns:
         (mask⊙τ as a new float32 tensor of shape S, ‖τ‖₁, ‖mask⊙τ‖₁).
     """
+    from mergesearch.merging.sparsify import della_width
+
     out = torch.empty(tau.shape, dtype=torch.float32)
     f32 = np.float32
     src, kind = _array(tau)
-    before, after = _della(src, kind, _array(draws)[0], _array(ranks)[0], f32(p_lo), f32(p_span), _array(out)[0])
+    width = f32(max(della_width(tau.shape), 1))  # 1-wide rows: rank 0 / 1 = 0, as rank_norm's zeros
+    before, after = _della(src, kind, _array(draws)[0], _array(ranks)[0], width, f32(p_lo), f32(p_span),
+                           _array(out)[0])
     return out, before, after
 
 
@@ -278,8 +363,32 @@ def fused_merge(base: torch.Tensor, out: torch.Tensor, taus: Sequence[torch.Tens
         return int(_merge(*args, 0, n))
     # ranges split on BLOCK boundaries, so every thread sees the same blocks as one thread would (same bits)
     cuts = [min(n, (n * p // parts) // BLOCK * BLOCK) for p in range(parts)] + [n]
-    with ThreadPoolExecutor(parts) as pool:
-        return sum(pool.map(lambda p: int(_merge(*args, cuts[p], cuts[p + 1])), range(parts)))
+    return sum(_pool().map(lambda p: int(_merge(*args, cuts[p], cuts[p + 1])), range(parts)))
+
+
+def run_side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Call each of ``calls`` (compiled kernels that release the GIL) on up to ``torch.get_num_threads()``
+    threads of the module's pool; results in order. One thread runs them in turn."""
+    if len(calls) < 2 or torch.get_num_threads() < 2:
+        return [c() for c in calls]
+    pool = _pool()
+    threads = min(len(calls), torch.get_num_threads())
+    # ``threads`` workers, each taking the next call: no more calls at once than the job's threads
+    queue = list(enumerate(calls))
+    results: list = [None] * len(calls)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, call = queue.pop(0)
+            results[i] = call()
+
+    for f in [pool.submit(worker) for _ in range(threads)]:
+        f.result()
+    return results
 
 
 def _array(t: torch.Tensor) -> tuple[np.ndarray, int]:

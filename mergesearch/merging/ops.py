@@ -19,6 +19,7 @@ import torch
 from mergesearch.errors import ConfigError, NonFiniteError
 from mergesearch.merging import sparsify as sp
 from mergesearch.merging.methods import TaskVectorFlags
+from mergesearch.models import all_finite
 
 
 @dataclass
@@ -31,7 +32,7 @@ class TensorGroup:
         seed: seed of the random sparsifiers (input i draws with ``seed + i``).
         draws: optional ``(i, seed) -> int16 draws`` of input i (a cache of :func:`sparsify.uniform_draws`).
         l1_table: optional ``i -> sparsify.l1_by_draw(τi, draws of input i)`` (cached DARE rescale sums).
-        ranks: optional ``i -> della_rank_norm(τi)`` (cached row ranks).
+        ranks: optional ``i -> della_ranks(τi)`` (cached compact row ranks).
         out: optional destination tensor of shape S (the resident model's parameter).
         method: the method's name (for messages).
     """
@@ -85,10 +86,8 @@ def _emit(group: TensorGroup, result: torch.Tensor, bad: int | None = None) -> t
         group.out.copy_(result)
         result = group.out
     if bad is None and result.is_floating_point():
-        # one reduction (no temporary): NaN/inf propagate into the sum; only then count (a huge finite sum
-        # can overflow: the count decides)
-        bad = 0 if torch.isfinite(result.sum(dtype=torch.float64)) else int(result.numel() -
-                                                                           torch.isfinite(result).sum().item())
+        # one reduction without a tensor-sized temporary (min/max propagate NaN and inf); count only then
+        bad = 0 if all_finite(result) else int(result.numel() - torch.isfinite(result).sum().item())
     if bad:
         raise NonFiniteError(f"merged tensor {group.name!r} (method {group.method or '?'}) has {bad} non-finite "
                              f"entries (NaN/inf): check its weights and inputs")
@@ -217,12 +216,15 @@ class _Input:
     or everything (neither), or nothing (``zero``).
     """
 
-    tau: torch.Tensor
+    tau: torch.Tensor | None
     coef: float
     band: tuple[float | None, float | None] | None = None
     draws: torch.Tensor | None = None  # int16 uniforms; keep where draws < keep_below
     keep_below: int = 0
     zero: bool = False
+    #: DELLA's compiled mask pass, still to run: () -> (mask⊙τ, ‖τ‖₁, ‖mask⊙τ‖₁); see :func:`_run_pending`
+    pending: Callable[[], tuple[torch.Tensor, float, float]] | None = None
+    rescale: bool = False
 
 
 def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVectorFlags, weight: float,
@@ -272,15 +274,17 @@ def _della(group: TensorGroup, i: int, tau: torch.Tensor, d: float, eps: float, 
     """Input i under DELLA: mask⊙τi (fresh float32, flat) with coefficient wi·‖τi‖₁/‖mask⊙τi‖₁ (rescale)."""
     sp.check_della(d, eps)
     ranks = group.ranks(i) if group.ranks else None
-    ranks = sp.della_rank_norm(tau) if ranks is None else ranks
+    ranks = sp.della_ranks(tau) if ranks is None else ranks
     draws = group.uniform(i)
     if tau.device.type == "cpu" and tau.is_contiguous() and tau.dtype in _KERNEL_DTYPES:
         from mergesearch.merging import kernels
 
-        masked, before, after = kernels.della_mask(tau, draws, ranks, d - eps, 2 * eps)
+        # run later, with the other inputs' passes (their float64 sums keep index order: one thread each)
+        return _Input(None, weight, rescale=rescale,
+                      pending=lambda: kernels.della_mask(tau, draws, ranks, d - eps, 2 * eps))
     else:
         t = _work(tau)
-        masked = t * sp.della_mask(tau, d, eps, draws, ranks)
+        masked = t * sp.della_mask(tau, d, eps, draws, sp.rank_norm(ranks))
         before, after = t.abs().sum(dtype=torch.float64).item(), masked.abs().sum(dtype=torch.float64).item()
     return _Input(masked.reshape(-1), weight * sp.l1_rescale_factor(before, after) if rescale else weight)
 
@@ -305,11 +309,30 @@ def task_vector_merge(group: TensorGroup, shared: Mapping[str, Any], per_input: 
     weights = [float(per_input[i]["weight"]) for i in idx]
     lam, rescale, normalize = float(shared["lambda"]), bool(shared["rescale"]), bool(shared["normalize"])
     inputs = [_prepare(group, i, per_input[i], flags, w, rescale) for i, w in zip(idx, weights, strict=True)]
+    _run_pending(inputs)
     out = group.out if group.out is not None and group.out.dtype == base.dtype else torch.empty_like(base)
     div_nc = _plain_divisor(weights, normalize)
     run = _kernel_merge if _kernel_usable(base, out) else _torch_merge
     bad = run(inputs, base, out, weights, lam, normalize, flags.consensus, div_nc)
     return _emit(group, out, bad)
+
+
+def _run_pending(inputs: list[_Input]) -> None:
+    """Run the inputs' pending DELLA mask passes, side by side on ``torch.get_num_threads()`` threads.
+
+    Each pass is one thread's work (its L1 sums run in index order, which a split would change), so the inputs
+    are what is spread over threads: each result is the same as run alone.
+    """
+    todo = [inp for inp in inputs if inp.pending is not None]
+    if not todo:
+        return
+    from mergesearch.merging import kernels
+
+    for inp, (masked, before, after) in zip(todo, kernels.run_side_by_side([inp.pending for inp in todo]),
+                                            strict=True):
+        inp.tau = masked.reshape(-1)
+        inp.coef = inp.coef * sp.l1_rescale_factor(before, after) if inp.rescale else inp.coef
+        inp.pending = None
 
 
 def _kernel_usable(base: torch.Tensor, out: torch.Tensor) -> bool:

@@ -120,29 +120,3 @@ def examples_spent(trials: Iterable[Any]) -> int:
     """Examples scored for the stored ``trials`` (their ``examples`` attr; trials without one count 0)."""
     return sum(int(t.user_attrs.get(EXAMPLES_ATTR, 0)) for t in trials)
 
-
-class FullFidelityView:
-    """The study as the optimizer sees it: every trial except PRUNED ones (partial, lower-fidelity scores).
-
-    Samplers get this view instead of the study; everything else (storage, directions, writes) is the study's.
-    Optuna's TPE, for one, would otherwise rank pruned trials among the bad ones by their last intermediate value.
-    """
-
-    def __init__(self, study: Any) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[Any]:
-        from optuna.trial import TrialState
-
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if t.state != TrialState.PRUNED]
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[Any]:
-        return self.get_trials()

@@ -37,8 +37,9 @@ def test_della_mask_kernel_equals_torch_mask_and_keeps_rank_probabilities():
 
     torch.manual_seed(0)
     tau = torch.randn(400, 500)
-    draws, ranks = sp.uniform_draws(tau.shape, 3), sp.della_rank_norm(tau)
-    masked, before, after = kernels.della_mask(tau, draws, ranks, 0.5 - 0.2, 2 * 0.2)
+    draws, compact = sp.uniform_draws(tau.shape, 3), sp.della_ranks(tau)
+    ranks = sp.rank_norm(compact)
+    masked, before, after = kernels.della_mask(tau, draws, compact, 0.5 - 0.2, 2 * 0.2)
     mask = sp.della_mask(tau, 0.5, 0.2, draws, ranks)
     assert torch.equal(masked, tau * mask)
     assert before == pytest.approx(tau.abs().sum().item(), rel=1e-5)
