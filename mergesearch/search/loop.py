@@ -351,7 +351,7 @@ class SearchRun:
                 n = 0 if self.budget_spent() else min(executor.idle(), self.target - complete - len(inflight))
                 if n > 0:
                     self._enqueue_refinements(n, complete + len(inflight))
-                    for trial in self.optimizer.ask(n):
+                    for trial in self.optimizer.asking(n):  # each to a worker while the next is sampled
                         spec = self.space.candidate(trial.params)
                         executor.submit(trial.number, self._job(spec))
                         inflight[trial.number] = {"params": trial.params, "spec": spec,

@@ -10,11 +10,18 @@ Orphans. Trials created by :class:`~mergesearch.search.optimizers.Optimizer` car
 thread while it runs; a second driver is refused): so once a driver holds the lease, every RUNNING trial it did
 not create was left by a stopped driver, and :func:`recover_orphans` fails and re-enqueues it. One mechanism for
 every storage — no per-trial heartbeats to write.
+
+Writes. A trial reaches the storage in two transactions: created whole when asked (:func:`create_trial`: params,
+attrs, the sampler's notes) and finished whole when told (:func:`finish_trial`: the result's attrs, values,
+state) — on a SQL database a few multi-row statements each, instead of one transaction per field.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import random
 import re
 import socket
 import threading
@@ -25,8 +32,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mergesearch.errors import ConfigError, StudyError
 
@@ -272,6 +280,205 @@ def set_trial_attrs(study: optuna.Study, trial_number: int, attrs: Mapping[str, 
         study._storage.set_trial_user_attr(tid, key, value)
 
 
+# --- batched writes --------------------------------------------------------------------------------------
+# Optuna's public storage API commits once per call (a parameter, an attr, the state), and its SQL storage runs
+# two or three statements per parameter even inside one transaction; with SQLite on disk every commit is also an
+# fsync. The driver instead writes a trial in two transactions — created whole (params, attrs) when asked,
+# finished whole (result attrs, values, state) when told — with a few multi-row statements each, on Optuna's own
+# tables. That schema is Optuna's (stable, versioned by its alembic migrations, read by optuna-dashboard) but the
+# session helper and ORM models are private: every use is checked first and falls back to the public calls.
+
+#: why optuna's private SQL storage helpers failed in this process (then public calls are used from there on)
+_RDB_BROKEN: list[str] = []
+
+
+class _RDB:
+    """What the batched SQL path uses of optuna's private RDB storage: the backend, its ORM models, its
+    session context manager (commit, rollback, errors as ``StorageInternalError``) and sqlalchemy."""
+
+    def __init__(self, backend: Any, models: Any, session_of: Any, sa: Any) -> None:
+        self.backend, self.models, self.session_of, self.sa = backend, models, session_of, sa
+
+    def session(self) -> Any:
+        return self.session_of(self.backend.scoped_session)
+
+    def replace_attrs(self, session: Any, model: Any, owner: str, owner_id: int, attrs: Mapping[str, Any],
+                      *, new: bool = False) -> None:
+        """Set ``attrs`` (key -> JSON value) of one trial or study: two statements whatever their number (one for
+        a ``new`` trial, which has no attrs to replace)."""
+        if not attrs:
+            return
+        table = model.__table__
+        if not new:
+            session.execute(self.sa.delete(table).where(table.c[owner] == owner_id, table.c.key.in_(list(attrs))))
+        session.execute(self.sa.insert(table), [{owner: owner_id, "key": k, "value_json": json.dumps(v)}
+                                                for k, v in attrs.items()])
+
+    def insert_params(self, session: Any, trial_id: int, params: Mapping[str, Any],
+                      distributions: Mapping[str, BaseDistribution]) -> None:
+        if not params:
+            return
+        rows = [{"trial_id": trial_id, "param_name": name, "param_value": distributions[name].to_internal_repr(v),
+                 "distribution_json": optuna.distributions.distribution_to_json(distributions[name])}
+                for name, v in params.items()]
+        session.execute(self.sa.insert(self.models.TrialParamModel.__table__), rows)
+
+
+def _rdb(storage: BaseStorage) -> _RDB | None:
+    """The batched SQL path for ``storage`` when it is an optuna RDB storage whose private parts are as expected;
+    None otherwise (in-memory, journal, a changed optuna)."""
+    if _RDB_BROKEN:
+        return None
+    backend = getattr(storage, "_backend", storage)  # optuna wraps RDBStorage in _CachedStorage
+    if not isinstance(backend, optuna.storages.RDBStorage) or not hasattr(backend, "scoped_session"):
+        return None
+    try:
+        import sqlalchemy as sa
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+    except ImportError:
+        return None
+    # (model, methods used, columns written): optuna's schema as the batched statements expect it
+    needed = {"StudyModel": (("find_or_raise_by_id",), ()),
+              "TrialModel": (("find_or_raise_by_id", "count_past_trials"), ()),
+              "TrialValueModel": (("value_to_stored_repr",), ("trial_id", "objective", "value", "value_type")),
+              "TrialParamModel": ((), ("trial_id", "param_name", "param_value", "distribution_json")),
+              "TrialUserAttributeModel": ((), ("trial_id", "key", "value_json")),
+              "TrialSystemAttributeModel": ((), ("trial_id", "key", "value_json")),
+              "StudySystemAttributeModel": ((), ("study_id", "key", "value_json"))}
+    for name, (methods, columns) in needed.items():
+        model = getattr(models, name, None)
+        table = getattr(model, "__table__", None)
+        if model is None or table is None or not all(hasattr(model, m) for m in methods) \
+                or not all(c in table.c for c in columns):
+            return None
+    return _RDB(backend, models, _create_scoped_session, sa)
+
+
+def _private_failed(exc: BaseException) -> None:
+    """Give up optuna's private RDB path for this process (the transaction was rolled back: nothing written)."""
+    _RDB_BROKEN.append(f"{type(exc).__name__}: {exc}")
+    optuna.logging.get_logger(__name__).warning(
+        "batched storage writes unavailable with this optuna (%s); writing field by field", _RDB_BROKEN[0])
+
+
+#: what a change in optuna's private parts raises inside the batched path (the session rolls back on it)
+_DRIFT = (AttributeError, TypeError)
+
+
+def create_trial(storage: BaseStorage, study_id: int, trial: FrozenTrial,
+                 study_system_attrs: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """Create ``trial`` (RUNNING, sampled in memory: params, distributions, user and system attrs) in the study,
+    with ``study_system_attrs`` (what the sampler noted on the study meanwhile, e.g. a QMC position).
+
+    One transaction on a SQL database, taking the same study lock optuna takes to number a trial; elsewhere
+    ``storage.create_new_trial(template_trial=...)``. The caller checks the distributions against the stored
+    ones (the batched path does not re-query them per parameter).
+
+    Returns:
+        ``(trial_id, number)``.
+    """
+    rdb = _rdb(storage)
+    if rdb is not None:
+        m = rdb.models
+        try:
+            for attempt in range(5):
+                try:
+                    with rdb.session() as session:
+                        m.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                        row = m.TrialModel(study_id=study_id, number=None, state=TrialState.RUNNING,
+                                           datetime_start=trial.datetime_start)
+                        session.add(row)
+                        session.flush()
+                        row.number = row.count_past_trials(session)
+                        rdb.insert_params(session, row.trial_id, trial.params, trial.distributions)
+                        rdb.replace_attrs(session, m.TrialUserAttributeModel, "trial_id", row.trial_id,
+                                          trial.user_attrs, new=True)
+                        rdb.replace_attrs(session, m.TrialSystemAttributeModel, "trial_id", row.trial_id,
+                                          trial.system_attrs, new=True)
+                        rdb.replace_attrs(session, m.StudySystemAttributeModel, "study_id", study_id,
+                                          study_system_attrs or {})
+                        ids = row.trial_id, row.number
+                    return ids
+                except optuna.exceptions.StorageInternalError:
+                    # as optuna's own trial creation: a deadlock between database clients is retried
+                    if attempt == 4:
+                        raise
+                    time.sleep(random.random() * 2.0)
+        except _DRIFT as e:
+            _private_failed(e)
+    for key, value in (study_system_attrs or {}).items():
+        storage.set_study_system_attr(study_id, key, value)
+    trial_id = storage.create_new_trial(study_id, template_trial=trial)
+    return trial_id, storage.get_trial_number_from_id(trial_id)
+
+
+def store_sampled(storage: BaseStorage, study_id: int, trial_id: int, params: Mapping[str, Any],
+                  distributions: Mapping[str, BaseDistribution], user_attrs: Mapping[str, Any],
+                  system_attrs: Mapping[str, Any], study_system_attrs: Mapping[str, Any] | None = None) -> None:
+    """Write new params and attrs onto an unfinished stored trial (a WAITING trial just set RUNNING, sampled in
+    memory), with ``study_system_attrs``: one transaction on a SQL database, one call per field elsewhere."""
+    rdb = _rdb(storage)
+    if rdb is not None:
+        m = rdb.models
+        try:
+            with rdb.session() as session:
+                row = m.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                rdb.backend.check_trial_is_updatable(trial_id, row.state)
+                rdb.insert_params(session, trial_id, params, distributions)
+                rdb.replace_attrs(session, m.TrialUserAttributeModel, "trial_id", trial_id, user_attrs)
+                rdb.replace_attrs(session, m.TrialSystemAttributeModel, "trial_id", trial_id, system_attrs)
+                rdb.replace_attrs(session, m.StudySystemAttributeModel, "study_id", study_id, study_system_attrs or {})
+            return
+        except _DRIFT as e:
+            _private_failed(e)
+    for key, value in (study_system_attrs or {}).items():
+        storage.set_study_system_attr(study_id, key, value)
+    for name, value in params.items():
+        dist = distributions[name]
+        storage.set_trial_param(trial_id, name, dist.to_internal_repr(value), dist)
+    for key, value in user_attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    for key, value in system_attrs.items():
+        storage.set_trial_system_attr(trial_id, key, value)
+
+
+def finish_trial(storage: BaseStorage, trial_id: int, state: TrialState, values: Sequence[float] | None,
+                 user_attrs: Mapping[str, Any]) -> None:
+    """Store ``user_attrs`` on a RUNNING trial and finish it (``state``, with ``values`` when COMPLETE): one
+    transaction on a SQL database (attrs and result land together or not at all), one call per field elsewhere.
+
+    Raises:
+        optuna.exceptions.UpdateFinishedTrialError: the trial is already finished (nothing is written).
+    """
+    rdb = _rdb(storage)
+    if rdb is not None:
+        m = rdb.models
+        try:
+            with rdb.session() as session:
+                row = m.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                rdb.backend.check_trial_is_updatable(trial_id, row.state)
+                rdb.replace_attrs(session, m.TrialUserAttributeModel, "trial_id", trial_id, user_attrs)
+                if values is not None:
+                    table = m.TrialValueModel.__table__
+                    session.execute(rdb.sa.delete(table).where(table.c.trial_id == trial_id))
+                    rows = []
+                    for objective, value in enumerate(values):
+                        stored, kind = m.TrialValueModel.value_to_stored_repr(float(value))
+                        rows.append({"trial_id": trial_id, "objective": objective, "value": stored,
+                                     "value_type": kind})
+                    session.execute(rdb.sa.insert(table), rows)
+                # as RDBStorage.set_trial_state_values does for a finished state
+                row.state = state
+                row.datetime_complete = datetime.datetime.now()
+            return
+        except _DRIFT as e:
+            _private_failed(e)
+    for key, value in user_attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    storage.set_trial_state_values(trial_id, state, values)
+
+
 def trial_record(*, spec: dict, worker: str, timings: dict, attempts: int, summary: str = "") -> dict[str, Any]:
     """The user attrs a finished trial stores: its candidate (see :mod:`mergesearch.candidates`: its plan, its
     ``family`` and, for a family beyond a static merge, the rest of its spec under ``candidate``), its one-line
@@ -336,7 +543,10 @@ def recover_orphans(study: optuna.Study) -> int:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished meanwhile (its driver was alive after all, or another recovery won)
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number, **carried_attrs(t.user_attrs)})
+        # a trial stopped between being popped from the queue and its params being written keeps the enqueued
+        # (fixed) params only in its system attrs
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+        study.enqueue_trial(params, user_attrs={"rerun_of": t.number, **carried_attrs(t.user_attrs)})
         n += 1
     return n
 
@@ -375,8 +585,15 @@ class _Periodic:
             self._thread.join()
             self._thread = None
 
+    @property
+    def running(self) -> bool:
+        """Whether the thread is started (between :meth:`start` and :meth:`stop`)."""
+        return self._thread is not None
+
 
 LEASE_ATTR = "driver_lease"
+#: "no such attr" (a lease attr's value may be anything JSON, None included)
+_ABSENT = object()
 LEASE_INTERVAL = 5.0  # seconds between refreshes of a running driver's lease
 LEASE_STALE = 60.0  # a lease not refreshed for this long belongs to a driver that is gone
 
@@ -389,6 +606,10 @@ class DriverLease(_Periodic):
     the run works, a thread refreshes the lease every ``interval`` seconds and notes in :attr:`lost` the new
     owner if another driver took it over (two drivers started in the same instant: the last writer wins,
     the other stops).
+
+    A run that fails before it wrote anything else hands the lease back with :meth:`give_back`, which restores
+    the value :meth:`acquire` found (the study as it was, logically: a SQLite file's header still counts the
+    writes); a run that worked marks it free with :meth:`release`.
     """
 
     def __init__(self, study: Any, *, interval: float = LEASE_INTERVAL, stale_after: float = LEASE_STALE) -> None:
@@ -397,9 +618,17 @@ class DriverLease(_Periodic):
         self.interval = interval
         self.stale_after = stale_after
         self.lost: str | None = None
+        #: this driver holds the lease (acquired, not yet released or given back)
+        self.held = False
+        # the study attr as acquire() found it (_ABSENT: not set), for give_back()
+        self._before: Any = _ABSENT
+
+    def _raw(self) -> Any:
+        return self.study._storage.get_study_user_attrs(self.study._study_id).get(LEASE_ATTR, _ABSENT)
 
     def _read(self) -> dict[str, Any]:
-        return self.study._storage.get_study_user_attrs(self.study._study_id).get(LEASE_ATTR) or {}
+        raw = self._raw()
+        return raw if isinstance(raw, dict) else {}
 
     def _write(self, released: bool = False) -> None:
         self.study.set_user_attr(LEASE_ATTR, {"owner": DRIVER_ID, "time": time.time(), "released": released})
@@ -416,8 +645,13 @@ class DriverLease(_Periodic):
 
     def acquire(self) -> None:
         """Take the lease, or raise StudyError naming the live driver that holds it."""
+        before = self._raw()
         self.check()
         self._write()
+        if not self.held:
+            self._before = before
+        self.held = True
+        self.lost = None
 
     def tick(self) -> bool:
         """Refresh the lease; note in :attr:`lost` (and stop) when another driver took it over."""
@@ -430,8 +664,41 @@ class DriverLease(_Periodic):
 
     def release(self) -> None:
         """Mark the lease free (a clean stop); a lease lost to another driver is left alone."""
+        self.held = False
         try:
             if self.lost is None and self._read().get("owner") == DRIVER_ID:
                 self._write(released=True)
         except Exception:  # the study stays usable: a stale lease is taken over after stale_after seconds
             pass
+
+    def give_back(self) -> None:
+        """Stop refreshing and put the lease attr back as :meth:`acquire` found it (deleted if it was absent),
+        for a run that stops before writing anything else; a lease lost to another driver is left alone."""
+        self.stop()
+        if not self.held:
+            return
+        self.held = False
+        try:
+            if self.lost is not None or self._read().get("owner") != DRIVER_ID:
+                return
+            if self._before is not _ABSENT:
+                self.study.set_user_attr(LEASE_ATTR, self._before)
+            elif not _delete_study_user_attr(self.study, LEASE_ATTR):
+                self._write(released=True)  # a storage that cannot delete an attr: free, at least
+        except Exception:  # as release(): a lease left behind goes stale after stale_after seconds
+            pass
+
+
+def _delete_study_user_attr(study: optuna.Study, key: str) -> bool:
+    """Delete a study user attr (Optuna has no API for it); True when done. Only for SQL storages, whose
+    schema has kept the table ``study_user_attributes`` since Optuna 1.x; False for the others."""
+    storage = getattr(study._storage, "_backend", study._storage)  # through optuna's caching wrapper
+    engine = getattr(storage, "engine", None)
+    if not isinstance(storage, optuna.storages.RDBStorage) or engine is None:
+        return False
+    import sqlalchemy
+
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DELETE FROM study_user_attributes WHERE study_id = :sid AND key = :key"),
+                     {"sid": study._study_id, "key": key})
+    return True

@@ -23,6 +23,7 @@ from mergesearch.search.fidelity import Rungs, crowding, promoted
 from mergesearch.search.loop import SearchRun
 from mergesearch.search.pareto import load_front
 from tests.conftest import write_job
+from tests.support.cli import run_cli
 
 MAX, MIN = -1.0, 1.0  # signs: value * sign is minimised
 
@@ -130,7 +131,7 @@ def _run(job: Path, url: str, **kw) -> SearchRun:
     return run
 
 
-def test_rungs_prune_and_pruned_trials_stay_off_the_front(tiny_models, tmp_path) -> None:
+def test_rungs_prune_and_pruned_trials_stay_off_the_front(tiny_models, tmp_path, capsys) -> None:
     job = _job(tiny_models, tmp_path, "{optimizer: random, trials: 8, seed: 1, baselines: false, "
                                       "fidelity: {rungs: [2, 4], keep: 0.34}}")
     url = f"sqlite:///{tmp_path / 'f.db'}"
@@ -150,6 +151,14 @@ def test_rungs_prune_and_pruned_trials_stay_off_the_front(tiny_models, tmp_path)
     front = load_front(url, "f")
     pruned = {t.number for t in trials if t.state == TrialState.PRUNED}
     assert pruned and not pruned & {p.number for p in front.trials}
+    # the CLI: `show` gives a pruned trial's partial scores, `front` counts pruned trials and examples
+    first = min(pruned)
+    code, out, _ = run_cli(["show", str(job), "--storage", url, "--study", "f", "--trial", str(first)], capsys)
+    rung = trials[first].user_attrs["rungs"][0]
+    assert code == 0 and f"trial {first} of study 'f': PRUNED" in out and "scores:" not in out
+    assert f"rung 1 ({rung['n']} examples per task): reverse={rung['values']['reverse']:.6g}" in out
+    code, out, _ = run_cli(["front", str(job), "--storage", url, "--study", "f"], capsys)
+    assert f"8 complete, {len(pruned)} pruned" in out and f"{run.examples} examples scored" in out
 
 
 def test_max_examples_stops_at_the_budget_and_resumes_to_it(tiny_models, tmp_path) -> None:
@@ -203,3 +212,31 @@ def test_crash_between_rungs_resumes_without_losing_or_double_counting(tiny_mode
     # the killed attempt is failed and counts nothing; its re-run counts its examples once
     assert trials[0].state == TrialState.FAIL and "examples" not in trials[0].user_attrs
     assert sum(t.user_attrs.get("examples", 0) for t in trials) == 4 * 16
+
+
+@pytest.mark.parametrize("backend", ["tpe", "gp", "nsga2", "qnehvi"])
+def test_pruned_trials_are_not_in_the_optimizers_data(backend) -> None:
+    """Two studies with the same complete trials; one also holds pruned trials, the other as many failed ones
+    (which every backend ignores): the proposals are the same only if the pruned ones are ignored too."""
+    import numpy as np
+    from optuna.distributions import FloatDistribution
+
+    from mergesearch.search.optimizers import Optimizer
+
+    dists = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)}
+    rng = np.random.default_rng(0)
+    complete = [rng.random(2) for _ in range(12)]
+
+    def proposals(state: TrialState) -> list[dict[str, float]]:
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        for x, y in complete:
+            study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y}, distributions=dists,
+                                                      values=[x + y, x * y]))
+        for _ in range(6):  # what a pruned trial stores: params, partial scores as attrs, no values
+            study.add_trial(optuna.trial.create_trial(params={"x": 0.99, "y": 0.01}, distributions=dists,
+                                                      state=state, user_attrs={"rungs": [{"n": 2, "values": {}}]}))
+        opt = Optimizer(study, dists, name=backend, seed=3, options={"n_startup": 4} if backend != "nsga2" else
+                        {"pop_size": 4})
+        return [t.params for t in opt.ask(2)]
+
+    assert proposals(TrialState.PRUNED) == proposals(TrialState.FAIL)
