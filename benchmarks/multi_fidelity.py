@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         for p in out["per_seed"])}
         record["spaces"][space] = out
         rows.append((space, out["mean"]))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "multi_fidelity.json").write_text(json.dumps(record, indent=1))  # each space as it finishes
     record["elapsed"] = time.perf_counter() - t0
     record["machine"]["load_average_end"] = os.getloadavg()
     print(f"\n{'space':8} {'single final hv':>16} {'rungs: examples to reach it':>28} {'fraction':>9} "
