@@ -171,8 +171,8 @@ def storage_loop(ex: Executor, job: Path, db: Path, trials: int, duration: float
                  streaming: bool = False) -> dict[str, Any]:
     """Drive a fresh SQLite study to ``trials`` completed trials with the real search loop over ``ex``.
 
-    ``streaming``: the loop gets each asked trial as soon as it is stored (``Optimizer.asking``) and submits it
-    while the next is sampled — what the loop would do with ``asking`` in place of ``ask``.
+    ``streaming``: the loop gets each asked trial as soon as it is stored and submits it while the next is
+    sampled (what ``SearchRun.run`` does); without it, the whole batch is asked before the first is submitted.
     """
     from mergesearch.config import load_config
     from mergesearch.search.loop import SearchRun
@@ -183,10 +183,10 @@ def storage_loop(ex: Executor, job: Path, db: Path, trials: int, duration: float
     asks: list[tuple[int, float]] = []
     tells: list[float] = []
     optimizer = run.optimizer
-    ask, tell = optimizer.ask, optimizer.tell
+    asking, tell = optimizer.asking, optimizer.tell
 
     def streamed(n: int) -> Iterator[Any]:
-        spent, it = 0.0, optimizer.asking(n)
+        spent, it = 0.0, asking(n)
         while True:
             t = time.perf_counter()
             trial = next(it, None)
@@ -196,21 +196,21 @@ def storage_loop(ex: Executor, job: Path, db: Path, trials: int, duration: float
             yield trial
         asks.append((n, spent))
 
-    def timed_ask(n: int) -> Any:  # this run's optimizer instance only
+    def timed_asking(n: int) -> Any:  # this run's optimizer instance only
         plans.idle_at_ask.append(ex.idle())
         if streaming:
             return streamed(n)
         t = time.perf_counter()
-        out = ask(n)
+        out = list(asking(n))  # the whole batch before the first trial is submitted
         asks.append((n, time.perf_counter() - t))
-        return out
+        return iter(out)
 
     def timed_tell(*args: Any, **kwargs: Any) -> None:
         t = time.perf_counter()
         tell(*args, **kwargs)
         tells.append(time.perf_counter() - t)
 
-    optimizer.ask = timed_ask  # type: ignore[method-assign]
+    optimizer.asking = timed_asking  # type: ignore[method-assign]
     optimizer.tell = timed_tell  # type: ignore[method-assign]
     results: list[TrialResult] = []
     start = time.perf_counter()
