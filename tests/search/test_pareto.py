@@ -67,7 +67,7 @@ def test_front_is_known_non_dominated_set_mixed_directions(mixed_study: optuna.S
     assert front.trials[1].plan == {"merge_method": "linear", "i": 1}
     assert front.trials[1].summary == "linear #1"
     assert front.trials[1].params == {"w": 0.1}
-    assert front.counts == {"complete": 7, "failed": 1, "running": 1, "total": 9}
+    assert front.counts == {"complete": 7, "failed": 1, "running": 1, "total": 9, "pruned": 0, "examples": 0}
     # the infeasible trial is excluded from the reference point too: acc worst 0.5, size worst 6.0
     assert front.reference_point == pytest.approx({"acc": 0.5 - 0.04, "size": 6.0 + 0.5})
     assert front.all_values.shape == (6, 2)
