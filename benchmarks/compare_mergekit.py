@@ -14,7 +14,8 @@ config over a tiny random Llama base and three noisy experts, *stored in that dt
   (max of |θᵢ| over the config's inputs of that tensor name and |ref|). Reported per (method, dtype): the
   fraction of entries violating it and the worst excess in ulps, ``(|ours − ref| − |mk − ref|) / ulp − 1``
   (> 0 is a violation). Magnitude-selected methods keep every entry tied with the density cut-off, mergekit an
-  arbitrary subset; in half precision τ = θ − θ0 is itself rounded, so such ties are common.
+  arbitrary subset; in half precision τ = θ − θ0 is itself rounded, so such ties are common. TIES' sign
+  election has near ties too (:func:`sign_ties`): both are reported apart, as violations at a tie.
 * random methods (DARE, DELLA: mergekit draws its masks from its own generator) cannot match bit for bit:
   their mergekit output is compared by statistics instead — fraction of entries changed from the base and the
   L1 norm of the change, ours / mergekit (pass: within 5 % and 0.02) — and ours is still checked against the
@@ -87,7 +88,8 @@ def accuracy_rule(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, u
     """|ours − ref| ≤ |theirs − ref| + unit, entry by entry (all float64 after conversion).
 
     Args:
-        at_tie: entries where a magnitude selection meets a tie at its cut-off (reported apart; may be None).
+        at_tie: entries at a tie of the method (a magnitude cut-off tie, or a near tie of TIES' sign election):
+            reported apart; may be None.
 
     Returns:
         {"entries", "violations", "violations_at_tie", "worst_excess_ulps" (max of (|o − r| − |t − r|)/unit − 1;
@@ -132,6 +134,49 @@ def cutoff_ties(taus: list[torch.Tensor], params: list[dict], sparsifier: str) -
         for e in edges:
             out |= a == e
     return out
+
+
+def sign_tie_jobs(cfg: dict) -> dict:
+    """Output tensor name -> its resolved job (per-tensor weights, densities) for a ``models:`` config."""
+    from mergesearch.merging.plan import MergePlan
+    from mergesearch.merging.resolve import resolve
+    from mergesearch.models import Checkpoint
+
+    plan = MergePlan.model_validate(cfg)
+    infos = {p: Checkpoint(p) for p in _inputs_of(cfg)}
+    return {j.name: j for j in resolve(plan, infos, cfg["base_model"]).jobs}
+
+
+def sign_ties(taus: list[torch.Tensor], params: list[dict], sparsifier: str, dtype: torch.dtype) -> torch.Tensor:
+    """Entries where TIES' sign election is a near tie *of the method*: |Σ u| of the exact computation (float64
+    τ from the stored inputs, each expert's own selection) is within what rounding τ to ``dtype`` can move it,
+    dtype's eps · Σ|u| (twice the bound). Both tools hold τ in the job dtype, so there either may elect the other
+    sign than the exact result; an error there is the method's discontinuity, not arithmetic, and is reported
+    apart like a cut-off tie (the conformance suite skips the same entries).
+
+    Args:
+        taus: exact task vectors (float64) of one tensor; ``params`` per expert, resolved for this tensor
+            ({"weight", "density", "gamma"}).
+    """
+    from mergesearch.merging.sparsify import outliers_band
+
+    s = torch.zeros(taus[0].shape, dtype=torch.float64)
+    size = torch.zeros_like(s)
+    for tau, p in zip(taus, params, strict=True):
+        a, d = tau.abs(), float(p.get("density", 1.0))
+        keep = torch.ones_like(a, dtype=torch.bool)
+        if 0 < d < 1 and a.numel():
+            if sparsifier == "magnitude":
+                keep = a >= a.reshape(-1).topk(max(1, int(d * a.numel()))).values[-1]
+            else:
+                lo, hi = outliers_band(a, d, float(p.get("gamma", 0.01)))
+                keep = (a >= lo if lo is not None else keep) & (a <= hi if hi is not None else keep)
+        elif d <= 0:
+            keep = torch.zeros_like(keep)
+        u = float(p["weight"]) * tau * keep
+        s += u
+        size += u.abs()
+    return s.abs() <= torch.finfo(dtype).eps * size
 
 
 def change_stats(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -229,8 +274,8 @@ def _inputs_of(cfg: dict) -> list[str]:
 
 
 def selection_inputs(method: str, cfg: dict, states: dict[str, dict[str, torch.Tensor]]):
-    """(base state, expert states, expert params, sparsifier) for magnitude-selecting methods with plain
-    per-expert densities, else None (no cut-off tie classification)."""
+    """(base state, expert states, expert params, sparsifier, consensus) for magnitude-selecting methods with
+    plain per-expert densities, else None (no tie classification)."""
     from mergesearch.merging.methods import get_method
 
     flags = get_method(method).options.get("flags")
@@ -241,7 +286,7 @@ def selection_inputs(method: str, cfg: dict, states: dict[str, dict[str, torch.T
     params = [{**shared, **(m.get("parameters") or {})} for m in experts]
     if not all(isinstance(p.get(k, 0.0), (int, float)) for p in params for k in ("density", "gamma")):
         return None
-    return states[cfg["base_model"]], [states[m["model"]] for m in experts], params, flags.sparsifier
+    return states[cfg["base_model"]], [states[m["model"]] for m in experts], params, flags.sparsifier, flags.consensus
 
 
 def compare_case(method: str, dtype: str, ours_dir: Path, ref_dir: Path, mk_dir: Path | None, cfg: dict,
@@ -264,6 +309,7 @@ def compare_case(method: str, dtype: str, ours_dir: Path, ref_dir: Path, mk_dir:
            "theirs_sum": 0.0}
     bit_equal = 0
     sel = selection_inputs(method, cfg, states)
+    jobs = sign_tie_jobs(cfg) if sel is not None and sel[4] else {}
     for name, o in ours.items():
         r = ref[name]
         mag = torch.stack([r.double().abs(), *(s[name].double().abs() for s in inputs if name in s
@@ -272,8 +318,15 @@ def compare_case(method: str, dtype: str, ours_dir: Path, ref_dir: Path, mk_dir:
         t = theirs[name] if theirs is not None else o  # without mergekit the rule is vacuous; errors still count
         tie = None
         if sel is not None:
-            base_t, experts, params, kind = sel
+            base_t, experts, params, kind, consensus = sel
             tie = cutoff_ties([e[name] - base_t[name] for e in experts], params, kind)
+            if consensus:
+                job = jobs[name]
+                rows = [(states[m][src], p) for i, ((m, src), p) in enumerate(zip(job.inputs, job.per_input,
+                                                                                   strict=True))
+                        if i != job.base_index]
+                tie |= sign_ties([x.double() - base_t[name].double() for x, _ in rows], [p for _, p in rows],
+                                 kind, td)
         res = accuracy_rule(o, t, r, unit, tie)
         if theirs is not None:
             bit_equal += int((o == t).sum())
@@ -295,7 +348,7 @@ def compare_case(method: str, dtype: str, ours_dir: Path, ref_dir: Path, mk_dir:
                    rule="statistics (mergekit's RNG draws different masks)")
     else:
         row.update(rule_violation_fraction=tot["violations"] / n, worst_excess_ulps=tot["worst_excess_ulps"],
-                   violations_at_cutoff_tie=tot["violations_at_tie"],
+                   violations_at_tie=tot["violations_at_tie"],
                    violations_not_at_tie=tot["violations"] - tot["violations_at_tie"],
                    worst_excess_ulps_not_at_tie=tot["worst_excess_ulps_not_at_tie"],
                    ok=tot["violations"] == tot["violations_at_tie"])

@@ -4,7 +4,7 @@ Importance of an entry = |θ1 − θ0| · KL(softmax(θ1) ‖ softmax(θ0)), the
 per row); entries whose importance reaches the Tukey fence median + 1.5·IQR of all importances take θ1's value,
 the rest keep the base's. Above 1M entries the quantiles are estimated from 1M entries drawn with replacement
 (mergekit draws them unseeded; here the draw is seeded from the tensor's seed, on the CPU so every device draws
-the same entries). Computed in float32 (float64 for float64 inputs). Semantics: ``METHODS.md``.
+the same entries). Computed in float64 from exact inputs. Semantics: ``METHODS.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mergesearch.errors import ConfigError
-from mergesearch.merging.ops import TensorGroup, _base, _emit, _work
+from mergesearch.merging.ops import TensorGroup, _base, _emit, _precise
 
 #: quantiles are estimated from this many sampled entries when a tensor has more
 QUANTILE_SAMPLE = 1_000_000
@@ -61,7 +61,7 @@ def arcee_fusion(group: TensorGroup, shared: Mapping[str, Any],
         raise ConfigError(f"tensor {group.name!r}: arcee_fusion merges the base and exactly 1 other model, "
                           f"got {group.n - 1} others")
     base, other = group.tensor(b), group.tensor(1 - b)
-    x0, x1 = _work(base), _work(other)
+    x0, x1 = _precise(base), _precise(other)
     if x0.dim() == 0:  # a scalar is a one-entry row
         x0, x1 = x0.reshape(1), x1.reshape(1)
     scores = importance(x1, x0)

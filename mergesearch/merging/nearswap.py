@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from mergesearch.errors import ConfigError
-from mergesearch.merging.ops import TensorGroup, _base, _emit, _work
+from mergesearch.merging.ops import TensorGroup, _base, _emit, _precise
 
 
 def nearswap_delta(tau: torch.Tensor, t: float) -> torch.Tensor:
@@ -28,5 +28,5 @@ def nearswap(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[
         raise ConfigError(f"tensor {group.name!r}: nearswap merges the base and exactly 1 other model, "
                           f"got {group.n - 1} others")
     base = group.tensor(b)
-    tau = _work(group.task_vector(1 - b))
-    return _emit(group, (_work(base) + nearswap_delta(tau, float(shared["t"]))).to(base.dtype))
+    tau = group.exact_task_vector(1 - b)
+    return _emit(group, (_precise(base) + nearswap_delta(tau, float(shared["t"]))).to(base.dtype))

@@ -55,6 +55,10 @@ class TensorGroup:
             return self.delta(i)
         return self.tensor(i) - self.tensor(_base(self))
 
+    def exact_task_vector(self, i: int) -> torch.Tensor:
+        """τi in float64 from the tensors (exact: no rounding to the job's dtype as the cached τ has)."""
+        return _precise(self.tensor(i)) - _precise(self.tensor(_base(self)))
+
     def magnitude_order(self, i: int) -> sp.MagnitudeOrder | None:
         return self.order(i) if self.order is not None else None
 
@@ -106,24 +110,44 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _precise(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64, the precision of the operators off the search's hot path (spherical, selection and
+    swap methods): computed from exact inputs and rounded once, a result is never further from the exact one than
+    mergekit's float32 arithmetic plus one unit in the last place, even where a selection (top-k, a quantile,
+    a threshold) or a cancellation would turn float32 rounding into a large difference."""
+    return t.double()
+
+
 # --------------------------------------------------------------------------------------------- operators
 
 
 def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-    """θ = Σ wi·θi / Σ wi (normalize) or Σ wi·θi; accumulated in fp32 in input order; the base is an input."""
+    """θ = Σ wi·θi / Σ wi (normalize) or Σ wi·θi; the base is an input.
+
+    Summed in float64 in input order (each wi·θi of float32 or half-precision θi is exact there), divided, then
+    rounded once (through float32, as the kernel stores): contiguous CPU inputs in one compiled pass
+    (:func:`kernels.fused_merge` without a base), others with torch ops in the same order (same bits).
+    """
     weights = [float(p["weight"]) for p in per_input]
     denom = sum(weights) if shared["normalize"] else 1.0
     if denom == 0:
         raise ConfigError(f"linear: weights sum to zero for tensor {group.name!r}; set normalize: false")
-    first = group.tensor(0)
-    work = torch.float64 if first.dtype == torch.float64 else torch.float32
-    out = group.out if group.out is not None and group.out.dtype == work else None
-    # Folding 1/Σw into the coefficients saves a pass; the difference to dividing at the end is ~1 ulp.
-    res = torch.mul(first, weights[0] / denom, out=out) if out is not None else first.to(work) * (
-        weights[0] / denom)
-    for i in range(1, group.n):  # a half-precision input is widened inside the add, not copied first
-        res.add_(group.tensor(i), alpha=weights[i] / denom)
-    return _emit(group, res.to(first.dtype))
+    tensors = [group.tensor(i) for i in range(group.n)]
+    first = tensors[0]
+    out = group.out if group.out is not None and group.out.dtype == first.dtype else torch.empty_like(first)
+    if len({t.dtype for t in tensors}) == 1 and _kernel_usable(first, out) and all(t.is_contiguous() for t in tensors):
+        from mergesearch.merging import kernels
+
+        n = len(tensors)
+        bad = kernels.fused_merge(None, out, [t.reshape(-1) for t in tensors], None, [-math.inf] * n, [math.inf] * n,
+                                  [0] * n, [1.0] * n, weights, 1.0, False, False, denom,
+                                  threads=torch.get_num_threads())
+        return _emit(group, out, bad)
+    res = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+    for t, w in zip(tensors, weights, strict=True):
+        res.add_(_precise(t) * w)
+    res.div_(denom)
+    return _emit(group, out.copy_(res if first.dtype == torch.float64 else res.float()))
 
 
 def passthrough(group: TensorGroup, shared: Mapping[str, Any],
@@ -143,16 +167,12 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: flo
         a, b: tensors of one shape S.
 
     Returns:
-        Tensor of shape S in ``a``'s dtype (computed in fp32, or fp64 for fp64 inputs).
+        Tensor of shape S in ``a``'s dtype (computed in float64, rounded once).
     """
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    x, y = a.reshape(-1).to(work), b.reshape(-1).to(work)
-    # the angle in float64: near-colinear inputs (small Ω) amplify any error in the dot product
-    xd, yd = x.double(), y.double()
-    na, nb = torch.linalg.vector_norm(xd).item(), torch.linalg.vector_norm(yd).item()
+    x, y = _precise(a.reshape(-1)), _precise(b.reshape(-1))
+    na, nb = torch.linalg.vector_norm(x).item(), torch.linalg.vector_norm(y).item()
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
-    dot = min(1.0, max(-1.0, (torch.dot(xd, yd) / (na * nb)).item()))
-    del xd, yd
+    dot = min(1.0, max(-1.0, (torch.dot(x, y) / (na * nb)).item()))
     if abs(dot) > dot_threshold:
         ca, cb = 1 - t, t
     else:
@@ -345,17 +365,22 @@ def _kernel_merge(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, w
     """The merge as one compiled pass: each input's keep rule becomes a band or a draw threshold."""
     from mergesearch.merging import kernels  # numba: imported (and the kernel compiled) on first use
 
+    live = [(inp, w) for inp, w in zip(inputs, weights, strict=True) if not inp.zero]  # a dropped one adds +0
+    if not live:
+        out.copy_(base)
+        return int((~torch.isfinite(out)).sum())
+    inputs, weights = [inp for inp, _ in live], [w for _, w in live]
     taus = [inp.tau for inp in inputs]
     if len({t.dtype for t in taus}) > 1 or taus[0].dtype not in _KERNEL_DTYPES:  # e.g. DELLA's float32 masks
         taus = [t.float() for t in taus]
-    template = next((inp.draws for inp in inputs if inp.draws is not None and not inp.zero), None)
+    template = next((inp.draws for inp in inputs if inp.draws is not None), None)
     lo, hi, keep = [], [], []
     for inp in inputs:
         band = inp.band or (None, None)
-        lo.append(math.inf if inp.zero else -1.0 if band[0] is None else band[0])
+        lo.append(-math.inf if band[0] is None else band[0])
         hi.append(math.inf if band[1] is None else band[1])
-        # inputs without draws of their own read another's: int16 draws are always < 32768, never < -32768
-        keep.append(-32768 if inp.zero else inp.keep_below if inp.draws is not None else 32768)
+        # inputs without draws of their own read another's: int16 draws are always < 32768
+        keep.append(inp.keep_below if inp.draws is not None else 32768)
     draws = None if template is None else [inp.draws if inp.draws is not None else template for inp in inputs]
     return kernels.fused_merge(base, out, taus, draws, lo, hi, keep, [inp.coef for inp in inputs], weights, lam,
                                normalize, consensus, div_nc, threads=torch.get_num_threads())

@@ -4,7 +4,7 @@ An entry of a task vector counts as changed when |τᵢ| > epsilon. Entries chan
 are kept as they are; entries changed by several (overlapping) are averaged over the experts that changed them,
 so overlaps are not diluted by the experts that left them alone. RAM+ (tensor-local) additionally scales each
 expert's unique entries by λᵢ = 1 + r·clamp(ρᵢ, 0, alpha), ρᵢ = (#its overlapping changed entries) /
-(#its unique ones) within the tensor. Computed in float32 (float64 for float64 inputs). Semantics: ``METHODS.md``.
+(#its unique ones) within the tensor. Computed in float64 from exact inputs. Semantics: ``METHODS.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mergesearch.merging.ops import TensorGroup, _base, _emit, _work
+from mergesearch.merging.ops import TensorGroup, _base, _emit, _precise
 
 
 def changed(taus: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ def ramplus_scale(nonzero: torch.Tensor, count: torch.Tensor, r: float, alpha: f
 
 def _taus(group: TensorGroup, b: int) -> torch.Tensor:
     """(N, D) flat task vectors of the non-base inputs, in the working dtype."""
-    return torch.stack([_work(group.task_vector(i)).reshape(-1) for i in range(group.n) if i != b])
+    return torch.stack([group.exact_task_vector(i).reshape(-1) for i in range(group.n) if i != b])
 
 
 def ram(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]]) -> torch.Tensor:
@@ -76,7 +76,7 @@ def ram(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Mappi
         return _emit(group, base)
     taus = _taus(group, b)
     merged = ram_delta(taus, *changed(taus, float(shared["epsilon"])))
-    return _emit(group, (_work(base) + merged.reshape(base.shape)).to(base.dtype))
+    return _emit(group, (_precise(base) + merged.reshape(base.shape)).to(base.dtype))
 
 
 def ramplus_tl(group: TensorGroup, shared: Mapping[str, Any],
@@ -91,4 +91,4 @@ def ramplus_tl(group: TensorGroup, shared: Mapping[str, Any],
     lam = ramplus_scale(nonzero, count, float(shared["r"]), float(shared["alpha"]), float(shared["epsilon"]),
                         taus.dtype)
     merged = ram_delta(taus, nonzero, count, lam)
-    return _emit(group, (_work(base) + merged.reshape(base.shape)).to(base.dtype))
+    return _emit(group, (_precise(base) + merged.reshape(base.shape)).to(base.dtype))

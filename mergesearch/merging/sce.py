@@ -2,7 +2,7 @@
 
 Select the entries where the experts' task vectors disagree most (top ``select_topk`` fraction by variance),
 weight each expert by the mean square of its selected task vector, erase the entries whose sign disagrees with
-the (TIES-style) majority, and average what is left. Computed in float32 (float64 for float64 inputs), rounded
+the (TIES-style) majority, and average what is left. Computed in float64 from exact inputs, rounded
 once. Semantics: ``METHODS.md``.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mergesearch.merging.ops import TensorGroup, _base, _emit, _work
+from mergesearch.merging.ops import TensorGroup, _base, _emit, _precise
 
 
 def select_mask(taus: torch.Tensor, select_topk: float) -> torch.Tensor | None:
@@ -71,11 +71,11 @@ def sce(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Mappi
     idx = [i for i in range(group.n) if i != b]
     if not idx:
         return _emit(group, base)
-    taus = torch.stack([_work(group.task_vector(i)) for i in idx])  # (N, *S)
+    taus = torch.stack([group.exact_task_vector(i) for i in idx])  # (N, *S)
     mask = select_mask(taus, float(shared["select_topk"]))
     if mask is not None:
         taus = taus * mask
     w = expert_weights(taus).reshape(-1, *([1] * (taus.dim() - 1)))  # (N, 1, ...) broadcasts over S
     kept = w * sign_agreement(taus)  # (N, *S): wᵢ where τᵢ agrees, else 0
     merged = (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
-    return _emit(group, (_work(base) + merged).to(base.dtype))
+    return _emit(group, (_precise(base) + merged).to(base.dtype))

@@ -2,7 +2,7 @@
 
 Each treats a tensor (or a task vector, when the plan has a base) as a point: its direction on the unit sphere
 and its norm are merged separately — the directions by a spherical mean, the norms by a weighted average.
-All three compute in float32 (float64 for float64 inputs) and round once. Semantics: ``METHODS.md``.
+All three compute in float64 and round once. Semantics: ``METHODS.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mergesearch.errors import ConfigError
-from mergesearch.merging.ops import TensorGroup, _emit, _work
+from mergesearch.merging.ops import TensorGroup, _emit, _precise
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -147,7 +147,7 @@ def karcher(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[M
     first = group.tensor(0)
     if group.n == 1:
         return _emit(group, first)
-    points = [_work(group.tensor(i)).reshape(-1) for i in range(group.n)]
+    points = [_precise(group.tensor(i)).reshape(-1) for i in range(group.n)]
     out = karcher_mean(points, [1.0 / group.n] * group.n, int(shared["max_iter"]), float(shared["tol"]))
     return _emit(group, out.reshape(first.shape).to(first.dtype))
 
@@ -165,11 +165,11 @@ def nuslerp(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[M
     b = group.base_index
     if b is None:
         first = group.tensor(idx[0])
-        out = nuslerp_tensors(t, _work(first), _work(group.tensor(idx[1])), **opts)
+        out = nuslerp_tensors(t, _precise(first), _precise(group.tensor(idx[1])), **opts)
         return _emit(group, out.to(first.dtype))
     base = group.tensor(b)
-    taus = [_work(group.task_vector(i)) for i in idx]
-    out = _work(base) + nuslerp_tensors(t, taus[0], taus[1], **opts)
+    taus = [group.exact_task_vector(i) for i in idx]
+    out = _precise(base) + nuslerp_tensors(t, taus[0], taus[1], **opts)
     return _emit(group, out.to(base.dtype))
 
 
@@ -187,11 +187,11 @@ def multislerp(group: TensorGroup, shared: Mapping[str, Any],
         return _emit(group, group.tensor(idx[0]))
     b = group.base_index
     first = group.tensor(idx[0] if b is None else b)
-    work = _work(first).dtype
+    work = _precise(first).dtype
     if b is None:
-        points = torch.stack([_work(group.tensor(i)).reshape(-1) for i in idx])
+        points = torch.stack([_precise(group.tensor(i)).reshape(-1) for i in idx])
     else:
-        points = torch.stack([_work(group.task_vector(i)).reshape(-1) for i in idx])
+        points = torch.stack([group.exact_task_vector(i).reshape(-1) for i in idx])
     weights = torch.tensor([float(per_input[i]["weight"]) for i in idx], dtype=work, device=points.device)
     if shared["normalize_weights"]:
         total = weights.sum()
@@ -207,5 +207,5 @@ def multislerp(group: TensorGroup, shared: Mapping[str, Any],
         out = points[0] * weights[0] + points[1] * weights[1]
     out = out.reshape(first.shape)
     if b is not None:
-        out = _work(first) + out
+        out = _precise(first) + out
     return _emit(group, out.to(first.dtype))

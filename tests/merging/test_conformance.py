@@ -116,6 +116,56 @@ def test_kernel_is_bit_identical_to_torch_path(method, dtype, weights, monkeypat
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_kernel_is_bit_identical_to_torch_path(dtype, normalize, monkeypatch):
+    base, taus = _inputs(shape=(173, 61))
+    per = [{"weight": w} for w in (0.7, 0.2, -0.4, 1.3)]
+    tensors = [t.to(dtype) for t in (base, *taus)]
+    kw = {"per_list": per, "shared": {"normalize": normalize}, "dtype": dtype, "experts": tensors}
+    got = run("linear", base, [base] * 4, **kw)
+    monkeypatch.setattr(ops, "_kernel_usable", lambda b, o: False)
+    want = run("linear", base, [base] * 4, **kw)
+    assert torch.equal(got, want)
+    # summed in float64, divided, rounded once (through float32)
+    acc = torch.zeros(base.shape, dtype=torch.float64)
+    for t, p in zip(tensors, per, strict=True):
+        acc += t.double() * p["weight"]
+    assert torch.equal(got, (acc / (sum(p["weight"] for p in per) if normalize else 1.0)).float().to(dtype))
+
+
+PRECISE = ["slerp", "nearswap", "karcher", "sce", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", PRECISE)
+def test_methods_off_the_hot_path_are_the_float64_result_rounded_once(method, dtype):
+    """Selections (top-k, quantiles, thresholds) and cancellations made float32 work land hundreds of ulps away
+    at a few entries; these methods compute in float64 from exact inputs, so they are that result rounded."""
+    n = _experts(method)
+    base, taus = _inputs(n=n)
+    base, taus = base.to(dtype), [t.to(dtype) for t in taus]
+    experts = [(base.double() + t.double()).to(dtype) for t in taus]
+    per = {"density": 0.45}
+    got = run(method, base, taus, per=per, dtype=dtype, experts=experts)
+    want = run(method, base.double(), [e.double() - base.double() for e in experts], per=per,
+               dtype=torch.float64, experts=[e.double() for e in experts])
+    assert torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "linear"])
+def test_a_nan_input_entry_is_refused_on_both_paths(method, kernel, monkeypatch):
+    """A NaN in a task vector is never silently dropped (the kernel once masked it out where torch kept it)."""
+    if not kernel:
+        monkeypatch.setattr(ops, "_kernel_usable", lambda b, o: False)
+    base, taus = _inputs(shape=(64, 64))
+    taus[1] = taus[1].clone()
+    taus[1][3, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match=method):
+        run(method, base, taus, per={"density": 1.0})
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
 def test_consensus_methods_finite_in_half_precision_regression(method, dtype):
