@@ -3,7 +3,18 @@
 Target: the twin front holds a point with >= 0.95 of every expert's own-task test accuracy at <= 10 % extra
 parameters.
 
-Configuration of the recorded run (``benchmarks/results/twin_merging.json``), fixed before it was run:
+Configuration of the recorded runs, fixed before each was run. The latest, ``twin_merging_fit.json``
+(``--variants static,twin_distill_fit --name twin_merging_fit``), is the one below with ``twin_distill_fit`` in
+place of ``twin_distill``: the same twin space plus ``fit_data``, so the router is trained and the factors are
+distilled on 128 fresh prompts per task (``fit_files``: drawn with seed ``twin-fit``, distinct, disjoint from the
+task's search and test files, written to ``DEMO_DIR/twin_fit/``) and every trial is scored on the search prompts
+it was NOT fitted on. In ``twin_merging.json`` (``twin_distill``) the fit prompts were the search prompts
+themselves: distilled twins scored ~0.99 on the search split, the front was decided by the cost axis alone, and
+seed 2 kept a point that generalised badly. ``twin_merging_fit512.json`` (``--fit-prompts 512 --name
+twin_merging_fit512``, decided after ``twin_merging_fit.json`` missed on seed 2, and stated before it ran): the same
+with 512 fit prompts per task (``twin_fit_512/``; its first 128 are ``twin_fit/``'s), on the hypothesis that the
+rank-1 factors overfit 128 prompts per task (in-sample search accuracy ~0.99, held-out ~0.94 on swap).
+``twin_merging.json``'s configuration:
 
 - Models: the FULL demo build (``mergesearch demo``'s models: 4 layers, hidden 64, 167,488 parameters; seed 0),
   in ``search_quality.DEMO_DIR`` (built there first if absent).
@@ -46,12 +57,12 @@ scoring), seconds per trial. ``twin_merging.png`` plots every front point (test 
 with the previous SVD-only fronts from ``twin_merging_svd.json``.
 
     OMP_NUM_THREADS=1 python benchmarks/twin_merging.py [--seeds 0,1,2] [--budget 40] [--distill-budget 6]
-        [--variants static,twin_distill]
+        [--variants static,twin_distill_fit] [--name twin_merging_fit]
 
-Writes ``benchmarks/results/twin_merging.json`` and ``twin_merging.png`` (``--out DIR`` elsewhere) and prints
-the table. ``--recompute`` redoes the extra ratios, selections, verdict and table of an existing result file from
-its stored ranks and test scores (no search; the models are loaded to re-check one built twin's ratio and to add
-``exclusive_energy`` when the file lacks it).
+Writes ``benchmarks/results/NAME.json`` and ``NAME.png`` (``--name``, default ``twin_merging``; ``--out DIR``
+elsewhere) and prints the table. ``--recompute`` redoes the extra ratios, selections, verdict and table of an
+existing result file from its stored ranks and test scores (no search; the models are loaded to re-check one built
+twin's ratio and to add ``exclusive_energy`` when the file lacks it).
 """
 
 from __future__ import annotations
@@ -75,6 +86,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import search_quality as sq  # the demo build and its local-executor config
 
+#: a variant's ``fit_data`` placeholder: the demo's fit prompts (:func:`fit_files`)
+FIT_DATA = "demo-fit-prompts"
+#: fit prompts per task by default (as many as the search split; ``--fit-prompts``) and the seed they are drawn with
+FIT_PROMPTS = 128
+FIT_SEED = "twin-fit"
 TARGET_RATIO = 0.95
 EXTRA_CAP = 0.10
 MAX_RANK = 4
@@ -84,8 +100,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "twin": {"rank": [1, MAX_RANK]},
     "twin_w16": {"rank": [1, MAX_RANK], "router": {"width": 16}},
     "twin_distill": {"rank": 1, "router": {"width": 16}, "distill": {}},
+    # the same, fitted (router and distillation) on separate prompts: FIT_DATA, disjoint from search and test
+    "twin_distill_fit": {"rank": 1, "router": {"width": 16}, "distill": {}, "fit_data": FIT_DATA},
 }
-DEFAULT_VARIANTS = "static,twin_distill"
+DEFAULT_VARIANTS = "static,twin_distill_fit"
 #: shared merges whose exclusive parts' spectra are recorded (``exclusive_energy``): per-model weights
 ENERGY_MERGES = {"uniform 1/3": (1 / 3, 1 / 3, 1 / 3), "uniform 1/2": (0.5, 0.5, 0.5)}
 
@@ -162,18 +180,69 @@ def timing_summary(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ measurement
 
+def fresh_inputs(task: str, n: int, exclude: set[str], seed: str, length: int) -> list[dict[str, str]]:
+    """``n`` demo records of ``task`` with distinct prompts, none in ``exclude``, drawn from ``seed`` (stable)."""
+    import random
+
+    from mergesearch.demo.tasks import make_example
+
+    rng = random.Random(f"{seed}:{task}")
+    out: dict[str, dict[str, str]] = {}
+    while len(out) < n:
+        rec = make_example(task, tuple(rng.randrange(10) for _ in range(length)))
+        if rec["prompt"] not in exclude:
+            out.setdefault(rec["prompt"], rec)
+    return list(out.values())
+
+
+def fit_files(demo_dir: Path, objectives: Sequence[Any], n: int = FIT_PROMPTS) -> dict[str, Path]:
+    """Task objective name -> ``demo_dir/twin_fit/{task}.jsonl`` (``twin_fit_{n}`` unless ``n`` is FIT_PROMPTS):
+    ``n`` fresh prompts of the task, disjoint from its search and test files (written once; an existing file is
+    checked, not rewritten). The draws are one stream per task, so a larger ``n`` extends a smaller one's set."""
+    from mergesearch.demo.tasks import read_jsonl, write_jsonl
+
+    out = {}
+    for o in objectives:
+        if o.data is None:
+            continue
+        taken = {r["prompt"] for path in (o.data, o.test) if path is not None for r in read_jsonl(Path(path))}
+        path = demo_dir / ("twin_fit" if n == FIT_PROMPTS else f"twin_fit_{n}") / f"{o.label}.jsonl"
+        if not path.is_file():
+            length = len(next(iter(taken)).split()) - 2  # "<task> d1 .. dn =": the digits per input
+            write_jsonl(path, fresh_inputs(o.label, n, taken, FIT_SEED, length))
+        fit = {r["prompt"] for r in read_jsonl(path)}
+        if fit & taken or len(fit) != n:
+            raise SystemExit(f"{path}: not {n} distinct prompts disjoint from {o.label}'s search and test")
+        out[o.label] = path
+    return out
+
+
+def fit_record(demo_dir: Path, objectives: Sequence[Any], variants: Sequence[str], n: int = FIT_PROMPTS
+               ) -> dict[str, Any] | None:
+    """What the result file says about the fit prompts (None: no variant uses them)."""
+    if not any((VARIANTS[v] or {}).get("fit_data") == FIT_DATA for v in variants):
+        return None
+    files = fit_files(demo_dir, objectives, n)
+    return {"files": {k: str(v) for k, v in files.items()}, "prompts_per_task": n, "seed": FIT_SEED,
+            "disjoint_from": "each task's search and test files (checked)"}
+
+
 def job_config(demo_dir: Path, variant: str, seed: int, budget: int,
-               warm: Mapping[str, float] | None = None) -> Any:
+               warm: Mapping[str, float] | None = None, fit_prompts: int = FIT_PROMPTS) -> Any:
     """The demo job for one variant and seed (see the module docstring); ``warm``: params of one more initial
-    point (the static run's best), evaluated after the demo's recipes."""
+    point (the static run's best), evaluated after the demo's recipes; ``fit_prompts``: per task, for variants
+    with ``fit_data``."""
     from mergesearch.config import ObjectiveConfig, TwinSpace
 
     config = sq.demo_config(demo_dir, "weights")
     objectives = [o.model_copy(update={"limit": None}) for o in config.objectives]
     space = config.space
     if VARIANTS[variant] is not None:
+        twin = dict(VARIANTS[variant])
+        if twin.get("fit_data") == FIT_DATA:
+            twin["fit_data"] = fit_files(demo_dir, objectives, fit_prompts)
         objectives.append(ObjectiveConfig(type="extra_params", name="extra_params"))
-        space = space.model_copy(update={"twin": TwinSpace.model_validate(VARIANTS[variant])})
+        space = space.model_copy(update={"twin": TwinSpace.model_validate(twin)})
     initial = [*config.search.initial, *([dict(warm)] if warm else [])]
     search = config.search.model_copy(update={"seed": seed, "trials": budget, "refine": max(1, budget // 4),
                                               "initial": initial})
@@ -342,7 +411,7 @@ def warm_start(run: Mapping[str, Any], search_experts: Mapping[str, float]) -> d
 def one_run(args: argparse.Namespace, variant: str, seed: int, tasks: list[str], experts: dict[str, float],
             budget_info: dict[str, Any], warm: Mapping[str, float] | None = None) -> dict[str, Any]:
     budget = args.distill_budget if (VARIANTS[variant] or {}).get("distill") is not None else args.budget
-    config = job_config(args.demo_dir, variant, seed, budget, warm)
+    config = job_config(args.demo_dir, variant, seed, budget, warm, args.fit_prompts)
     width = router_width(variant) or 64
     static = budget_info["static_params"]
     router = router_extra(budget_info["hidden"], width, len(tasks))
@@ -490,11 +559,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--demo-dir", type=Path, default=sq.DEMO_DIR)
     p.add_argument("--out", type=Path, default=sq.RESULTS)
+    p.add_argument("--fit-prompts", type=int, default=FIT_PROMPTS,
+                   help="fit prompts per task of the variants with fit_data (twin_distill_fit)")
+    p.add_argument("--name", default="twin_merging",
+                   help="result file stem: OUT/NAME.json and OUT/NAME.png (a run with another configuration "
+                        "takes another name, so earlier results are kept)")
     p.add_argument("--recompute", action="store_true",
-                   help="re-derive the extra ratios, selections, verdict and table of OUT/twin_merging.json from its "
+                   help="re-derive the extra ratios, selections, verdict and table of OUT/NAME.json from its "
                         "stored ranks and test scores (no search, no model)")
     args = p.parse_args(argv)
-    path = args.out / "twin_merging.json"
+    path = args.out / f"{args.name}.json"
     if args.recompute:
         record = recompute(json.loads(path.read_text()))
         config = job_config(args.demo_dir, "twin_w16", 0, args.budget)
@@ -533,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "variants": {v: VARIANTS[v] for v in variants}, "max_rank": MAX_RANK,
                    "optimizer": config.search.optimizer, "initial": [str(x) for x in config.search.initial],
                    "warm_start": "twin searches also start from the same seed's static best (search split)",
+                   "fit_data": fit_record(args.demo_dir, config.objectives, variants, args.fit_prompts),
                    "refine": "budget // 4",
                    "space": sq.space_config("weights").model_dump(mode="json", by_alias=True),
                    "objectives": [o.model_dump(mode="json") for o in config.objectives],
@@ -563,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(record["table"])
     path.write_text(json.dumps(record, indent=1) + "\n")
     previous = args.out / "twin_merging_svd.json"
-    plot(record, json.loads(previous.read_text()) if previous.is_file() else None, args.out / "twin_merging.png")
+    plot(record, json.loads(previous.read_text()) if previous.is_file() else None, args.out / f"{args.name}.png")
     return record
 
 
@@ -579,7 +654,7 @@ def plot(record: Mapping[str, Any], previous: Mapping[str, Any] | None, path: Pa
     ax.fill_between([0, 100 * EXTRA_CAP], TARGET_RATIO, 1.02, color="tab:green", alpha=0.12,
                     label=f"target: >= {TARGET_RATIO} at <= {100 * EXTRA_CAP:.0f} % extra")
     styles = {"static": ("tab:gray", "s"), "twin": ("tab:blue", "o"), "twin_w16": ("tab:cyan", "o"),
-              "twin_distill": ("tab:red", "D")}
+              "twin_distill": ("tab:red", "D"), "twin_distill_fit": ("tab:purple", "D")}
     sources = [(previous, 0.35, " (previous run)", {"static"})] if previous else []
     sources.append((record, 1.0, "", set()))
     for rec, alpha, suffix, skip in sources:

@@ -105,7 +105,10 @@ class Twin:
         modules, layers: the decoder layers' linear modules that get factors (PEFT ``target_modules`` /
             ``layers_to_transform``; ``None``: all).
         distill: :class:`~mergesearch.twin.distill.DistillSettings` fields: fit the factors to the experts'
-            outputs on their tasks' search prompts (``None``: the SVD factors).
+            outputs on their tasks' fit prompts (``None``: the SVD factors).
+        fit_data: objective name -> file of that task's fit prompts (``space.twin.fit_data``), on which the router
+            is trained and the factors distilled, checked disjoint from the prompts the objective scores
+            (:mod:`mergesearch.twin.data`); ``None``: fitted on the objectives' own search prompts.
     """
 
     plan: MergePlan
@@ -115,6 +118,7 @@ class Twin:
     modules: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
     distill: Mapping[str, Any] | None = None
+    fit_data: Mapping[str, str] | None = None
     family: ClassVar[str] = "twin"
 
     def spec(self) -> dict[str, Any]:
@@ -127,19 +131,22 @@ class Twin:
             out["layers"] = list(self.layers)
         if self.distill is not None:
             out["distill"] = dict(self.distill)
+        if self.fit_data is not None:
+            out["fit_data"] = dict(self.fit_data)
         return out
 
     def build(self, ctx: CandidateContext) -> nn.Module:
         from mergesearch.twin import RouterSettings, build_twin
         from mergesearch.twin.distill import DistillSettings
 
-        prompts = [ctx.prompts(objective) for objective, _ in self.experts]
+        fit = self.fit_data or {}
+        prompts = [_fit_prompts(ctx, objective, fit.get(objective)) for objective, _ in self.experts]
         router = RouterSettings(**self.router)
         distill = teachers = None
         if self.distill is not None and self.rank > 0:
             distill = DistillSettings(**self.distill)
             # before the shared plan is applied: the teachers need each expert in the resident model
-            teachers = [_teacher(ctx, model, objective, distill, router.chat_template)
+            teachers = [_teacher(ctx, model, objective, fit.get(objective), distill, router.chat_template)
                         for objective, model in self.experts]
         return build_twin(ctx.merger, self.plan, self.rank, prompts, experts=[m for _, m in self.experts],
                           names=[o for o, _ in self.experts], router=router, tokenizer=ctx.tokenizer,
@@ -216,16 +223,29 @@ def _expert_stats(ctx: CandidateContext, model: str, objective: str, layers: Seq
     return ctx.cache[key]
 
 
-def _teacher(ctx: CandidateContext, model: str, objective: str, settings: Any, chat_template: bool) -> Any:
-    """Expert ``model``'s distillation targets on ``objective``'s prompts (a twin ``Teacher``), computed once per
-    context: they do not depend on the trial's shared merge. Leaves the expert in the resident model."""
-    key = ("twin_teacher", model, objective, settings.max_new_tokens, settings.top_k, chat_template)
+def _fit_prompts(ctx: CandidateContext, objective: str, path: str | None) -> list[str]:
+    """The prompts a twin fits on for ``objective`` (its ``fit_data`` file, checked disjoint from the prompts the
+    objective scores; without one, those prompts), read once per context."""
+    key = ("twin_fit", objective, path)
+    if key not in ctx.cache:
+        from mergesearch.twin.data import fit_prompts
+
+        ctx.cache[key] = fit_prompts(objective, path, ctx.prompts(objective))
+    return ctx.cache[key]
+
+
+def _teacher(ctx: CandidateContext, model: str, objective: str, path: str | None, settings: Any,
+             chat_template: bool) -> Any:
+    """Expert ``model``'s distillation targets on the prompts it fits ``objective`` on (``path``: its fit file; a
+    twin ``Teacher``), computed once per context: they do not depend on the trial's shared merge. Leaves the
+    expert in the resident model."""
+    key = ("twin_teacher", model, objective, path, settings.max_new_tokens, settings.top_k, chat_template)
     if key not in ctx.cache:
         from mergesearch.objectives.scoring import encode_prompt
         from mergesearch.twin.distill import expert_teacher
 
         expert = ctx.merger.apply(_expert_plan(ctx.merger, model))
-        ids = [encode_prompt(ctx.tokenizer, p, chat_template) for p in ctx.prompts(objective)]
+        ids = [encode_prompt(ctx.tokenizer, p, chat_template) for p in _fit_prompts(ctx, objective, path)]
         ctx.cache[key] = expert_teacher(expert, ctx.tokenizer, ids, settings)
     return ctx.cache[key]
 
@@ -251,7 +271,8 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Candidate]] = {
                            tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {}),
                            None if s.get("modules") is None else tuple(str(m) for m in s["modules"]),
                            None if s.get("layers") is None else tuple(int(x) for x in s["layers"]),
-                           None if s.get("distill") is None else dict(s["distill"])),
+                           None if s.get("distill") is None else dict(s["distill"]),
+                           None if s.get("fit_data") is None else {str(k): str(v) for k, v in s["fit_data"].items()}),
     "corrected": lambda s: Corrected(MergePlan.model_validate(s["plan"]),
                                      tuple((str(o), str(m)) for o, m in s["experts"]), dict(s.get("router") or {})),
 }

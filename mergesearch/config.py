@@ -110,11 +110,11 @@ class TwinDistill(_Frozen):
     """Fit the exclusive factors to the experts' outputs (knowledge distillation) after the SVD: starting from
     the rank-r SVD factors, ``steps`` Adam steps at ``lr`` on ``batch`` sequences (all experts together, each
     row with its expert's adapter) minimise the KL divergence from expert t's next-token distribution (over its
-    ``top_k`` most likely tokens and "any other") on task t's search prompts followed by expert t's greedy
-    continuation (at most ``max_new_tokens`` tokens), at the positions that predict the continuation, both
-    distributions softened by ``temperature`` (knowledge distillation's T; the KL is scaled by T²). Costs
-    ``steps`` forward and backward passes of ``batch`` sequences per trial; the experts' targets are computed once
-    per worker. See :mod:`mergesearch.twin.distill`."""
+    ``top_k`` most likely tokens and "any other") on task t's fit prompts (``fit_data``, else its search prompts)
+    followed by expert t's greedy continuation (at most ``max_new_tokens`` tokens), at the positions that predict
+    the continuation, both distributions softened by ``temperature`` (knowledge distillation's T; the KL is
+    scaled by T²). Costs ``steps`` forward and backward passes of ``batch`` sequences per trial; the experts'
+    targets are computed once per worker. See :mod:`mergesearch.twin.distill`."""
 
     steps: int = Field(default=100, ge=1)
     lr: float = Field(default=1e-2, gt=0)
@@ -134,6 +134,11 @@ class TwinSpace(_Frozen):
     ``window``). ``targets``: named sets of modules that carry factors (:class:`TwinTargets`; default ``all``,
     every linear module of the decoder layers); two or more are a searched choice. ``distill``: fit the factors
     to the experts' outputs (:class:`TwinDistill`; ``null``, the default: the SVD factors as the paper has them).
+    ``fit_data``: task objective name -> a ``.txt`` or JSONL (``prompt``) file of that task's prompts, one per
+    routed task; the router is trained and the factors distilled on these instead of the objectives' search
+    prompts, which must not contain any of them, so trials are scored on prompts they were not fitted on
+    (``null``, the default: fitted on the search prompts, whose scores are then in-sample; see
+    :mod:`mergesearch.twin.data`).
     """
 
     rank: int | Range
@@ -141,6 +146,14 @@ class TwinSpace(_Frozen):
     router: dict[str, Any] = Field(default_factory=dict)
     targets: dict[str, TwinTargets] = Field(default_factory=lambda: {"all": TwinTargets()})
     distill: TwinDistill | None = None
+    fit_data: dict[str, Path] | None = None
+
+    @field_validator("fit_data")
+    @classmethod
+    def _fit_data(cls, value: dict[str, Path] | None) -> dict[str, Path] | None:
+        if value is not None and not value:
+            raise ValueError("fit_data: name one prompt file per routed task objective (objective: file)")
+        return value
 
     @field_validator("targets")
     @classmethod
@@ -508,6 +521,9 @@ def load_config(path: str | Path) -> JobConfig:
     space = cfg.space
     if space.align_data is not None and not space.align_data.is_absolute():
         space = space.model_copy(update={"align_data": (root / space.align_data).resolve()})
+    if space.twin is not None and space.twin.fit_data:
+        fit = {k: v if v.is_absolute() else (root / v).resolve() for k, v in space.twin.fit_data.items()}
+        space = space.model_copy(update={"twin": space.twin.model_copy(update={"fit_data": fit})})
     try:
         base_model = _resolve_model(cfg.base_model, root, "base_model")
         models = [_resolve_model(m, root, f"models[{i}]") for i, m in enumerate(cfg.models)]

@@ -160,6 +160,10 @@ class MergeSpace:
         self.twin_targets: dict[str, tuple[tuple[str, ...] | None, tuple[int, ...] | None]] = {}
         if space.twin is not None:
             self.twin_targets = _twin_targets(space.twin, base_model, num_layers)
+            if space.twin.fit_data is not None:  # before anything is stored: names and files, one line each
+                from mergesearch.twin.data import check_fit_data
+
+                check_fit_data(space.twin.fit_data, [o for o, _ in self.twin_experts])
             if len(self.twin_targets) > 1:
                 d["twin.targets"] = CategoricalDistribution(list(self.twin_targets))
         if self.layers is not None:
@@ -352,7 +356,8 @@ class MergeSpace:
         rank = self.twin.rank if isinstance(self.twin.rank, int) else int(p["twin.rank"])
         modules, layers = self.twin_targets[p.get("twin.targets", next(iter(self.twin_targets)))]
         distill = None if self.twin.distill is None else self.twin.distill.model_dump()
-        return Twin(plan, rank, self.twin_experts, self.twin.router, modules, layers, distill).spec()
+        fit = None if self.twin.fit_data is None else {k: str(v) for k, v in self.twin.fit_data.items()}
+        return Twin(plan, rank, self.twin_experts, self.twin.router, modules, layers, distill, fit).spec()
 
     def _kept(self, p: dict[str, Any], method: str) -> list[tuple[Token, int]]:
         """``(token, source_depth)`` of each kept slot after the min/max repair, in output order."""

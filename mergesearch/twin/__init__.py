@@ -5,6 +5,8 @@
   ``extra_param_ratio``).
 - :mod:`~mergesearch.twin.distill`: the factors fitted to the experts' outputs (``distill_factors``,
   ``expert_teacher``).
+- :mod:`~mergesearch.twin.data`: the prompts a twin is fitted on (``space.twin.fit_data``), checked disjoint from
+  the prompts its trials are scored on (``fit_prompts``, ``check_fit_data``).
 - :mod:`~mergesearch.twin.router`: the MLP router on the shared model's pooled prompt state (``train_router``).
 - :mod:`~mergesearch.twin.routed`: ``RoutedModel``, usable wherever an objective takes a HF causal LM.
 - :mod:`~mergesearch.twin.io`: ``export_twin`` (HF shared model + PEFT LoRA adapters + router) and ``load_twin``.

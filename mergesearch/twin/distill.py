@@ -7,11 +7,13 @@ is the function: the routed model with expert t's adapter should predict what ex
 starting from the SVD factors, Adam fits all experts' factors at once (each row of a batch carries its own
 expert's adapter through the one-hot α the routed model already supports) to minimise
 
-    KL(expert t ‖ θ* + B_t·A_t)   on task t's search prompts followed by expert t's greedy continuation,
+    KL(expert t ‖ θ* + B_t·A_t)   on task t's fit prompts followed by expert t's greedy continuation,
 
 at the positions that predict the continuation (the last prompt token and every continuation token but the last),
 over the expert's ``top_k`` most likely tokens there plus one outcome for all the others (the exact KL when the
-vocabulary is no larger), so the cached targets stay small for real vocabularies. This is sequence-level
+vocabulary is no larger), so the cached targets stay small for real vocabularies. The fit prompts are
+``space.twin.fit_data``'s when the job gives them (disjoint from the prompts trials are scored on,
+:mod:`mergesearch.twin.data`), else the search prompts. This is sequence-level
 knowledge distillation (Kim and Rush, 2016) into LoRA-shaped factors; the teacher's targets do not depend on θ*,
 so a search computes them once per expert (:func:`expert_teacher`) and every trial only runs the ``steps``
 updates. Both distributions are softened by a temperature (4 by default) while fitting, as knowledge distillation
