@@ -8,7 +8,14 @@ and self_attn/mlp/rest, 36 parameters) and each seed, two searches with the same
   run's total, so both spend the same number of examples.
 
 Everything compared is fixed here, before any run: optimizer ``tpe``, rungs ``[16, 48]`` (then the full 128),
-keep 1/3, 60 single-fidelity trials, seeds 0..2. One reference point for every hypervolume (as in
+keep 1/3, 60 single-fidelity trials, seeds 0..2. That is the configuration of the first run (results in
+``multi_fidelity.json``, when the optimizer learned from COMPLETE trials only), kept unchanged so that the
+two runs differ only in what the optimizer learns from (now: every trial, a pruned one at its last rung;
+``multi_fidelity.estimates.json``). It is the textbook successive-halving ladder (η = 3: 16, 48 ≈ 16·3, 128 ≈
+48·3; keep 1/η). Tried first on other seeds (10..12, weights space): one rung ``[16]`` gave the same (HV at 1/3
+of the examples 0.523 vs 0.521), keep 0.2 did worse (never reached the single-fidelity final HV on 2 seeds).
+``--optimizer/--rungs/--keep/--first-seed/--name`` run other settings, for exploring only.
+One reference point for every hypervolume (as in
 ``search_quality.py``): accuracy 0 on each task and l1 = 1.1 × the l1 of the plan with every weight 1;
 hypervolumes are normalised by the box [0, 1]^3 × [0, l1_ref]. Only full-fidelity (COMPLETE) trials count
 towards a hypervolume; the examples axis counts every example scored, pruned trials included.
@@ -19,7 +26,8 @@ towards a hypervolume; the examples axis counts every example scored, pruned tri
     OMP_NUM_THREADS=1 python benchmarks/multi_fidelity.py [--seeds 3] [--trials 60] [--spaces weights,layers]
         [--quick]
 
-Writes ``benchmarks/results/multi_fidelity.json`` (``--out DIR`` elsewhere) and prints a table.
+Writes ``benchmarks/results/multi_fidelity.estimates.json`` (``--out DIR``, ``--name``) and prints a table;
+per seed also the promotion rate at each rung (trials promoted / trials that reached it).
 """
 
 from __future__ import annotations
@@ -44,10 +52,14 @@ import search_quality as sq  # the demo, its reference point and hypervolume hel
 RUNGS = [16, 48]
 KEEP = 1 / 3
 OPTIMIZER = "tpe"
+NAME = "multi_fidelity.estimates"
+#: what the optimizer learns from (recorded with the results): every finished trial, a pruned one valued at the
+#: last rung it reached (mergesearch.search.fidelity.best_estimate). Results before this were "complete only".
+SAMPLER_VIEW = "best estimate (pruned trials at their last rung)"
 
 
 def run_one(config: Any, worker: Any, seed: int, *, trials: int, rungs: list[int] | None,
-            max_examples: int | None) -> dict[str, Any]:
+            max_examples: int | None, optimizer: str = OPTIMIZER, keep: float = KEEP) -> dict[str, Any]:
     """One in-memory search; per trial in number order: values (NaN when not COMPLETE) and examples."""
     import optuna
 
@@ -56,11 +68,11 @@ def run_one(config: Any, worker: Any, seed: int, *, trials: int, rungs: list[int
     from mergesearch.search.loop import SearchRun
 
     search = config.search.model_copy(update={
-        "fidelity": None if rungs is None else FidelityConfig(rungs=rungs, keep=KEEP),
+        "fidelity": None if rungs is None else FidelityConfig(rungs=rungs, keep=keep),
         "max_examples": max_examples, "baselines": False, "initial": [], "refine": 0})
     config = config.model_copy(update={"search": search})
     run = SearchRun(config, storage="memory://", study_name=f"s{seed}-{'rungs' if rungs else 'single'}",
-                    trials=trials, optimizer=OPTIMIZER, seed=seed)
+                    trials=trials, optimizer=optimizer, seed=seed)
     start = time.perf_counter()
     run.run(LocalExecutor(lambda: worker))  # one resident worker for every run: models load once
     elapsed = time.perf_counter() - start
@@ -71,7 +83,21 @@ def run_one(config: Any, worker: Any, seed: int, *, trials: int, rungs: list[int
     return {"seed": seed, "elapsed": elapsed,
             "values": [list(t.values) if t.state == complete else [float("nan")] * m for t in done],
             "examples": [int(t.user_attrs.get("examples", 0)) for t in done],
-            "states": [t.state.name for t in done]}
+            "states": [t.state.name for t in done],
+            # lower rungs each trial reached (0 without rungs): a trial that reached k rungs and is COMPLETE
+            # was promoted at all k, a PRUNED one at the first k - 1
+            "rungs_reached": [len(t.user_attrs.get("rungs") or ()) for t in done]}
+
+
+def promotion(run: dict[str, Any], n_rungs: int) -> list[dict[str, Any]]:
+    """Per lower rung: trials that reached it, trials promoted from it, and the promoted fraction."""
+    out = []
+    for k in range(n_rungs):
+        reached = [i for i, r in enumerate(run["rungs_reached"]) if r > k]
+        went = [i for i in reached if run["rungs_reached"][i] > k + 1 or run["states"][i] == "COMPLETE"]
+        out.append({"rung": k, "reached": len(reached), "promoted": len(went),
+                    "fraction": len(went) / len(reached) if reached else None})
+    return out
 
 
 def curve(run: dict[str, Any], directions: list[str], ref: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -95,12 +121,19 @@ def hv_at(examples: np.ndarray, hv: np.ndarray, budget: float) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds FIRST..FIRST+SEEDS-1 (other seeds than the reported 0..2 to try a setting on)")
+    p.add_argument("--optimizer", default=OPTIMIZER)
+    p.add_argument("--rungs", default=",".join(map(str, RUNGS)), help="lower rungs, examples per task (e.g. 16,48)")
+    p.add_argument("--keep", type=float, default=KEEP)
+    p.add_argument("--name", default=NAME, help="results file: OUT/NAME.json")
     p.add_argument("--trials", type=int, default=60, help="single-fidelity trials (sets the examples budget)")
     p.add_argument("--spaces", default="weights,layers")
     p.add_argument("--demo-dir", type=Path, default=sq.DEMO_DIR)
     p.add_argument("--out", type=Path, default=sq.RESULTS)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 trials, weights space")
     args = p.parse_args(argv)
+    args.rungs = [int(v) for v in args.rungs.split(",")]
     if args.quick:
         args.seeds, args.trials, args.spaces = 1, 4, "weights"
     return args
@@ -118,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"optimizer": OPTIMIZER, "rungs": RUNGS, "keep": KEEP, "trials": args.trials,
-                              "seeds": list(range(args.seeds)), "machine": {
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    record: dict[str, Any] = {"optimizer": args.optimizer, "rungs": args.rungs, "keep": args.keep,
+                              "trials": args.trials, "seeds": seeds, "sampler_view": SAMPLER_VIEW, "machine": {
                                   "platform": platform.platform(), "cpus": os.cpu_count(),
                                   "load_average_start": os.getloadavg()}, "spaces": {}}
     rows = []
@@ -133,10 +167,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scale = float(np.prod(sq.box_sides(ref, directions)))
         out: dict[str, Any] = {"reference_point": dict(zip(names, map(float, ref), strict=True)),
                                "hv_normaliser": scale, "single": [], "rungs": [], "per_seed": []}
-        for seed in range(args.seeds):
-            single = run_one(config, worker, seed, trials=args.trials, rungs=None, max_examples=None)
+        for seed in seeds:
+            single = run_one(config, worker, seed, trials=args.trials, rungs=None, max_examples=None,
+                             optimizer=args.optimizer)
             budget = int(sum(single["examples"]))
-            staged = run_one(config, worker, seed, trials=100_000, rungs=RUNGS, max_examples=budget)
+            staged = run_one(config, worker, seed, trials=100_000, rungs=args.rungs, max_examples=budget,
+                             optimizer=args.optimizer, keep=args.keep)
             (_, hs), (xr, hr) = curve(single, directions, ref, scale), curve(staged, directions, ref, scale)
             target = float(hs[-1])
             need = examples_to_reach(xr, hr, target)
@@ -147,11 +183,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "rungs_final_hv": float(hr[-1]), "rungs_hv_at_third": hv_at(xr, hr, budget / 3),
                 "rungs_examples_to_reach": need, "fraction": None if need is None else need / budget,
                 "rungs_trials": len(staged["states"]), "rungs_pruned": staged["states"].count("PRUNED"),
+                "rungs_complete": staged["states"].count("COMPLETE"),
+                "rungs_complete_within_third": sum(
+                    s == "COMPLETE" for s, x in zip(staged["states"], xr, strict=True) if x <= budget / 3),
+                "single_hv_at_third": hv_at(np.cumsum(single["examples"]), hs, budget / 3),
+                "promotion": promotion(staged, len(args.rungs)),
                 "single_seconds": single["elapsed"], "rungs_seconds": staged["elapsed"]})
+            rates = "/".join("-" if r["fraction"] is None else f"{r['fraction']:.2f}"
+                             for r in out["per_seed"][-1]["promotion"])
             print(f"[{space} seed {seed}] single: hv {target:.4f} with {budget} examples ({single['elapsed']:.0f}s); "
-                  f"rungs: {len(staged['states'])} trials ({staged['states'].count('PRUNED')} pruned), hv "
-                  f"{hr[-1]:.4f}, reached single's final at {need} examples "
-                  f"({'-' if need is None else f'{need / budget:.2f}'} of budget)", file=sys.stderr)
+                  f"rungs: {len(staged['states'])} trials ({staged['states'].count('PRUNED')} pruned, promoted "
+                  f"{rates} per rung), hv at 1/3 {hv_at(xr, hr, budget / 3):.4f}, final {hr[-1]:.4f}, reached "
+                  f"single's final at {need} examples ({'-' if need is None else f'{need / budget:.2f}'} of budget; "
+                  f"{staged['elapsed']:.0f}s)", file=sys.stderr)
         # mean curves over seeds on a common examples grid
         budget = min(p["budget_examples"] for p in out["per_seed"])
         grid = np.linspace(0, budget, 201)
@@ -165,11 +209,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "single_final_hv": float(mean["single"][-1]), "rungs_examples_to_reach": need,
                        "fraction": fraction, "target_met": fraction is not None and fraction <= 1 / 3,
                        "seeds_met": sum(p["fraction"] is not None and p["fraction"] <= 1 / 3
-                                        for p in out["per_seed"])}
+                                        for p in out["per_seed"]),
+                       "single_hv_at_third": hv_at(grid, mean["single"], budget / 3),
+                       "rungs_hv_at_third": hv_at(grid, mean["rungs"], budget / 3)}
         record["spaces"][space] = out
         rows.append((space, out["mean"]))
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "multi_fidelity.json").write_text(json.dumps(record, indent=1))  # each space as it finishes
+        (args.out / f"{args.name}.json").write_text(json.dumps(record, indent=1))  # each space as it finishes
     record["elapsed"] = time.perf_counter() - t0
     record["machine"]["load_average_end"] = os.getloadavg()
     print(f"\n{'space':8} {'single final hv':>16} {'rungs: examples to reach it':>28} {'fraction':>9} "
@@ -178,9 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         frac = "never" if m["fraction"] is None else f"{m['fraction']:.2f}"
         need = "-" if m["rungs_examples_to_reach"] is None else f"{m['rungs_examples_to_reach']:.0f}"
         print(f"{space:8} {m['single_final_hv']:16.4f} {need:>28} {frac:>9} "
-              f"{'met' if m['target_met'] else 'MISSED':>13} {m['seeds_met']:>6}/{args.seeds}")
+              f"{'met' if m['target_met'] else 'MISSED':>13} {m['seeds_met']:>6}/{args.seeds}   (hv at 1/3 of the "
+              f"examples: rungs {m['rungs_hv_at_third']:.4f}, single {m['single_hv_at_third']:.4f})")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "multi_fidelity.json"
+    path = args.out / f"{args.name}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"saved {path}", file=sys.stderr)
     return record

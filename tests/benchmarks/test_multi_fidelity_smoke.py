@@ -42,4 +42,4 @@ def test_tiny_run_writes_results(mf, tmp_path) -> None:
     assert seed["budget_examples"] == sum(single["examples"])
     # the rungs run stops at (the first trial past) the same budget, and its trials spent fewer examples each
     assert sum(staged["examples"][:-1]) < seed["budget_examples"] <= sum(staged["examples"])
-    assert (tmp_path / "multi_fidelity.json").is_file()
+    assert (tmp_path / f"{mf.NAME}.json").is_file()

@@ -100,7 +100,8 @@ def drive(opt: Optimizer, ask, tell) -> None:
         running = new
     for t in running:
         tell(opt, t.number, [float("nan"), 1.0], attrs=record)  # non-finite: failed with its reason
-    # pruned last: the new path hides pruned trials from the samplers (full-fidelity data only), the old one did not
+    # pruned last: the new path shows the samplers a pruned trial valued at its last rung (here it has no rung
+    # scores: hidden), the old one showed it PRUNED; so no later proposal depends on the difference
     tell(opt, bad[1].number, None, pruned=True, attrs={**record, "partial": {"f1": 0.3}})
     tell(opt, first[0].number, [0.0, 0.0])  # a late report: left as it is
 

@@ -214,10 +214,80 @@ def test_crash_between_rungs_resumes_without_losing_or_double_counting(tiny_mode
     assert sum(t.user_attrs.get("examples", 0) for t in trials) == 4 * 16
 
 
-@pytest.mark.parametrize("backend", ["tpe", "gp", "nsga2", "qnehvi"])
-def test_pruned_trials_are_not_in_the_optimizers_data(backend) -> None:
-    """Two studies with the same complete trials; one also holds pruned trials, the other as many failed ones
-    (which every backend ignores): the proposals are the same only if the pruned ones are ignored too."""
+# --- what the optimizer learns from: pruned trials at their last rung ---------------------------------------
+
+
+def test_best_estimate_values_a_pruned_trial_at_its_last_rung() -> None:
+    from optuna.distributions import FloatDistribution
+
+    from mergesearch.search.fidelity import best_estimate
+
+    dists = {"x": FloatDistribution(0.0, 1.0)}
+    rungs = [{"n": 2, "values": {"l1": 3.0, "acc": 0.5}}, {"n": 4, "values": {"l1": 3.0, "acc": 0.25}}]
+    pruned = optuna.trial.create_trial(params={"x": 0.3}, distributions=dists, state=TrialState.PRUNED,
+                                       user_attrs={"rungs": rungs})
+    seen = best_estimate(pruned, ["acc", "l1"])
+    # the last rung (4 examples), in the study's objective order, as a COMPLETE trial; the stored one is unchanged
+    assert seen.state == TrialState.COMPLETE and seen.values == [0.25, 3.0] and seen.params == {"x": 0.3}
+    assert seen.number == pruned.number and seen._trial_id == pruned._trial_id
+    assert pruned.state == TrialState.PRUNED and pruned.values is None
+    assert best_estimate(pruned, ["acc", "other"]) is None  # scored under other objectives: not seen
+    assert best_estimate(pruned, []) is None  # the study's objective names unknown: not seen
+    no_scores = optuna.trial.create_trial(params={"x": 0.3}, distributions=dists, state=TrialState.PRUNED)
+    assert best_estimate(no_scores, ["acc", "l1"]) is None
+    complete = optuna.trial.create_trial(params={"x": 0.3}, distributions=dists, values=[1.0, 2.0],
+                                         user_attrs={"rungs": rungs})
+    assert best_estimate(complete, ["acc", "l1"]) is complete  # full fidelity: as stored
+
+
+@pytest.mark.parametrize("backend", ["tpe", "gp", "nsga2", "qnehvi", "cmaes-sum"])
+def test_optimizers_learn_pruned_trials_at_their_last_rung(backend) -> None:
+    """Three studies with the same complete trials and six more trials at the same parameters: PRUNED with
+    partial scores (last rung (2.5, 0.0): better than any complete trial), COMPLETE with those values, FAILED.
+    Every backend proposes for the pruned ones what it proposes for the complete ones — and not what it proposes
+    when it ignores them (failed), so hiding pruned trials, or reading another rung than the last, fails."""
+    import numpy as np
+    from optuna.distributions import FloatDistribution
+
+    from mergesearch.search.optimizers import Optimizer
+
+    dists = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)}
+    rng = np.random.default_rng(0)
+    complete = [rng.random(2) for _ in range(12)]
+    rungs = [{"n": 2, "values": {"f": -5.0, "g": 5.0}}, {"n": 4, "values": {"g": 0.0, "f": 2.5}}]
+    # the extra trials score far better than the complete ones (f = x + y <= 2, g = x * y >= 0) at parameters
+    # that the complete ones do not favour: a backend that learns from them moves there (NSGA-II: they are
+    # parents; an elitist backend would drop trials worse than its population whether it saw them or not)
+    extra = [(0.1 + 0.01 * i, 0.9 - 0.01 * i) for i in range(6)]
+
+    def proposals(state: TrialState) -> list[dict[str, float]]:
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        study.set_user_attr("objective_names", ["f", "g"])  # as open_study stores them
+        # NSGA-II generations of pop_size 4: the complete trials are generations 0-2, the extra ones 3
+        generation = "NSGAIISampler:generation"
+        for i, (x, y) in enumerate(complete):
+            study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y}, distributions=dists,
+                                                      values=[x + y, x * y], system_attrs={generation: i // 4}))
+        for x, y in extra:  # what a pruned trial stores: params, partial scores as attrs, no values
+            study.add_trial(optuna.trial.create_trial(
+                params={"x": x, "y": y}, distributions=dists, state=state, user_attrs={"rungs": rungs},
+                values=[2.5, 0.0] if state == TrialState.COMPLETE else None, system_attrs={generation: 3}))
+        options = {"pop_size": 4} if backend == "nsga2" else {"popsize": 4} if backend == "cmaes-sum" else \
+            {"n_startup": 4}
+        opt = Optimizer(study, dists, name=backend, seed=3, options=options)
+        out = [t.params for t in opt.ask(2)]
+        # the storage itself is not changed: the pruned trials stay PRUNED, off the front
+        assert [t.state for t in study.trials[12:18]] == [state] * 6
+        return out
+
+    pruned = proposals(TrialState.PRUNED)
+    assert pruned == proposals(TrialState.COMPLETE)
+    assert pruned != proposals(TrialState.FAIL)
+
+
+@pytest.mark.parametrize("backend", ["tpe", "gp"])
+def test_pruned_trials_without_partial_scores_are_not_in_the_optimizers_data(backend) -> None:
+    """A PRUNED trial with no partial scores for the study's objectives is ignored, like a failed one."""
     import numpy as np
     from optuna.distributions import FloatDistribution
 
@@ -229,14 +299,14 @@ def test_pruned_trials_are_not_in_the_optimizers_data(backend) -> None:
 
     def proposals(state: TrialState) -> list[dict[str, float]]:
         study = optuna.create_study(directions=["maximize", "minimize"])
+        study.set_user_attr("objective_names", ["f", "g"])
         for x, y in complete:
             study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y}, distributions=dists,
                                                       values=[x + y, x * y]))
-        for _ in range(6):  # what a pruned trial stores: params, partial scores as attrs, no values
+        for _ in range(6):
             study.add_trial(optuna.trial.create_trial(params={"x": 0.99, "y": 0.01}, distributions=dists,
                                                       state=state, user_attrs={"rungs": [{"n": 2, "values": {}}]}))
-        opt = Optimizer(study, dists, name=backend, seed=3, options={"n_startup": 4} if backend != "nsga2" else
-                        {"pop_size": 4})
+        opt = Optimizer(study, dists, name=backend, seed=3, options={"n_startup": 4})
         return [t.params for t in opt.ask(2)]
 
     assert proposals(TrialState.PRUNED) == proposals(TrialState.FAIL)

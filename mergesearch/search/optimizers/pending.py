@@ -55,8 +55,11 @@ class SamplingStorage(BaseStorage):
     study (system attrs, e.g. a QMC sampler's position in its sequence) are kept in :attr:`study_system_attrs`
     — both are written with the trial, in the same transaction; reads of the pending trial return it; the
     study's trials come from one snapshot taken when the pending trial was set (:meth:`begin`), with the
-    pending trial in it as it is now (a sampler re-reading between two parameters sees the first) and without
-    PRUNED trials (stopped at a lower fidelity: the optimizer learns from full-fidelity results only).
+    pending trial in it as it is now (a sampler re-reading between two parameters sees the first), and each
+    PRUNED trial (stopped at a lower fidelity rung) as a COMPLETE one valued at the last rung it reached, its
+    best estimate of its full-fidelity scores (:func:`~mergesearch.search.fidelity.best_estimate`; a pruned
+    trial without such scores is left out). Only the samplers see this view: the study, its front and
+    hypervolume keep the stored states.
 
     Args:
         inner: the study's storage.
@@ -70,6 +73,11 @@ class SamplingStorage(BaseStorage):
         self._study_id: int | None = None
         self._snapshot: list[FrozenTrial] | None = None
         self._study_attrs: dict[str, Any] | None = None  # the study's system attrs, read once per ask
+        #: per study id, its objective names (user attr ``objective_names``), read when a pruned trial first
+        #: needs them: a pruned trial's partial scores are stored by name
+        self._names: dict[int, list[str]] = {}
+        #: a pruned trial as the samplers see it, by trial id (a finished trial does not change)
+        self._estimates: dict[int, FrozenTrial | None] = {}
 
     def begin(self, study_id: int, pending: FrozenTrial, stored: list[FrozenTrial], *, new_ask: bool) -> None:
         """Sample ``pending`` now; ``stored``: the study's trials as just read (sorted by number).
@@ -81,13 +89,33 @@ class SamplingStorage(BaseStorage):
         self.study_system_attrs = {}
         if new_ask:
             self._study_attrs = None
-        # a popped WAITING trial is in storage already: the pending copy replaces it. PRUNED trials are left out:
-        # their scores are partial, lower-fidelity ones, which no backend is to learn from (Optuna's TPE would
-        # rank them among the bad trials by their last intermediate value)
-        snapshot = [pending if t.number == pending.number else t for t in stored if t.state != TrialState.PRUNED]
+        # a popped WAITING trial is in storage already: the pending copy replaces it. A PRUNED trial is shown as
+        # COMPLETE with its last rung's scores (see mergesearch.search.fidelity): hidden, it would teach the
+        # sampler nothing, and a model-based sampler would go on proposing where its proposals are pruned
+        snapshot = []
+        for t in stored:
+            if t.number == pending.number:
+                snapshot.append(pending)
+            elif t.state != TrialState.PRUNED:
+                snapshot.append(t)
+            else:
+                estimate = self._estimate(study_id, t)
+                if estimate is not None:
+                    snapshot.append(estimate)
         if not any(t is pending for t in snapshot):
             snapshot.append(pending)
         self._snapshot = snapshot
+
+    def _estimate(self, study_id: int, trial: FrozenTrial) -> FrozenTrial | None:
+        """A pruned trial as the samplers see it (None: not at all)."""
+        from mergesearch.search.fidelity import best_estimate
+
+        if trial._trial_id not in self._estimates:
+            if study_id not in self._names:
+                names = self.inner.get_study_user_attrs(study_id).get("objective_names")
+                self._names[study_id] = [str(n) for n in names] if isinstance(names, list) else []
+            self._estimates[trial._trial_id] = best_estimate(trial, self._names[study_id])
+        return self._estimates[trial._trial_id]
 
     def end(self) -> dict[str, Any]:
         """Back to a plain pass-through; returns the study system attrs to write with the trial."""
