@@ -24,13 +24,28 @@ Targets (issue 19): hm3's mean HV at the last checkpoint >= every other optimize
 for >= 8 of 10 preferences (checked per seed; met when every seed meets it).
 
     OMP_NUM_THREADS=1 python benchmarks/hm3.py [--seeds 3] [--budget 120] [--optimizers hm3,nsga2,random,gp]
-        [--seeds-for gp=1] [--budget-for gp=60] [--preferences 10] [--limit 32] [--hm3-options '{"steps": 60}']
+        [--seeds-for gp=1] [--budget-for gp=60] [--time-for gp=SECONDS] [--preferences 10] [--limit 32]
+        [--hm3-options '{"steps": 60}'] [--first-seed 0] [--name hm3.json] [--merge OTHER.json ...]
 
-The recorded run (``results/hm3.json``): ``--limit 32 --seeds-for gp=1 --budget-for gp=60``. 32 examples per task
-(the demo scores 128) and gp's one seed of 60 evaluations keep it near 15 minutes on two busy cores: Optuna's GP
-sampler spends 8-12 s per ask on this space (4 objectives, 8 categorical slots), ~50 minutes for 3 × 120.
+``--time-for`` stops each run of an optimizer cleanly after that wall time (recorded: ``stopped_by_time``; its HV at
+a checkpoint it did not reach is missing, and its last HV is reported as a lower bound there). ``--merge`` folds in
+the runs (and suggestions) of other result files of the same configuration, e.g. seeds run as separate processes;
+``--optimizers ''`` with ``--merge`` only merges.
 
-Writes ``benchmarks/results/hm3.json`` (``--out DIR`` elsewhere; seeds, configuration, wall time) and prints the table.
+Recorded runs:
+
+- ``results/hm3.json`` (hm3 without the value ensemble, its first version): ``--limit 32 --seeds-for gp=1
+  --budget-for gp=60``.
+- ``results/hm3_ensemble.json`` (hm3 with the value ensemble, the default since): every optimizer on seeds 0, 1, 2
+  with 120 evaluations and ``--limit 32``, each hm3 / gp seed in its own process (``--optimizers hm3 --seeds 1
+  --first-seed S``; gp with ``--preferences 0``), nsga2 and random in one, merged with ``--optimizers '' --merge
+  ...``. gp's three processes were stopped by SIGINT (the search loop's clean stop, what ``--time-for`` does) when
+  the session's time ran out; its HV@120 is then missing and reported as a lower bound. Optuna's GP sampler spends
+  seconds to tens of seconds per ask on this space (4 objectives, 8 categorical slots), and on two cores shared
+  with other work it got about 12 % of a core each.
+
+Writes ``benchmarks/results/hm3.json`` (``--out DIR``, ``--name``; seeds, configuration, wall time) and prints the
+table.
 """
 
 from __future__ import annotations
@@ -128,8 +143,10 @@ def history(values: np.ndarray, directions: list[str], ref: np.ndarray, scale: f
 
 
 def run_one(config: Any, worker: Any, optimizer: str, seed: int, budget: int,
-            options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+            options: dict[str, Any], seconds: float | None = None) -> tuple[dict[str, Any], Any]:
     """One search of ``budget`` completed trials on an in-memory study; values in trial order (NaN = failed).
+    With ``seconds``, the search stops cleanly (as on Ctrl-C: SIGALRM raises KeyboardInterrupt, which the search
+    loop catches) once that much wall time has passed, with the trials completed by then (``stopped_by_time``).
 
     Returns:
         The run's record and its :class:`~mergesearch.search.loop.SearchRun` (its study and sampler).
@@ -143,7 +160,20 @@ def run_one(config: Any, worker: Any, optimizer: str, seed: int, budget: int,
     run = SearchRun(config, storage="memory://", study_name=f"{optimizer}-s{seed}", trials=budget,
                     optimizer=optimizer, seed=seed)
     start = time.perf_counter()
-    run.run(LocalExecutor(lambda: worker))  # the same resident worker for every run: models load once
+    if seconds:
+        import signal
+
+        def stop(*_: Any) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        report = run.run(LocalExecutor(lambda: worker))  # the same resident worker for every run: models load once
+    finally:
+        if seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     elapsed = time.perf_counter() - start
     done = [t for t in sorted(run.study.get_trials(deepcopy=False), key=lambda t: t.number)
             if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
@@ -153,6 +183,7 @@ def run_one(config: Any, worker: Any, optimizer: str, seed: int, budget: int,
     fallbacks = sum("proposal_fallback" in t.user_attrs for t in done)
     return {"seed": seed, "values": values, "elapsed": elapsed, "optimizer_seconds": elapsed - worker_time,
             "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in done), "fallbacks": fallbacks,
+            "stopped_by_time": bool(report.interrupted), "time_limit": seconds,
             "summaries": [t.user_attrs.get("summary", "") for t in done]}, run
 
 
@@ -190,7 +221,9 @@ def suggest_ranks(run: Any, worker: Any, names: list[str], prefs: np.ndarray) ->
             params=params, distributions=run.space.distributions, values=[values[n] for n in names],
             user_attrs={SUGGESTED_ATTR: weights}))
         rep = report(study, params, weights, run.space.summary(params))
+        stored = any(t.params == params for t in run.study.get_trials(deepcopy=False))
         out.append({"weights": weights, "summary": rep.summary, "values": rep.values, "on_front": rep.on_front,
+                    "stored": stored,
                     "rank": rep.rank, "front_size": rep.front_size, "suggest_seconds": seconds,
                     "top": rep.rank is not None and rep.rank <= top_rank(rep.front_size)})
     return out
@@ -227,7 +260,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], suggestions: list[dict[str,
             per_seed.setdefault(s["seed"], []).append(s["top"])
         need = math.ceil(0.8 * n_prefs)
         counts = {str(k): int(sum(v)) for k, v in per_seed.items()}
+        novel = {}
+        for s in suggestions:
+            novel.setdefault(str(s["seed"]), 0)
+            novel[str(s["seed"])] += int(not s.get("stored", False))
         out["target_suggest"] = {"top_fraction": TOP, "needed_per_seed": need, "top_per_seed": counts,
+                                 "new_plans_per_seed": novel,
                                  "met": all(c >= need for c in counts.values()),
                                  "ranks": [s["rank"] for s in suggestions],
                                  "off_front": int(sum(not s["on_front"] for s in suggestions))}
@@ -256,11 +294,14 @@ def table(summary: dict[str, Any], suggestions: list[dict[str, Any]], checkpoint
             w = ", ".join(f"{n}={x:.2f}" for n, x in s["weights"].items())
             where = (f"rank {s['rank']:>2} of {s['front_size']:>2}" if s["on_front"]
                      else f"off the front ({s['front_size']})")
-            lines.append(f"  seed {s['seed']}  {w:<44} {where}  {'top' if s['top'] else '   '}  {s['summary']}")
+            again = "stored" if s.get("stored") else "new   "
+            lines.append(f"  seed {s['seed']}  {w:<44} {where}  {'top' if s['top'] else '   '}  {again}  "
+                         f"{s['summary']}")
         ts = summary["target_suggest"]
         n = len(suggestions) // max(1, len(ts["top_per_seed"]))
         lines.append(f"target: in the top {TOP:.0%} for >= {ts['needed_per_seed']} of {n} preferences in every seed "
-                     f"(per seed: {ts['top_per_seed']}) -> {'MET' if ts['met'] else 'NOT met'}")
+                     f"(per seed: {ts['top_per_seed']}) -> {'MET' if ts['met'] else 'NOT met'}; new plans (not a "
+                     f"stored trial suggested again) per seed: {ts.get('new_plans_per_seed')}")
     return "\n".join(lines)
 
 
@@ -274,12 +315,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fewer seeds for one optimizer (e.g. gp=1, whose asks cost seconds each); repeatable")
     p.add_argument("--budget-for", action="append", default=[], metavar="NAME=N",
                    help="another budget for one optimizer; repeatable")
+    p.add_argument("--time-for", action="append", default=[], metavar="NAME=SECONDS",
+                   help="wall-time limit of each run of one optimizer (e.g. gp=1800): the run stops cleanly then and "
+                        "is reported with the evaluations it completed; repeatable")
     p.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)))
     p.add_argument("--preferences", type=int, default=10, help="preference vectors given to suggest (0: none)")
     p.add_argument("--hm3-options", default="{}", help="JSON object of hm3 options (default: its defaults)")
     p.add_argument("--limit", type=int, default=None, help="examples per task objective (default: the demo's)")
     p.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="hm3.json", help="result file name under OUT (default hm3.json)")
+    p.add_argument("--merge", action="append", default=[], type=Path, metavar="FILE",
+                   help="add the runs of another result file of this script (same reference point, limit, space "
+                        "and preferences; e.g. gp seeds run as separate processes) for optimizers not run here; "
+                        "repeatable")
     p.add_argument("--summary-only", action="store_true",
                    help="recompute the summary and table of OUT/hm3.json from its stored runs (no search)")
     args = p.parse_args(argv)
@@ -298,6 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     args.budgets = per(args.budget_for, args.budget, "--budget-for")
     args.n_seeds = per(args.seeds_for, args.seeds, "--seeds-for")
+    args.seconds = {o: None for o in args.optimizers}
+    args.seconds.update({o: n or None for o, n in per(args.time_for, 0, "--time-for").items() if n})
     return args
 
 
@@ -310,11 +361,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     if args.summary_only:
-        record = json.loads((args.out / "hm3.json").read_text())
+        record = json.loads((args.out / args.name).read_text())
         record["summary"] = summarize(record["runs"], record["suggestions"], record["checkpoints"],
                                       len(record["preferences"]))
         record["table"] = table(record["summary"], record["suggestions"], record["checkpoints"])
-        (args.out / "hm3.json").write_text(json.dumps(record, indent=1) + "\n")
+        (args.out / args.name).write_text(json.dumps(record, indent=1) + "\n")
         print(record["table"])
         return record
     wall = time.perf_counter()
@@ -333,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "space_config": config.space.model_dump(mode="json", by_alias=True), "objectives": objectives,
         "limit": args.limit, "reference_point": dict(zip(names, map(float, ref), strict=True)),
-        "hv_normaliser": scale, "seeds": args.n_seeds, "budgets": args.budgets, "checkpoints": args.checkpoints,
+        "hv_normaliser": scale, "seeds": args.n_seeds, "budgets": args.budgets, "time_limits": args.seconds,
+        "checkpoints": args.checkpoints,
         "argv": sys.argv[1:] if argv is None else list(argv), "hm3_options": args.hm3_options,
         "preferences": prefs.tolist(), "preference_seed": PREFERENCE_SEED,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
@@ -348,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in range(args.first_seed, args.first_seed + args.n_seeds[opt]):
             try:
                 r, run = run_one(config, worker, opt, seed, args.budgets[opt], args.hm3_options if opt == "hm3"
-                                 else {})
+                                 else {}, args.seconds[opt])
                 if opt == "hm3" and len(prefs):
                     found = suggest_ranks(run, worker, names, prefs)
                     suggestions += [{"seed": seed, **s} for s in found]
@@ -366,12 +418,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
             record.update(runs=runs, suggestions=suggestions, wall_seconds=time.perf_counter() - wall,
                           summary=summarize(runs, suggestions, args.checkpoints, len(prefs)))
-            (out / "hm3.json").write_text(json.dumps(record, indent=1) + "\n")  # partial results too
+            (out / args.name).write_text(json.dumps(record, indent=1) + "\n")  # partial results too
+    merged_seeds: dict[str, list[int]] = {}
+    for path in args.merge:
+        other = json.loads(path.read_text())
+        for key in ("reference_point", "limit", "space_config", "objectives", "checkpoints"):
+            if other[key] != json.loads(json.dumps(record[key])):  # as stored (tuples become lists)
+                raise SystemExit(f"--merge {path}: its {key} differs from this run's")
+        if other["suggestions"] and "hm3" not in args.optimizers:
+            if len(record["preferences"]) and other["preferences"] != json.loads(json.dumps(record["preferences"])):
+                raise SystemExit(f"--merge {path}: its preferences differ from this run's")
+            record["preferences"] = other["preferences"]
+            suggestions += other["suggestions"]
+        for opt, rs in other["runs"].items():
+            if opt in args.optimizers:
+                continue
+            runs.setdefault(opt, []).extend(rs)
+            merged_seeds.setdefault(opt, []).extend(r["seed"] for r in rs)
+            record["budgets"][opt] = other["budgets"][opt]
+        record["errors"].update(other.get("errors", {}))
+        record.setdefault("merged_from", []).append({"file": str(path), "wall_seconds": other.get("wall_seconds"),
+                                                     "machine": other.get("machine")})
+    for opt, seeds in merged_seeds.items():
+        record["seeds"][opt] = len(seeds)
     record.update(runs=runs, suggestions=suggestions,
-                  summary=summarize(runs, suggestions, args.checkpoints, len(prefs)))
+                  summary=summarize(runs, suggestions, args.checkpoints, len(record["preferences"])))
     record["table"] = table(record["summary"], suggestions, args.checkpoints)
     record["wall_seconds"] = time.perf_counter() - wall
-    (out / "hm3.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / args.name).write_text(json.dumps(record, indent=1) + "\n")
     print(record["table"])
     print(f"wall time {record['wall_seconds']:.0f} s")
     return record

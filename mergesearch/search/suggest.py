@@ -1,12 +1,13 @@
 """Preference in, model out: ask the ``hm3`` policy for the layer path it expects best for a preference.
 
-:func:`suggest` (what ``mergesearch suggest JOB --prefer A=2,B=1`` runs) rebuilds the policy and value from the
-stored trials and asks them for the path they expect best for the preference ω (weights normalised to sum 1,
-objectives not named get 0): the policy's greedy path and samples, each improved slot by slot on the value,
-ranked by the value's prediction under the ASF that ``pick`` ranks a front by
-(:meth:`~mergesearch.search.optimizers.hm3.HM3Sampler.best_path`). It takes the non-layer parameters (method,
-weights, densities) of the stored trial best under that ASF, evaluates that point as a new trial of the study (user attr
-``suggested_for``) and says where it lands: on the front or not, and its rank among the front's trials by the
+:func:`suggest` (what ``mergesearch suggest JOB --prefer A=2,B=1`` runs) rebuilds the policy and the value networks
+from the stored trials and asks them for the plan they expect best for the preference ω (weights normalised to sum
+1, objectives not named get 0), by the ASF that ``pick`` ranks a front by
+(:meth:`~mergesearch.search.optimizers.hm3.HM3Sampler.suggest`): the stored trials at their measured values compete
+with new plans (the networks' best path, the policy's samples, the front's neighbourhood) at their pessimistic value
+under the value ensemble, so a new plan is proposed only when it is surely better, else the stored trial best for ω
+again. It evaluates that point as a new trial of the study (user attr ``suggested_for``) and says where it lands: on
+the front or not, and its rank among the front's trials by the
 preference's ASF (:func:`mergesearch.search.preference.pick`; a stored trial with the same values ties with it).
 """
 

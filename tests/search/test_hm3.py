@@ -113,7 +113,9 @@ def test_training_recovers_the_known_best_path_per_preference():
     study = _random_study(40, 5, seed=1)
     best = {tuple(path_of(t.params)) for t in study.trials}
     assert ("a",) * 5 not in best and ("base",) * 5 not in best
-    sampler = HM3Sampler(space(5, floats=False), 0, n_startup=10, steps=200, hidden=32)
+    # kappa 0: the value ensemble's mean, no pessimism (that keeps a measured plan unless a new one is surely
+    # better; tested below): what training has learnt, not how cautious suggest is
+    sampler = HM3Sampler(space(5, floats=False), 0, n_startup=10, steps=200, hidden=32, kappa=0.0)
     assert path_of(sampler.suggest(study, [1.0, 0.0])) == ["a"] * 5
     assert path_of(sampler.suggest(study, [0.0, 1.0])) == ["base"] * 5
     # the policy itself has learnt them, not only the search on its value that suggest adds
@@ -206,3 +208,52 @@ def test_suggest_command_bad_preference_is_one_line(tiny_job, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1 and needle in err[0]
     assert not db.exists()  # nothing stored
+
+
+def test_value_ensemble_is_sure_on_its_data_and_unsure_far_from_it():
+    from mergesearch.search.optimizers.hm3 import ValueEnsemble
+
+    rng = np.random.default_rng(0)
+    T, C = 6, 4
+    # training paths use choices 0 and 1 only; the objective counts them (one per column)
+    paths = rng.integers(0, 2, (40, T))
+    G = np.stack([(paths == 0).mean(1), (paths == 1).mean(1)], 1)
+    ens = ValueEnsemble(T, C, 0, members=5, hidden=64, seed=0).fit(paths, np.zeros((40, 0)), G)
+    mu, sd = ens.predict(paths, np.zeros((40, 0)))
+    assert np.abs(mu - G).max() < 0.1
+    unseen = rng.integers(2, 4, (40, T))  # choices never stored
+    _, sd_far = ens.predict(unseen, np.zeros((40, 0)))
+    assert sd_far.mean() > 3 * sd.mean(), (sd_far.mean(), sd.mean())
+    again = ValueEnsemble(T, C, 0, members=5, hidden=64, seed=0).fit(paths, np.zeros((40, 0)), G)
+    np.testing.assert_array_equal(again.predict(unseen, np.zeros((40, 0)))[0], ens.predict(unseen,
+                                                                                          np.zeros((40, 0)))[0])
+
+
+def test_suggest_keeps_the_best_stored_plan_when_nothing_new_is_surely_better():
+    """With a huge pessimism (kappa) no new plan's predicted value can beat a measured one: suggest proposes the
+    stored trial best under the preference (by pick's ASF) again; with kappa 0 it may propose a new plan."""
+    from mergesearch.search.optimizers.hm3 import Scale, pick_asf
+
+    study = _random_study(30, 4, seed=2)
+    F = -np.array([t.values for t in study.trials])
+    w = np.array([0.7, 0.3])
+    best = study.trials[int(np.argmin(pick_asf(Scale(F).pick_units(F), w)))]
+    sure = HM3Sampler(space(4, floats=False), 0, steps=30, hidden=16, kappa=10.0)
+    assert sure.suggest(study, w) == best.params
+    # for (1, 0) the best plan (every slot `a`) is not stored: without pessimism suggest proposes it
+    assert ("a",) * 4 not in {tuple(path_of(t.params)) for t in study.trials}
+    bold = HM3Sampler(space(4, floats=False), 0, steps=30, hidden=16, kappa=0.0)
+    assert path_of(bold.suggest(study, [1.0, 0.0])) == ["a"] * 4
+
+
+def test_ask_with_the_value_ensemble_proposes_new_plans_within_bounds():
+    study = open_study("memory://", "s", [("a", "maximize"), ("b", "maximize")])
+    opt = Optimizer(study, space(5), name="hm3", seed=1, options={**FAST, "min_layers": 2, "max_layers": 4,
+                                                                  "ensemble": 3})
+    for _ in range(8):
+        for t in opt.ask(2):
+            opt.tell(t.number, counts(t.params))
+    keys = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(keys)) == len(keys) == 16
+    assert all(2 <= sum(c != "skip" for c in path_of(t.params)) <= 4 for t in study.trials)
+    assert not any("proposal_fallback" in t.user_attrs for t in study.trials)
