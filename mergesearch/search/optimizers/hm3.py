@@ -363,7 +363,8 @@ class ValueEnsemble:
 
     def members(self, paths: np.ndarray, X: np.ndarray) -> np.ndarray:
         """``(E, B, m)`` every member's prediction, in training units."""
-        assert self.beta is not None, "fit first"
+        if self.beta is None:
+            raise RuntimeError("ValueEnsemble.members before fit")
         return self._design(self.features(paths, X)) @ self.beta
 
     def predict(self, paths: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
