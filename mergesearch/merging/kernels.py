@@ -302,14 +302,14 @@ def _bracket(tau, tkind, lo, hi, buf, first, last):  # pragma: no cover - runs c
         k = min(BLOCK, last - start)
         t = _load(tau, tkind, start, k, blk, bits)
         for r0 in range(0, k, RUN):
-            r1 = min(k, r0 + RUN)
+            run = t[r0:min(k, r0 + RUN)]  # a slice indexed from 0: t[r0 + j] kept the test scalar (wrap-around)
             hits = 0
-            for j in range(r0, r1):  # vectorises
-                a = abs(t[j])
+            for j in range(run.shape[0]):  # vectorises
+                a = abs(run[j])
                 hits += (a >= lo) & (a <= hi)
             if hits:
-                for j in range(r0, r1):  # branch-free compaction: always write, advance only inside [lo, hi]
-                    a = abs(t[j])
+                for j in range(run.shape[0]):  # branch-free compaction: always write, advance only inside [lo, hi]
+                    a = abs(run[j])
                     buf[min(m, cap - 1)] = a
                     m += (a >= lo) & (a <= hi)
     return m
