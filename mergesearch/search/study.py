@@ -18,6 +18,7 @@ state) — on a SQL database a few multi-row statements each, instead of one tra
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -28,7 +29,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -413,6 +414,21 @@ def create_trial(storage: BaseStorage, study_id: int, trial: FrozenTrial,
     return trial_id, storage.get_trial_number_from_id(trial_id)
 
 
+@contextlib.contextmanager
+def _updatable_trial(rdb: Any, trial_id: int, user_attrs: Mapping[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """One transaction on an unfinished trial's row (locked for update), its ``user_attrs`` replaced first:
+    yields (session, trial row); committed when the block ends.
+
+    Raises:
+        optuna.exceptions.UpdateFinishedTrialError: the trial is already finished (nothing is written).
+    """
+    with rdb.session() as session:
+        row = rdb.models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        rdb.backend.check_trial_is_updatable(trial_id, row.state)
+        rdb.replace_attrs(session, rdb.models.TrialUserAttributeModel, "trial_id", trial_id, user_attrs)
+        yield session, row
+
+
 def store_sampled(storage: BaseStorage, study_id: int, trial_id: int, params: Mapping[str, Any],
                   distributions: Mapping[str, BaseDistribution], user_attrs: Mapping[str, Any],
                   system_attrs: Mapping[str, Any], study_system_attrs: Mapping[str, Any] | None = None) -> None:
@@ -422,11 +438,8 @@ def store_sampled(storage: BaseStorage, study_id: int, trial_id: int, params: Ma
     if rdb is not None:
         m = rdb.models
         try:
-            with rdb.session() as session:
-                row = m.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-                rdb.backend.check_trial_is_updatable(trial_id, row.state)
+            with _updatable_trial(rdb, trial_id, user_attrs) as (session, _):
                 rdb.insert_params(session, trial_id, params, distributions)
-                rdb.replace_attrs(session, m.TrialUserAttributeModel, "trial_id", trial_id, user_attrs)
                 rdb.replace_attrs(session, m.TrialSystemAttributeModel, "trial_id", trial_id, system_attrs)
                 rdb.replace_attrs(session, m.StudySystemAttributeModel, "study_id", study_id, study_system_attrs or {})
             return
@@ -455,10 +468,7 @@ def finish_trial(storage: BaseStorage, trial_id: int, state: TrialState, values:
     if rdb is not None:
         m = rdb.models
         try:
-            with rdb.session() as session:
-                row = m.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-                rdb.backend.check_trial_is_updatable(trial_id, row.state)
-                rdb.replace_attrs(session, m.TrialUserAttributeModel, "trial_id", trial_id, user_attrs)
+            with _updatable_trial(rdb, trial_id, user_attrs) as (session, row):
                 if values is not None:
                     table = m.TrialValueModel.__table__
                     session.execute(rdb.sa.delete(table).where(table.c.trial_id == trial_id))
