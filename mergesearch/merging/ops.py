@@ -138,10 +138,8 @@ def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Ma
     if len({t.dtype for t in tensors}) == 1 and _kernel_usable(first, out) and all(t.is_contiguous() for t in tensors):
         from mergesearch.merging import kernels
 
-        n = len(tensors)
-        bad = kernels.fused_merge(None, out, [t.reshape(-1) for t in tensors], None, [-math.inf] * n, [math.inf] * n,
-                                  [0] * n, [1.0] * n, weights, 1.0, False, False, denom,
-                                  threads=torch.get_num_threads())
+        bad = kernels.fused_merge(None, out, [t.reshape(-1) for t in tensors], [1.0] * len(tensors), weights, 1.0,
+                                  False, False, denom, threads=torch.get_num_threads())
         return _emit(group, out, bad)
     res = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
     for t, w in zip(tensors, weights, strict=True):
@@ -229,22 +227,32 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
+class _Della:
+    """DELLA's keep rule (:func:`sparsify.della_mask`): keep with a probability from density − ε (smallest |τ| of
+    a row) to density + ε (largest), by the row ranks."""
+
+    ranks: torch.Tensor  # compact row ranks, τ's shape (sparsify.della_ranks)
+    density: float
+    epsilon: float
+
+
+@dataclass
 class _Input:
     """One non-base input: τ (flat), its keep rule, and its coefficient wi·rescale.
 
     The keep rule is a magnitude band lo <= |τ| <= hi (a bound None is open), or DARE draws < keep_below,
-    or everything (neither), or nothing (``zero``).
+    or DELLA's (``della``, with ``draws``), or everything (none), or nothing (``zero``).
     """
 
-    tau: torch.Tensor | None
+    tau: torch.Tensor
     coef: float
     band: tuple[float | None, float | None] | None = None
     draws: torch.Tensor | None = None  # int16 uniforms; keep where draws < keep_below
     keep_below: int = 0
     zero: bool = False
-    #: DELLA's compiled mask pass, still to run: () -> (mask⊙τ, ‖τ‖₁, ‖mask⊙τ‖₁); see :func:`_run_pending`
-    pending: Callable[[], tuple[torch.Tensor, float, float]] | None = None
-    rescale: bool = False
+    della: _Della | None = None
+    #: DELLA's compiled L1 pass, still to run: () -> (‖τ‖₁, ‖mask⊙τ‖₁); see :func:`_run_pending`
+    pending: Callable[[], tuple[float, float]] | None = None
 
 
 def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVectorFlags, weight: float,
@@ -291,22 +299,31 @@ def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVector
 
 def _della(group: TensorGroup, i: int, tau: torch.Tensor, d: float, eps: float, weight: float,
            rescale: bool) -> _Input:
-    """Input i under DELLA: mask⊙τi (fresh float32, flat) with coefficient wi·‖τi‖₁/‖mask⊙τi‖₁ (rescale)."""
+    """Input i under DELLA: τi with its keep rule (draws and cached row ranks) and coefficient wi, times
+    ‖τi‖₁/‖mask⊙τi‖₁ once the pending L1 pass has run (rescale)."""
     sp.check_della(d, eps)
     ranks = group.ranks(i) if group.ranks else None
     ranks = sp.della_ranks(tau) if ranks is None else ranks
     draws = group.uniform(i)
+    inp = _Input(tau.reshape(-1), weight, draws=draws.reshape(-1), della=_Della(ranks, d, eps))
+    if rescale:
+        inp.pending = lambda: _della_pass(inp, tau, write=False)[1:]
+    return inp
+
+
+def _della_pass(inp: _Input, tau: torch.Tensor, write: bool) -> tuple[torch.Tensor | None, float, float]:
+    """(mask⊙τ as float32 of τ's shape, or None without ``write``; ‖τ‖₁; ‖mask⊙τ‖₁) of a DELLA input: one
+    compiled pass on the CPU, torch ops elsewhere."""
+    rule = inp.della
     if tau.device.type == "cpu" and tau.is_contiguous() and tau.dtype in _KERNEL_DTYPES:
         from mergesearch.merging import kernels
 
-        # run later, with the other inputs' passes (their float64 sums keep index order: one thread each)
-        return _Input(None, weight, rescale=rescale,
-                      pending=lambda: kernels.della_mask(tau, draws, ranks, d - eps, 2 * eps))
-    else:
-        t = _work(tau)
-        masked = t * sp.della_mask(tau, d, eps, draws, sp.rank_norm(ranks))
-        before, after = t.abs().sum(dtype=torch.float64).item(), masked.abs().sum(dtype=torch.float64).item()
-    return _Input(masked.reshape(-1), weight * sp.l1_rescale_factor(before, after) if rescale else weight)
+        return kernels.della_mask(tau, inp.draws, rule.ranks, rule.density - rule.epsilon, 2 * rule.epsilon,
+                                  write=write)
+    t = _work(tau)
+    masked = t * sp.della_mask(tau, rule.density, rule.epsilon, inp.draws.reshape(tau.shape),
+                               sp.rank_norm(rule.ranks))
+    return masked, t.abs().sum(dtype=torch.float64).item(), masked.abs().sum(dtype=torch.float64).item()
 
 
 def task_vector_merge(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]], *,
@@ -333,14 +350,18 @@ def task_vector_merge(group: TensorGroup, shared: Mapping[str, Any], per_input: 
     out = group.out if group.out is not None and group.out.dtype == base.dtype else torch.empty_like(base)
     div_nc = _plain_divisor(weights, normalize)
     run = _kernel_merge if _kernel_usable(base, out) else _torch_merge
+    if run is _torch_merge:  # the torch path applies DELLA's mask as a multiplied τ
+        for inp in (x for x in inputs if x.della is not None):
+            inp.tau = _della_pass(inp, inp.tau.reshape(inp.della.ranks.shape), write=True)[0].reshape(-1)
+            inp.della, inp.draws = None, None
     bad = run(inputs, base, out, weights, lam, normalize, flags.consensus, div_nc)
     return _emit(group, out, bad)
 
 
 def _run_pending(inputs: list[_Input]) -> None:
-    """Run the inputs' pending DELLA mask passes, side by side on ``torch.get_num_threads()`` threads.
+    """Run the inputs' pending DELLA L1 passes, side by side on ``torch.get_num_threads()`` threads, and rescale.
 
-    Each pass is one thread's work (its L1 sums run in index order, which a split would change), so the inputs
+    Each pass is one thread's work (its L1 sums have a fixed order, which a split would change), so the inputs
     are what is spread over threads: each result is the same as run alone.
     """
     todo = [inp for inp in inputs if inp.pending is not None]
@@ -348,10 +369,8 @@ def _run_pending(inputs: list[_Input]) -> None:
         return
     from mergesearch.merging import kernels
 
-    for inp, (masked, before, after) in zip(todo, kernels.run_side_by_side([inp.pending for inp in todo]),
-                                            strict=True):
-        inp.tau = masked.reshape(-1)
-        inp.coef = inp.coef * sp.l1_rescale_factor(before, after) if inp.rescale else inp.coef
+    for inp, (before, after) in zip(todo, kernels.run_side_by_side([inp.pending for inp in todo]), strict=True):
+        inp.coef *= sp.l1_rescale_factor(before, after)
         inp.pending = None
 
 
@@ -362,7 +381,7 @@ def _kernel_usable(base: torch.Tensor, out: torch.Tensor) -> bool:
 
 def _kernel_merge(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, weights: list[float], lam: float,
                   normalize: bool, consensus: bool, div_nc: float) -> int:
-    """The merge as one compiled pass: each input's keep rule becomes a band or a draw threshold."""
+    """The merge as one compiled pass: each input's keep rule becomes a band, a draw threshold or DELLA's rule."""
     from mergesearch.merging import kernels  # numba: imported (and the kernel compiled) on first use
 
     live = [(inp, w) for inp, w in zip(inputs, weights, strict=True) if not inp.zero]  # a dropped one adds +0
@@ -371,19 +390,25 @@ def _kernel_merge(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, w
         return int((~torch.isfinite(out)).sum())
     inputs, weights = [inp for inp, _ in live], [w for _, w in live]
     taus = [inp.tau for inp in inputs]
-    if len({t.dtype for t in taus}) > 1 or taus[0].dtype not in _KERNEL_DTYPES:  # e.g. DELLA's float32 masks
+    if len({t.dtype for t in taus}) > 1 or taus[0].dtype not in _KERNEL_DTYPES:  # the kernel takes one dtype
         taus = [t.float() for t in taus]
-    template = next((inp.draws for inp in inputs if inp.draws is not None), None)
-    lo, hi, keep = [], [], []
-    for inp in inputs:
-        band = inp.band or (None, None)
-        lo.append(-math.inf if band[0] is None else band[0])
-        hi.append(math.inf if band[1] is None else band[1])
-        # inputs without draws of their own read another's: int16 draws are always < 32768
-        keep.append(inp.keep_below if inp.draws is not None else 32768)
-    draws = None if template is None else [inp.draws if inp.draws is not None else template for inp in inputs]
-    return kernels.fused_merge(base, out, taus, draws, lo, hi, keep, [inp.coef for inp in inputs], weights, lam,
-                               normalize, consensus, div_nc, threads=torch.get_num_threads())
+    rules = dict(coef=[inp.coef for inp in inputs], weights=weights, lam=lam, normalize=normalize,
+                 consensus=consensus, div_nc=div_nc, threads=torch.get_num_threads())
+    template = next((inp for inp in inputs if inp.draws is not None), None)
+    if template is None:
+        lo = [inp.band[0] if inp.band and inp.band[0] is not None else -math.inf for inp in inputs]
+        hi = [inp.band[1] if inp.band and inp.band[1] is not None else math.inf for inp in inputs]
+        return kernels.fused_merge(base, out, taus, lo=lo, hi=hi, **rules)
+    # inputs that keep everything read another's draws (and ranks) under a rule that keeps every draw
+    draws = [inp.draws if inp.draws is not None else template.draws for inp in inputs]
+    if template.della is None:  # int16 draws are always < 32768
+        keep = [inp.keep_below if inp.draws is not None else 32768 for inp in inputs]
+        return kernels.fused_merge(base, out, taus, draws=draws, keep_below=keep, **rules)
+    dells = [inp.della for inp in inputs]
+    return kernels.fused_merge(  # p ≥ 2 keeps every draw: draw + 32768 ≤ 65535 < 2·65536
+        base, out, taus, draws=draws, ranks=[(d or template.della).ranks for d in dells],
+        p_lo=[d.density - d.epsilon if d else 2.0 for d in dells], p_span=[2 * d.epsilon if d else 0.0 for d in dells],
+        **rules)
 
 
 def _below(x: float) -> float:

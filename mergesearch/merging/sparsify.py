@@ -119,11 +119,10 @@ def bracket_select(tau: torch.Tensor, rank: int, lo: float, hi: float, below: in
     """The |τ| of ascending rank ``rank``, known to lie in [lo, hi], with ``below`` entries under ``lo`` and
     ``width`` in between (a :class:`MagnitudeOrder` key's counts).
 
-    One pass gathers the entries in [lo, hi]; a selection on that small set answers. On the CPU the pass is
-    compiled and reads τ in its own dtype (no float32 copy).
+    One pass gathers the entries in [lo, hi]; a selection on that small set answers. On the CPU the pass over a
+    float32 τ is compiled (no copy).
     """
-    if tau.device.type == "cpu" and tau.is_contiguous() and tau.dtype in (torch.float32, torch.bfloat16,
-                                                                          torch.float16):
+    if tau.device.type == "cpu" and tau.is_contiguous() and tau.dtype == torch.float32:
         from mergesearch.merging import kernels
 
         v = kernels.bracket_select(tau, rank - below, lo, hi, width)
