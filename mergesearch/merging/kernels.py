@@ -118,13 +118,17 @@ def _store_impl(res, bits, dst, kind, start, m):
         bad = 0
         d = dst[start:start + m]
         if kind == 1:
+            # in int32 (AVX2 compares signed integers only: unsigned ones cost ~1.6x): the sum wraps like the
+            # uint32 one, and the arithmetic shift's sign copies are masked off; NaN (above inf) becomes 0x7FC0
+            i32 = np.int32
+            xs, bad32 = bits.view(np.int32), i32(0)
             for j in range(m):
-                x = bits[j]
-                r = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                r = np.uint32(0x7FC0) if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+                x = xs[j]
+                r = ((x + i32(0x7FFF) + ((x >> i32(16)) & i32(1))) >> i32(16)) & i32(0xFFFF)
+                r = i32(0x7FC0) if (x & i32(0x7FFFFFFF)) > i32(0x7F800000) else r
                 d[j] = np.uint16(r)
-                bad += (r & np.uint32(0x7F80)) == np.uint32(0x7F80)
-            return bad
+                bad32 += i32((r & i32(0x7F80)) == i32(0x7F80))
+            return bad32
         for j in range(m):
             x = bits[j]
             sign = (x >> np.uint32(16)) & np.uint32(0x8000)
@@ -157,8 +161,8 @@ def _combine(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_
     """res[:m] = the merged block from the k input blocks (float32, C-contiguous, length ≥ m) and base block ``b``.
 
     ``keep``: 0 the magnitude band [lo, hi], 1 DARE's draws < keep_below, 2 DELLA's draw test on the row ranks.
-    ``mode``: 0 a plain weighted sum (no base), 1 base + λ·Σu/div, 2 TIES consensus divided by the agreeing
-    weights, 3 consensus undivided."""
+    ``mode``: 0 a plain weighted sum (no base), 1 base + λ·Σu/div (4: div = λ = 1), 2 TIES consensus divided by
+    the agreeing weights, 3 consensus undivided."""
 
 
 def _combine_source(k: int) -> str:
@@ -188,8 +192,8 @@ def _combine_source(k: int) -> str:
     bodies = {
         # Σ w_i·u_i in float64, where each product of two float32 is exact, divided there and rounded once
         0: ["s64 = 0.0"] + [f"s64 += w{i} * np.float64(u{i})" for i in ins] + ["res[j] = f32(s64 / div_nc)"],
-        # x / 1 and x · 1 are exact, so the unnormalised and λ = 1 cases need no branch
         1: [total, "res[j] = b[j] + s / div * lam"],
+        4: [total, "res[j] = b[j] + s"],  # mode 1 with div = λ = 1 (x / 1 and x · 1 are exact): no division
     }
     # consensus: keep the u_i whose sign is the sign of Σ u (0 counts as +, u_i = 0 never agrees)
     agree = [total, "pos = s >= zero", "mx, dw = zero, zero"]
@@ -250,6 +254,7 @@ def _merge(base, bkind, has_base, out, okind, taus, tkind, keep, draws, ranks, l
     res = np.empty(BLOCK, dtype=f32)
     bbits, rbits = bb.view(np.uint32), res.view(np.uint32)
     mode = 0 if not has_base else (1 if not consensus else (2 if normalize else 3))
+    mode = 4 if mode == 1 and div_nc == 1.0 and lam == 1.0 else mode
     bad = 0
     for start in range(first, last, BLOCK):
         m = min(BLOCK, last - start)
