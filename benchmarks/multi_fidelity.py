@@ -59,7 +59,8 @@ SAMPLER_VIEW = "best estimate (pruned trials at their last rung)"
 
 
 def run_one(config: Any, worker: Any, seed: int, *, trials: int, rungs: list[int] | None,
-            max_examples: int | None, optimizer: str = OPTIMIZER, keep: float = KEEP) -> dict[str, Any]:
+            max_examples: int | None, optimizer: str = OPTIMIZER, keep: float = KEEP,
+            estimator: str = "none") -> dict[str, Any]:
     """One in-memory search; per trial in number order: values (NaN when not COMPLETE) and examples."""
     import optuna
 
@@ -68,7 +69,7 @@ def run_one(config: Any, worker: Any, seed: int, *, trials: int, rungs: list[int
     from mergesearch.search.loop import SearchRun
 
     search = config.search.model_copy(update={
-        "fidelity": None if rungs is None else FidelityConfig(rungs=rungs, keep=keep),
+        "fidelity": None if rungs is None else FidelityConfig(rungs=rungs, keep=keep, estimator=estimator),
         "max_examples": max_examples, "baselines": False, "initial": [], "refine": 0})
     config = config.model_copy(update={"search": search})
     run = SearchRun(config, storage="memory://", study_name=f"s{seed}-{'rungs' if rungs else 'single'}",
@@ -126,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizer", default=OPTIMIZER)
     p.add_argument("--rungs", default=",".join(map(str, RUNGS)), help="lower rungs, examples per task (e.g. 16,48)")
     p.add_argument("--keep", type=float, default=KEEP)
+    p.add_argument("--estimator", default="none", choices=["none", "difficulty"],
+                   help="search.fidelity.estimator of the rungs runs (promotion on estimated full scores)")
     p.add_argument("--name", default=NAME, help="results file: OUT/NAME.json")
     p.add_argument("--trials", type=int, default=60, help="single-fidelity trials (sets the examples budget)")
     p.add_argument("--spaces", default="weights,layers")
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     record: dict[str, Any] = {"optimizer": args.optimizer, "rungs": args.rungs, "keep": args.keep,
+                              "estimator": args.estimator,
                               "trials": args.trials, "seeds": seeds, "sampler_view": SAMPLER_VIEW, "machine": {
                                   "platform": platform.platform(), "cpus": os.cpu_count(),
                                   "load_average_start": os.getloadavg()}, "spaces": {}}
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              optimizer=args.optimizer)
             budget = int(sum(single["examples"]))
             staged = run_one(config, worker, seed, trials=100_000, rungs=args.rungs, max_examples=budget,
-                             optimizer=args.optimizer, keep=args.keep)
+                             optimizer=args.optimizer, keep=args.keep, estimator=args.estimator)
             (_, hs), (xr, hr) = curve(single, directions, ref, scale), curve(staged, directions, ref, scale)
             target = float(hs[-1])
             need = examples_to_reach(xr, hr, target)

@@ -17,8 +17,8 @@ class Worker(Protocol):
 
         Returns:
             ``({objective name: value} or None when a lower rung stopped it, report)``; the report holds seconds
-            by phase (``merge``, ``eval``) and, where examples were scored, ``examples`` (int) and ``rungs``
-            (the values at each lower rung reached).
+            by phase (``merge``, ``eval``) and, where examples were scored, ``examples`` (int), ``rungs``
+            (the values at each lower rung reached) and, with a fidelity estimator, ``per_example``.
 
         Raises:
             TrialError: the candidate is bad (NaN score, invalid plan); the worker stays usable.
@@ -48,6 +48,8 @@ class TrialResult:
     examples: int = 0
     #: a lower rung stopped the trial: no full-fidelity values
     pruned: bool = False
+    #: with a fidelity estimator: per objective, each example's value (see evaluate_staged)
+    per_example: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

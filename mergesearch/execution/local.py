@@ -45,10 +45,11 @@ def run_trial(worker: Worker, trial: int, plan: dict[str, Any], submitted_at: fl
     """
     start = time.time()
     timings = {"queue": max(0.0, start - submitted_at)}
-    rungs, examples = [], 0
+    rungs, examples, per_example = [], 0, {}
     try:
         values, report = worker.evaluate(plan)
         rungs, examples = list(report.get("rungs", ())), int(report.get("examples", 0))
+        per_example = dict(report.get("per_example") or {})
         if values is not None:
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             if bad:
@@ -66,7 +67,7 @@ def run_trial(worker: Worker, trial: int, plan: dict[str, Any], submitted_at: fl
                                engine_error=traceback.format_exc())
     timings["total"] = time.time() - submitted_at
     return TrialResult(trial=trial, values=values, error=error, worker=name, timings=timings, rungs=rungs,
-                       examples=examples, pruned=error is None and values is None)
+                       examples=examples, pruned=error is None and values is None, per_example=per_example)
 
 
 def candidate_failure(exc: BaseException) -> bool:

@@ -85,7 +85,7 @@ class MergeWorker:
         finally:
             torch.set_num_threads(previous)
         return result.values, {"merge": t1 - t0, "eval": t2 - t1, "rungs": result.rungs,
-                               "examples": result.examples}
+                               "examples": result.examples, "per_example": result.per_example}
 
 
 @dataclass(frozen=True)

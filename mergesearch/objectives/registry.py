@@ -101,11 +101,14 @@ class Evaluation:
         values: ``{objective name: value}`` at full fidelity; None when a lower rung stopped the trial.
         rungs: ``{objective name: value}`` at each lower rung reached, in order.
         examples: examples scored, summed over objectives and rungs (objectives without examples count 0).
+        per_example: see the field.
     """
 
     values: dict[str, float] | None
     rungs: list[dict[str, float]] = field(default_factory=list)
     examples: int = 0
+    #: with a fidelity estimator: each example's value, in order, for objectives whose score is their mean
+    per_example: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _finite(o: Objective, value: Any) -> float:
@@ -145,6 +148,9 @@ def evaluate_staged(objectives: Sequence[Objective], model: Any, tokenizer: Any,
                 records[o.name] += o.score(model, tokenizer, done, want)
                 out.examples += want - done
             values[o.name] = _finite(o, o.reduce(records[o.name][:want]))
+        if rungs is not None and rungs.estimator != "none":  # what the estimator needs, kept with the trial
+            out.per_example = {o.name: [float(r["value"]) for r in records[o.name]] for o in objectives
+                               if records[o.name] and type(o).reduce is ObjectiveBase.reduce}
         if k == len(sizes):
             out.values = values
             for o in objectives:
@@ -152,7 +158,7 @@ def evaluate_staged(objectives: Sequence[Objective], model: Any, tokenizer: Any,
                     o.last_details = records[o.name]
             return out
         out.rungs.append(values)
-        if rungs is not None and not rungs.promoted(k, values):
+        if rungs is not None and not rungs.promoted(k, values, out.per_example):
             return out
     return out
 

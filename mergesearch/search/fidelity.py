@@ -30,13 +30,17 @@ afterwards only 0 to 19 of its next 160 to 280 trials completed: it kept proposi
 had visited (every weight near 1), each proposal was pruned at the first rung, and since pruned trials were
 invisible its data never changed. With estimates, every finished trial changes what the optimizer sees.
 Every backend gets this view through one seam (:class:`~mergesearch.search.optimizers.pending.SamplingStorage`).
+
+**Estimator** (``estimator: difficulty``, promotion only): trials store their per-example values; the driver
+fits, per task and rung, a regression of the full score on the rung's per-example values (:func:`fit_rung_model`)
+and promotion compares every trial's estimate (:func:`estimate`) instead of its rung score.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +49,10 @@ import numpy as np
 RUNGS_ATTR = "rungs"
 #: user attr of a trial: examples scored for it (summed over objectives and rungs)
 EXAMPLES_ATTR = "examples"
+#: user attr of a trial (with ``fidelity.estimator``): ``{objective: [value of each example scored, in order]}``
+PER_EXAMPLE_ATTR = "per_example"
+#: the estimator fits a rung's model once this many trials more than the rung's examples scored it in full
+MIN_SCORED = 5
 
 
 def crowding(points: np.ndarray) -> np.ndarray:
@@ -115,25 +123,138 @@ class Rungs:
     names: tuple[str, ...]
     signs: tuple[float, ...]
     seen: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    #: the estimator's models per objective and rung size (:func:`fit_rung_model`); ``estimator`` set: the
+    #: worker reports its per-example values
+    models: Mapping[str, Mapping[int, RungModel]] = field(default_factory=dict)
+    estimator: str = "none"
 
-    def promoted(self, k: int, values: Mapping[str, float]) -> bool:
-        """Whether a trial scoring ``values`` at lower rung ``k`` goes on to the next stage."""
+    def promoted(self, k: int, values: Mapping[str, float],
+                 per_example: Mapping[str, Sequence[float]] | None = None) -> bool:
+        """Whether a trial scoring ``values`` at lower rung ``k`` goes on to the next stage (judged on its
+        :func:`estimate` from ``per_example`` where the estimator has a model; ``seen`` holds such estimates)."""
         seen = self.seen[k] if k < len(self.seen) else ()
-        return promoted(seen, [values[n] for n in self.names], self.signs, self.keep)
+        own = estimate(values, per_example or {}, self.models)
+        return promoted(seen, [own[n] for n in self.names], self.signs, self.keep)
 
 
-def rung_table(trials: Iterable[Any], sizes: Sequence[int], names: Sequence[str]) -> list[list[tuple[float, ...]]]:
-    """Per lower rung, the score vectors the stored ``trials`` reached there (from their ``rungs`` attr).
+@dataclass(frozen=True)
+class RungModel:
+    """The estimator of one objective at one rung: full ≈ mean(v) + b0 + β·(v − mu) for the values v of the
+    rung's N examples (:func:`fit_rung_model`)."""
+
+    mu: tuple[float, ...]
+    b0: float
+    beta: tuple[float, ...]
+
+    def __call__(self, v: Sequence[float]) -> float:
+        x = np.asarray(v, dtype=float)
+        return float(x.mean() + self.b0 + (x - np.asarray(self.mu)) @ np.asarray(self.beta))
+
+
+def estimate(values: Mapping[str, float], per_example: Mapping[str, Sequence[float]],
+             models: Mapping[str, Mapping[int, RungModel]]) -> dict[str, float]:
+    """A trial's scores at a rung, each replaced by its full-subset estimate where the objective has a
+    :class:`RungModel` for the number of examples the trial scored (``fidelity.estimator: difficulty``)."""
+    out = dict(values)
+    for name, by_size in models.items():
+        v = per_example.get(name)
+        if v and name in out and len(v) in by_size:
+            out[name] = by_size[len(v)](v)
+    return out
+
+
+def fit_rung_model(rows: Sequence[Sequence[float]], full: Sequence[float]) -> RungModel | None:
+    """Ridge regression of the full-subset score minus the rung mean on the rung's per-example values
+    (centred), over trials that scored both; the ridge penalty by generalised cross-validation.
+
+    Why not an additive difficulty model (v_tj = a_t + d_j) or Rasch: trials at one rung share its examples,
+    so either changes every trial's estimate by the same amount (Rasch: the raw score is sufficient for the
+    ability) and no promotion decision. A regression weighs the examples by how much they tell about the full
+    score (like IRT's discriminations); a large penalty gives back the rung mean plus a constant.
+
+    Returns:
+        The model, or None with fewer than :data:`MIN_SCORED` + the number of examples trials to fit on.
+    """
+    x = np.asarray(rows, dtype=float)
+    if x.ndim != 2 or len(x) < MIN_SCORED + x.shape[1]:
+        return None
+    y = np.asarray(full, dtype=float) - x.mean(axis=1)
+    mu, b0 = x.mean(axis=0), float(y.mean())
+    u, sv, vt = np.linalg.svd(x - mu, full_matrices=False)
+    uy = u.T @ (y - b0)
+    best = None
+    for lam in np.logspace(-4, 4, 33) * max(float((sv ** 2).mean()), 1e-12):
+        shrink = sv ** 2 / (sv ** 2 + lam)
+        resid = float(((y - b0) ** 2).sum() - ((2 * shrink - shrink ** 2) * uy ** 2).sum())
+        gcv = len(x) * resid / max(len(x) - shrink.sum(), 1e-9) ** 2
+        if best is None or gcv < best[0]:
+            best = (gcv, vt.T @ (sv / (sv ** 2 + lam) * uy))
+    return RungModel(tuple(float(m) for m in mu), b0, tuple(float(c) for c in best[1]))
+
+
+class RungHistory:
+    """What earlier trials reached at each lower rung: the ``seen`` vectors of :class:`Rungs`, and with
+    ``estimator: difficulty`` the rung models fitted on their per-example values, every vector then being that
+    trial's :func:`estimate`.
 
     A stored rung counts only where its size is the configured one (a study resumed with other rungs starts
     those rungs afresh).
     """
-    table: list[list[tuple[float, ...]]] = [[] for _ in sizes]
-    for t in trials:
-        for k, entry in enumerate(t.user_attrs.get(RUNGS_ATTR) or ()):
-            if k < len(sizes) and entry.get("n") == sizes[k] and all(n in entry["values"] for n in names):
-                table[k].append(tuple(float(entry["values"][n]) for n in names))
-    return table
+
+    def __init__(self, sizes: Sequence[int], names: Sequence[str], estimator: str = "none") -> None:
+        self.sizes, self.names, self.estimator = list(sizes), list(names), estimator
+        self._trials: list[tuple[list[Mapping[str, float]], Mapping[str, Sequence[float]]]] = []
+        self._cache: tuple[tuple, dict] | None = None
+
+    @classmethod
+    def of(cls, trials: Iterable[Any], sizes: Sequence[int], names: Sequence[str],
+           estimator: str = "none") -> RungHistory:
+        """The history of stored ``trials`` (their ``rungs`` and ``per_example`` attrs)."""
+        history = cls(sizes, names, estimator)
+        for t in trials:
+            history.add(t.user_attrs.get(RUNGS_ATTR) or (), t.user_attrs.get(PER_EXAMPLE_ATTR) or {})
+        return history
+
+    def add(self, entries: Sequence[Any], per_example: Mapping[str, Sequence[float]]) -> None:
+        """One trial's rung scores as stored (``[{"n": N_k, "values": {name: value}}, ...]``) and its
+        per-example values; rungs of other sizes than the configured ones are left out."""
+        kept = []
+        for k, e in enumerate(entries):
+            values = e.get("values") if isinstance(e, Mapping) else None
+            if k >= len(self.sizes) or not isinstance(values, Mapping) or e.get("n") != self.sizes[k] \
+                    or not all(n in values for n in self.names):
+                break
+            kept.append({n: float(values[n]) for n in self.names})
+        self._trials.append((kept, per_example))
+        self._cache = None
+
+    def models(self) -> dict[str, dict[int, RungModel]]:
+        """The estimator's models per objective and rung size (empty without an estimator or enough data)."""
+        return self._fit()[1]
+
+    def seen(self) -> tuple[tuple[tuple[float, ...], ...], ...]:
+        """Per lower rung, the vectors (in ``names`` order) trials reached there, estimated where fitted."""
+        return self._fit()[0]
+
+    def _fit(self) -> tuple[tuple, dict]:
+        if self._cache is None:
+            models: dict[str, dict[int, RungModel]] = {}
+            if self.estimator != "none":
+                for name in self.names:
+                    done = [pe[name] for _, pe in self._trials if pe.get(name)]
+                    n = max((len(v) for v in done), default=0)
+                    full = [v for v in done if len(v) == n]
+                    for size in {min(s, n) for s in self.sizes if min(s, n) < n}:
+                        model = fit_rung_model([v[:size] for v in full], [float(np.mean(v)) for v in full])
+                        if model is not None:
+                            models.setdefault(name, {})[size] = model
+            seen: list[list[tuple[float, ...]]] = [[] for _ in self.sizes]
+            for rungs, per_example in self._trials:
+                for k, values in enumerate(rungs):
+                    own = estimate(values, {n: v[:self.sizes[k]] for n, v in per_example.items()}, models)
+                    seen[k].append(tuple(own[n] for n in self.names))
+            self._cache = (tuple(tuple(v) for v in seen), models)
+        return self._cache
 
 
 def examples_spent(trials: Iterable[Any]) -> int:

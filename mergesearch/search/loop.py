@@ -405,7 +405,7 @@ class SearchRun:
         """Read what the stored trials spent (examples) and reached (rung scores): a resumed run goes on from it."""
         from optuna.trial import TrialState
 
-        from mergesearch.search.fidelity import examples_spent, rung_table
+        from mergesearch.search.fidelity import RungHistory, examples_spent
 
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                TrialState.FAIL))
@@ -413,7 +413,7 @@ class SearchRun:
         self.examples = examples_spent(trials)
         fidelity = self.config.search.fidelity
         names = [n for n, _ in self.objectives]
-        self._seen = rung_table(trials, fidelity.rungs, names) if fidelity is not None else []
+        self._history = RungHistory.of(trials, fidelity.rungs, names, fidelity.estimator) if fidelity else None
 
     def budget_spent(self) -> bool:
         """Whether ``search.max_examples`` is reached."""
@@ -429,20 +429,21 @@ class SearchRun:
             return spec
         rungs = Rungs(sizes=tuple(fidelity.rungs), keep=fidelity.keep, names=tuple(n for n, _ in self.objectives),
                       signs=tuple(-1.0 if d == "maximize" else 1.0 for _, d in self.objectives),
-                      seen=tuple(tuple(vectors) for vectors in self._seen))
+                      seen=self._history.seen(), models=self._history.models(), estimator=fidelity.estimator)
         return {**spec, "rungs": rungs}
 
     def _fidelity_record(self, res: TrialResult) -> dict[str, Any]:
         """The user attrs of a result's examples and rung scores; counts them into this run's totals."""
-        from mergesearch.search.fidelity import EXAMPLES_ATTR, RUNGS_ATTR
+        from mergesearch.search.fidelity import EXAMPLES_ATTR, PER_EXAMPLE_ATTR, RUNGS_ATTR
 
         self.examples += res.examples
         out: dict[str, Any] = {EXAMPLES_ATTR: res.examples}
         fidelity = self.config.search.fidelity
         if fidelity is not None and res.rungs:
             out[RUNGS_ATTR] = [{"n": n, "values": v} for n, v in zip(fidelity.rungs, res.rungs, strict=False)]
-            for k, values in enumerate(res.rungs):
-                self._seen[k].append(tuple(float(values[n]) for n, _ in self.objectives))
+            if res.per_example:
+                out[PER_EXAMPLE_ATTR] = res.per_example
+            self._history.add(out[RUNGS_ATTR], res.per_example)
         return out
 
     def _requeue_running(self, inflight: dict[int, dict[str, Any]]) -> None:
