@@ -161,14 +161,15 @@ def _combine(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_
     """res[:m] = the merged block from the k input blocks (float32, C-contiguous, length ≥ m) and base block ``b``.
 
     ``keep``: 0 the magnitude band [lo, hi], 1 DARE's draws < keep_below, 2 DELLA's draw test on the row ranks.
-    ``mode``: 0 a plain weighted sum (no base), 1 base + λ·Σu/div (4: div = λ = 1), 2 TIES consensus divided by
-    the agreeing weights, 3 consensus undivided."""
+    ``mode``: 0 a plain weighted sum of the blocks (no base, no keep rule), 1 base + λ·Σu/div (4: div = λ = 1),
+    2 TIES consensus divided by the agreeing weights, 3 consensus undivided."""
 
 
 def _combine_source(k: int) -> str:
     """The source of :func:`_combine` for k inputs: one loop per mode over a block's entries, each input's
-    block, parameters and u_i in named locals. Indexing ``blocks[i]`` in a loop over i (a runtime tuple index)
-    or reading ``coef[i]`` inside the entry loop kept it scalar (~2.5x the bandwidth floor against 1.1x)."""
+    block, parameters and u_i in named locals. Per-input rows of u written then summed, or ``blocks[i]`` and
+    ``coef[i]`` read inside the entry loop, cost more (task arithmetic, 64M entries, one thread: 2.1x the
+    bandwidth floor against 1.2x)."""
     ins = range(k)
     head = ["def combine(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_lo, p_span, width, "
             "weights, lam, mode, div_nc):",
@@ -190,8 +191,6 @@ def _combine_source(k: int) -> str:
                  f"* f32(65536.0) else zero" for i in ins]}
     total = "s = zero" + "".join(f" + u{i}" for i in ins)  # mergekit's order: u_0 + u_1 + …
     bodies = {
-        # Σ w_i·u_i in float64, where each product of two float32 is exact, divided there and rounded once
-        0: ["s64 = 0.0"] + [f"s64 += w{i} * np.float64(u{i})" for i in ins] + ["res[j] = f32(s64 / div_nc)"],
         1: [total, "res[j] = b[j] + s / div * lam"],
         4: [total, "res[j] = b[j] + s"],  # mode 1 with div = λ = 1 (x / 1 and x · 1 are exact): no division
     }
@@ -202,11 +201,14 @@ def _combine_source(k: int) -> str:
                   f"mx += u{i} if a{i} else zero", f"dw += wf{i} if a{i} else zero"]
     bodies[2] = [*agree, "dn = dw if dw != zero else one", "res[j] = b[j] + mx / dn * lam"]
     bodies[3] = [*agree, "res[j] = b[j] + mx * lam"]
-    lines = list(head)
+    # mode 0 (``linear``, no keep rule): Σ w_i·τ_i in float64, where each product of two float32 is exact,
+    # divided there and rounded once; a loop of its own: mixed with float32 work it ran 1.3x slower (4 lanes)
+    lines = [*head, "    if mode == 0:", "        for j in range(m):", "            s64 = 0.0",
+             *[f"            s64 += w{i} * np.float64(t{i}[j])" for i in ins], "            res[j] = f32(s64 / div_nc)"]
     for rule, kept in keeps.items():
-        lines.append(f"    {'if' if rule == 0 else 'elif'} keep == {rule}:")
+        lines.append(f"    elif keep == {rule}:")
         for mode, body in bodies.items():
-            lines.append(f"        {'if' if mode == 0 else 'elif'} mode == {mode}:")
+            lines.append(f"        {'if' if mode == 1 else 'elif'} mode == {mode}:")
             lines.append("            for j in range(m):")
             lines += [f"                {line}" for line in kept + body]
     return "\n".join(lines) + "\n"
