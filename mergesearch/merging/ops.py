@@ -346,14 +346,16 @@ def task_vector_merge(group: TensorGroup, shared: Mapping[str, Any], per_input: 
     weights = [float(per_input[i]["weight"]) for i in idx]
     lam, rescale, normalize = float(shared["lambda"]), bool(shared["rescale"]), bool(shared["normalize"])
     inputs = [_prepare(group, i, per_input[i], flags, w, rescale) for i, w in zip(idx, weights, strict=True)]
-    _run_pending(inputs)
     out = group.out if group.out is not None and group.out.dtype == base.dtype else torch.empty_like(base)
     div_nc = _plain_divisor(weights, normalize)
     run = _kernel_merge if _kernel_usable(base, out) else _torch_merge
-    if run is _torch_merge:  # the torch path applies DELLA's mask as a multiplied τ
+    if run is _torch_merge:  # the torch path takes DELLA's mask as a multiplied τ, its norms from the same pass
         for inp in (x for x in inputs if x.della is not None):
-            inp.tau = _della_pass(inp, inp.tau.reshape(inp.della.ranks.shape), write=True)[0].reshape(-1)
-            inp.della, inp.draws = None, None
+            masked, before, after = _della_pass(inp, inp.tau.reshape(inp.della.ranks.shape), write=True)
+            if inp.pending is not None:
+                inp.coef *= sp.l1_rescale_factor(before, after)
+            inp.tau, inp.della, inp.draws, inp.pending = masked.reshape(-1), None, None, None
+    _run_pending(inputs)
     bad = run(inputs, base, out, weights, lam, normalize, flags.consensus, div_nc)
     return _emit(group, out, bad)
 
