@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizer", default=OPTIMIZER)
     p.add_argument("--rungs", default=",".join(map(str, RUNGS)), help="lower rungs, examples per task (e.g. 16,48)")
     p.add_argument("--keep", type=float, default=KEEP)
-    p.add_argument("--estimator", default="none", choices=["none", "difficulty"],
+    p.add_argument("--estimator", default="none", choices=["none", "regression"],
                    help="search.fidelity.estimator of the rungs runs (promotion on estimated full scores)")
     p.add_argument("--name", default=NAME, help="results file: OUT/NAME.json")
     p.add_argument("--trials", type=int, default=60, help="single-fidelity trials (sets the examples budget)")

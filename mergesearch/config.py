@@ -294,10 +294,10 @@ class FidelityConfig(_Frozen):
     rungs: list[int] = Field(min_length=1)
     #: fraction of a rung's trials that go on to the next stage.
     keep: float = Field(default=1 / 3, gt=0.0, le=1.0)
-    #: what promotion compares: the rung's scores (``none``), or ``difficulty``: each trial's full-subset score
+    #: what promotion compares: the rung's scores (``none``), or ``regression``: each trial's full-subset score
     #: estimated from its rung's per-example values, by a regression fitted on the trials stored with theirs
     #: (examples weighed by what they tell about the full score; :func:`mergesearch.search.fidelity.fit_rung_model`).
-    estimator: Literal["none", "difficulty"] = "none"
+    estimator: Literal["none", "regression"] = "none"
 
     @field_validator("rungs")
     @classmethod

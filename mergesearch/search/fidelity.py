@@ -31,7 +31,7 @@ had visited (every weight near 1), each proposal was pruned at the first rung, a
 invisible its data never changed. With estimates, every finished trial changes what the optimizer sees.
 Every backend gets this view through one seam (:class:`~mergesearch.search.optimizers.pending.SamplingStorage`).
 
-**Estimator** (``estimator: difficulty``, promotion only): trials store their per-example values; the driver
+**Estimator** (``estimator: regression``, promotion only): trials store their per-example values; the driver
 fits, per task and rung, a regression of the full score on the rung's per-example values (:func:`fit_rung_model`)
 and promotion compares every trial's estimate (:func:`estimate`) instead of its rung score.
 """
@@ -154,7 +154,7 @@ class RungModel:
 def estimate(values: Mapping[str, float], per_example: Mapping[str, Sequence[float]],
              models: Mapping[str, Mapping[int, RungModel]]) -> dict[str, float]:
     """A trial's scores at a rung, each replaced by its full-subset estimate where the objective has a
-    :class:`RungModel` for the number of examples the trial scored (``fidelity.estimator: difficulty``)."""
+    :class:`RungModel` for the number of examples the trial scored (``fidelity.estimator: regression``)."""
     out = dict(values)
     for name, by_size in models.items():
         v = per_example.get(name)
@@ -194,7 +194,7 @@ def fit_rung_model(rows: Sequence[Sequence[float]], full: Sequence[float]) -> Ru
 
 class RungHistory:
     """What earlier trials reached at each lower rung: the ``seen`` vectors of :class:`Rungs`, and with
-    ``estimator: difficulty`` the rung models fitted on their per-example values, every vector then being that
+    ``estimator: regression`` the rung models fitted on their per-example values, every vector then being that
     trial's :func:`estimate`.
 
     A stored rung counts only where its size is the configured one (a study resumed with other rungs starts

@@ -71,7 +71,7 @@ def test_rungs_must_increase(tiny_models, tmp_path) -> None:
         load_config(job)
 
 
-# --- the difficulty estimator -------------------------------------------------------------------------------
+# --- the regression estimator -------------------------------------------------------------------------------
 
 
 def test_rung_model_closed_forms() -> None:
@@ -113,7 +113,7 @@ def test_rung_history_estimates_what_it_has_fitted() -> None:
 
     rng = np.random.default_rng(1)
     rows = [list(rng.integers(0, 2, 8).astype(float) * 0.5 + i / 40) for i in range(20)]
-    history = RungHistory([4], ["x", "y"], estimator="difficulty")
+    history = RungHistory([4], ["x", "y"], estimator="regression")
     for r in rows:
         history.add([{"n": 4, "values": {"x": float(np.mean(r[:4])), "y": 1.0}}], {"x": r})
     history.add([{"n": 2, "values": {"x": 0.0, "y": 0.0}}], {})  # another rung size: left out
@@ -222,7 +222,7 @@ def test_rungs_prune_and_pruned_trials_stay_off_the_front(tiny_models, tmp_path,
 
 def test_estimator_stores_per_example_values_and_a_resumed_run_fits_the_same(tiny_models, tmp_path) -> None:
     job = _job(tiny_models, tmp_path, "{optimizer: random, trials: 10, seed: 2, baselines: false, "
-                                      "fidelity: {rungs: [2, 4], keep: 1.0, estimator: difficulty}}")
+                                      "fidelity: {rungs: [2, 4], keep: 1.0, estimator: regression}}")
     url = f"sqlite:///{tmp_path / 'e.db'}"
     run = _run(job, url)
     trials = optuna.load_study(study_name="f", storage=url).trials
@@ -238,7 +238,7 @@ def test_estimator_stores_per_example_values_and_a_resumed_run_fits_the_same(tin
     resumed._load_fidelity()
     assert resumed._history.models() == models and resumed._history.seen() == run._history.seen()
     rungs = resumed._job({})["rungs"]
-    assert rungs.models == models and rungs.estimator == "difficulty"
+    assert rungs.models == models and rungs.estimator == "regression"
     # seen at rung 0 are the trials' estimates there, not their rung means
     first = trials[0].user_attrs["per_example"]
     assert rungs.seen[0][0][0] == pytest.approx(models["reverse"][2](first["reverse"][:2]))
