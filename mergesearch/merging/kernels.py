@@ -6,7 +6,8 @@ into the output's dtype. The same block pass counts non-finite results, so the f
 pass over memory. A merge is split into contiguous ranges run on ``threads`` threads (the kernel releases the
 GIL). It computes the same float32 operations in the same order as the torch path of
 :func:`mergesearch.merging.ops.task_vector_merge` (no fused multiply-adds, no reassociation), hence the same bits
-(tests/merging/test_conformance.py).
+(tests/merging/test_conformance.py). The one reassociated sum is DELLA's L1 norms (:func:`_l1`), float64 sums that
+only set the rescale factor and that both paths take from the same compiled pass on the CPU.
 
 numba has no float16 on the CPU, so half-precision values travel as their uint16 bit patterns and are
 converted with integer operations (exact, and round to nearest even on the way back, like torch).
