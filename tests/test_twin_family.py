@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import write_job
 from tests.support.cli import run_cli as _cli
+from tests.support.cli import run_study
 
 TASKS = ("  - {type: exact_match, name: reverse, data: data/reverse_search.jsonl, test: data/reverse_test.jsonl}\n"
          "  - {type: loglik, name: sort_ll, data: data/sort_search.jsonl, test: data/sort_test.jsonl}\n"
@@ -31,10 +32,7 @@ def test_twin_study_stores_picks_exports_and_rescores(tiny_models, tmp_path: Pat
 
     job = _job(tiny_models, tmp_path, "{rank: [1, 4], router: {steps: 50}}")
     url = f"sqlite:///{tmp_path / 't.db'}"
-    code, _, err = _cli(["run", str(job), "--storage", url, "--study", "t", "--trials", "3", "--no-progress"], capsys)
-    assert code == 0, err
-    trials = optuna.load_study(study_name="t", storage=url).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    trials = run_study(job, url, 3, capsys)
     for t in trials:
         assert t.user_attrs["family"] == "twin" and 1 <= t.user_attrs["candidate"]["rank"] <= 4
         assert t.user_attrs["candidate"]["experts"] == [["reverse", str(tiny_models["a"])],

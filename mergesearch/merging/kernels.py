@@ -157,6 +157,14 @@ def _generated(src: str, name: str, **scope) -> Callable:
     return scope[name]
 
 
+@numba.njit(inline="always")
+def _della_keeps(draw, rank, p_lo, p_span, width):  # pragma: no cover - runs compiled
+    """DELLA's keep test of one entry (:func:`della_mask`, the merge kernel): draw + 32768 < 65536·p with
+    p = p_lo + (rank / width)·p_span in float32, as sparsify.rank_norm and sparsify.della_mask compute it."""
+    f32 = np.float32
+    return f32(draw) + f32(32768.0) < (p_lo + f32(rank) / width * p_span) * f32(65536.0)
+
+
 def _combine(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_lo, p_span, width, weights, lam,
              mode, div_nc):  # pragma: no cover - compiled through the overload below
     """res[:m] = the merged block from the k input blocks (float32, C-contiguous, length ≥ m) and base block ``b``.
@@ -184,12 +192,11 @@ def _combine_source(k: int) -> str:
                     f"p_span[{i}]")
     # u_i = coef_i · keep_i(τ_i): the draw test as a factor (a select on an int16 compare does not vectorise);
     # the band drops what lies outside [lo, hi], so a NaN is kept, as in the torch path
-    # DELLA keeps where draw + 32768 < 65536·p, p = p_lo + (rank / width)·p_span in float32 (sparsify.rank_norm)
     keeps = {0: [f"x{i} = t{i}[j]; u{i} = zero if (abs(x{i}) < lo{i}) | (abs(x{i}) > hi{i}) else c{i} * x{i}"
                  for i in ins],
              1: [f"u{i} = c{i} * t{i}[j] * f32(d{i}[j] < kb{i})" for i in ins],
-             2: [f"u{i} = c{i} * t{i}[j] if f32(d{i}[j]) + f32(32768.0) < (pl{i} + f32(r{i}[j]) / width * ps{i}) "
-                 f"* f32(65536.0) else zero" for i in ins]}
+             2: [f"u{i} = c{i} * t{i}[j] if _della_keeps(d{i}[j], r{i}[j], pl{i}, ps{i}, width) else zero"
+                 for i in ins]}
     total = "s = zero" + "".join(f" + u{i}" for i in ins)  # mergekit's order: u_0 + u_1 + …
     bodies = {
         1: [total, "res[j] = b[j] + s / div * lam"],
@@ -218,7 +225,7 @@ def _combine_source(k: int) -> str:
 @overload(_combine)
 def _combine_impl(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_lo, p_span, width, weights,
                   lam, mode, div_nc):
-    return _generated(_combine_source(len(blocks)), "combine")
+    return _generated(_combine_source(len(blocks)), "combine", _della_keeps=_della_keeps)
 
 
 def _load_all(taus, kind, start, m, scratch, bits):  # pragma: no cover - compiled through the overload below
@@ -226,12 +233,16 @@ def _load_all(taus, kind, start, m, scratch, bits):  # pragma: no cover - compil
     half-precision one)."""
 
 
+def _per_item(name: str, params: str, item: str, k: int, **scope) -> Callable:
+    """A function ``name(params)`` returning the tuple of ``item`` (a template of ``{i}``) for i < k."""
+    body = "".join(item.format(i=i) + ", " for i in range(k))
+    return _generated(f"def {name}({params}):\n    return ({body})\n", name, **scope)
+
+
 @overload(_load_all)
 def _load_all_impl(taus, kind, start, m, scratch, bits):
-    k = len(taus)
-    src = ("def load_all(taus, kind, start, m, scratch, bits):\n    return ("
-           + "".join(f"_load(taus[{i}], kind, start, m, scratch[{i}], bits[{i}]), " for i in range(k)) + ")\n")
-    return _generated(src, "load_all", _load=_load)
+    return _per_item("load_all", "taus, kind, start, m, scratch, bits",
+                     "_load(taus[{i}], kind, start, m, scratch[{i}], bits[{i}])", len(taus), _load=_load)
 
 
 def _slices(arrays, start, m):  # pragma: no cover - compiled through the overload below
@@ -240,9 +251,7 @@ def _slices(arrays, start, m):  # pragma: no cover - compiled through the overlo
 
 @overload(_slices)
 def _slices_impl(arrays, start, m):
-    src = ("def slices(arrays, start, m):\n    return ("
-           + "".join(f"arrays[{i}][start:start + m], " for i in range(len(arrays))) + ")\n")
-    return _generated(src, "slices")
+    return _per_item("slices", "arrays, start, m", "arrays[{i}][start:start + m]", len(arrays))
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -293,9 +302,8 @@ def _della(tau, tkind, draws, ranks, width, p_lo, p_span, out, write):  # pragma
         t = _load(tau, tkind, start, m, buf, bits)
         dr, rk = draws[start:start + m], ranks[start:start + m]
         o = out[start:start + m] if write else kept[:m]
-        for j in range(m):  # vectorises; the same test as the merge kernel's DELLA rule
-            p = p_lo + f32(rk[j]) / width * p_span
-            o[j] = t[j] if f32(dr[j]) + f32(32768.0) < p * f32(65536.0) else f32(0.0)
+        for j in range(m):  # vectorises
+            o[j] = t[j] if _della_keeps(dr[j], rk[j], p_lo, p_span, width) else f32(0.0)
         before += _l1(t, m)
         after += _l1(o, m)
     return before, after

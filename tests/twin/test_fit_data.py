@@ -14,6 +14,7 @@ from mergesearch.errors import ConfigError
 from mergesearch.twin.data import check_disjoint, check_fit_data, fit_prompts, read_fit_prompts
 from tests.conftest import write_job
 from tests.support.cli import run_cli as _cli
+from tests.support.cli import run_study
 from tests.twin.conftest import EXPERTS, make_merger, prompts, shared_plan
 
 TASKS = ("  - {type: exact_match, name: reverse, data: data/reverse_search.jsonl, test: data/reverse_test.jsonl}\n"
@@ -193,11 +194,7 @@ def test_a_search_with_fit_data_stores_it_with_every_trial(tiny_models, tmp_path
         searched = [json.loads(line)["prompt"] for line in (tmp_path / "data" / f"{task}_search.jsonl").open()]
         assert not set(fit) & set(searched)
         (tmp_path / "fit" / f"{task}.txt").write_text("\n".join(fit) + "\n")
-    url = f"sqlite:///{tmp_path / 't.db'}"
-    code, _, err = _cli(["run", str(job), "--storage", url, "--study", "t", "--trials", "2", "--no-progress"], capsys)
-    assert code == 0, err
-    trials = optuna.load_study(study_name="t", storage=url).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    trials = run_study(job, f"sqlite:///{tmp_path / 't.db'}", 2, capsys)
     for t in trials:
         assert t.user_attrs["candidate"]["fit_data"] == {"reverse": str(tmp_path / "fit" / "reverse.txt"),
                                                          "sort_ll": str(tmp_path / "fit" / "sort.txt")}
