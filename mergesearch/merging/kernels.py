@@ -1,16 +1,18 @@
 """One-pass CPU kernel of the task-vector family (sparsify, weigh, sign consensus, mix), compiled with numba.
 
-The kernel streams each input once in blocks that stay in the core's cache, converting float32, bfloat16 or
-float16 inputs to float32 per block, computing in float32 and rounding the result once (round to nearest even)
-into the output's dtype. The same block pass counts non-finite results, so the finiteness guard costs no extra
-pass over memory. A merge is split into contiguous ranges run on ``threads`` threads (the kernel releases the
-GIL). It computes the same float32 operations in the same order as the torch path of
-:func:`mergesearch.merging.ops.task_vector_merge` (no fused multiply-adds, no reassociation), hence the same bits
-(tests/merging/test_conformance.py). The one reassociated sum is DELLA's L1 norms (:func:`_l1`), float64 sums that
-only set the rescale factor and that both paths take from the same compiled pass on the CPU.
+The kernel streams each input once in blocks that stay in the core's cache, reading float32, bfloat16 or
+float16 inputs in their own dtype (converted to float32 entry by entry inside the merge loop), computing in float32
+and rounding the result once (round to nearest even) into the output's dtype. A second loop over the block just
+written counts non-finite results, so the finiteness guard costs no extra pass over memory. A merge is split
+into contiguous ranges run on ``threads`` threads (the kernel releases the GIL). It computes the same float32
+operations in the same order as the torch path of :func:`mergesearch.merging.ops.task_vector_merge` (no fused
+multiply-adds, no reassociation), hence the same bits (tests/merging/test_conformance.py). The one reassociated
+sum is DELLA's L1 norms (:func:`_l1`), float64 sums that only set the rescale factor and that both paths take from
+the same compiled pass on the CPU.
 
-numba has no float16 on the CPU, so half-precision values travel as their uint16 bit patterns and are
-converted with integer operations (exact, and round to nearest even on the way back, like torch).
+numba has no float16 on the CPU, so half-precision values travel as their bit patterns (bfloat16 as uint16,
+float16 as int16) and are converted by a few LLVM instructions (exact, and round to nearest even on the way back,
+like torch).
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ from typing import TypeVar
 import numba
 import numpy as np
 import torch
+from llvmlite import ir as llvm_ir
 from numba.core import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
-#: elements per block: the (N + 3, BLOCK) float32 scratch rows stay in L2; fewer, longer runs per input stream
-#: measured ~30 % faster than 2048 on a 64M-entry float32 merge (memory-bound)
+#: elements per block: a block of every input and of the output stays in L2 (the output's is counted right after
+#: it is written); fewer, longer runs per input stream measured ~30 % faster than 2048 on a 64M-entry float32 merge
 BLOCK = 8192
 #: below this many elements a merge runs on one thread (thread start-up would cost more than it saves)
 MIN_PARALLEL = 1 << 18
 
-_U16 = (torch.bfloat16, torch.float16)
 T = TypeVar("T")
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 
@@ -48,105 +50,134 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[1]
 
 
-def _load(src, kind, start, m, buf, bits):  # pragma: no cover - compiled through the overload below
+# Half precision travels as its bits (numba has no float16 on the CPU): bfloat16 as uint16, float16 as int16, so
+# the array's dtype tells the two apart when a kernel is compiled. Each conversion is a few LLVM instructions
+# (intrinsics below) that vectorise inside the loops that use them: a merge reads its inputs and writes its output
+# in their own dtypes, with no float32 copy of a block in between. numba types integer arithmetic as int64, so
+# conversions written in Python ran at 4 lanes (float16's branches not at all: 5.7 ns an entry against 0.9 now).
+_I16, _I32, _F32 = llvm_ir.IntType(16), llvm_ir.IntType(32), llvm_ir.FloatType()
+
+
+@intrinsic
+def _f32_of_bf16(typingctx, x):
+    """float32 of bfloat16 bits (a 16-bit integer): they are float32's top half (exact)."""
+    if not (isinstance(x, types.Integer) and x.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.shl(builder.zext(args[0], _I32), llvm_ir.Constant(_I32, 16)), _F32)
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _bf16_of_f32(typingctx, v):
+    """bfloat16 bits (uint16) of a float32, rounded to nearest even (as torch); NaN becomes 0x7FC0."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        def c(k):
+            return llvm_ir.Constant(_I32, k)
+        x = builder.bitcast(args[0], _I32)
+        odd = builder.and_(builder.lshr(x, c(16)), c(1))
+        r = builder.lshr(builder.add(builder.add(x, c(0x7FFF)), odd), c(16))
+        nan = builder.icmp_unsigned(">", builder.and_(x, c(0x7FFFFFFF)), c(0x7F800000))
+        return builder.trunc(builder.select(nan, c(0x7FC0), r), _I16)
+
+    return types.uint16(v), codegen
+
+
+@intrinsic
+def _f32_of_f16(typingctx, x):
+    """float32 of float16 bits (a 16-bit integer), exact: LLVM's half extension (F16C on x86)."""
+    if not (isinstance(x, types.Integer) and x.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], llvm_ir.HalfType()), _F32)
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _f16_of_f32(typingctx, v):
+    """float16 bits (int16) of a float32, rounded to nearest even, overflow to ±inf: LLVM's half truncation."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], llvm_ir.HalfType()), _I16)
+
+    return types.int16(v), codegen
+
+
+def _get(a, j):  # pragma: no cover - compiled through the overload below
+    """Entry ``j`` of ``a`` as float32: float32, bfloat16 bits (uint16) or float16 bits (int16)."""
+
+
+@overload(_get, inline="always")
+def _get_impl(a, j):
+    if a.dtype == types.float32:
+        return lambda a, j: a[j]
+    if a.dtype == types.uint16:
+        return lambda a, j: _f32_of_bf16(a[j])
+    return lambda a, j: _f32_of_f16(a[j])
+
+
+def _put(d, j, v):  # pragma: no cover - compiled through the overload below
+    """d[j] = float32 ``v`` in ``d``'s dtype (float32, bfloat16 or float16 bits), rounded to nearest even."""
+
+
+@overload(_put, inline="always")
+def _put_impl(d, j, v):
+    if d.dtype == types.float32:
+        def put32(d, j, v):
+            d[j] = v
+        return put32
+    if d.dtype == types.uint16:
+        def put_bf16(d, j, v):
+            d[j] = _bf16_of_f32(v)
+        return put_bf16
+
+    def put_f16(d, j, v):
+        d[j] = _f16_of_f32(v)
+    return put_f16
+
+
+def _nonfinite(d, j):  # pragma: no cover - compiled through the overload below
+    """Whether d[j] (float32, bfloat16 or float16 bits) is NaN or ±inf: its exponent bits all set."""
+
+
+@overload(_nonfinite, inline="always")
+def _nonfinite_impl(d, j):
+    if d.dtype == types.float32:
+        return lambda d, j: not (abs(d[j]) <= np.float32(3.4028234663852886e38))  # NaN compares false
+    mask = 0x7F80 if d.dtype == types.uint16 else 0x7C00
+    return lambda d, j: (d[j] & mask) == mask
+
+
+def _load(src, start, m, buf):  # pragma: no cover - compiled through the overload below
     """Block [start, start+m) of ``src`` as a C-contiguous float32 array: a slice of a float32 ``src``, or the
-    bfloat16 (kind 1) / float16 (kind 2) bits of a uint16 ``src`` converted into ``buf`` (``bits`` is ``buf``
-    viewed as uint32, made once by the caller)."""
+    half-precision bits converted into ``buf``."""
 
 
 @overload(_load)
-def _load_impl(src, kind, start, m, buf, bits):
-    # Chosen by the source's type when compiled: a reinterpreting ``view`` inside the loop, or one branch returning
-    # a view and another ``buf``, types the block as a non-contiguous array, and no loop over it vectorises.
+def _load_impl(src, start, m, buf):
+    # Chosen by the source's type when compiled: one branch returning a view and another ``buf`` would type the
+    # block as a non-contiguous array, and no loop over it vectorises.
     if src.dtype == types.float32:
-        return lambda src, kind, start, m, buf, bits: src[start:start + m]
+        return lambda src, start, m, buf: src[start:start + m]
 
-    def convert(src, kind, start, m, buf, bits):
+    def convert(src, start, m, buf):
         # index a slice, not src[start + j]: a sum index may be negative to numba, whose wrap-around check
         # then keeps the loop scalar (~8x slower)
         s = src[start:start + m]
-        if kind == 1:
-            for j in range(m):
-                bits[j] = np.uint32(s[j]) << np.uint32(16)
-            return buf[:m]
         for j in range(m):
-            h = np.uint32(s[j])
-            e = h & np.uint32(0x7C00)
-            # normal numbers: shift and re-bias the exponent; inf/nan: all-ones exponent; subnormals: mant·2^-24
-            o = ((h & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(0x38000000)
-            o = o + np.uint32(0x38000000) if e == np.uint32(0x7C00) else o
-            bits[j] = (h & np.uint32(0x8000)) << np.uint32(16) | (o if e != 0 else np.uint32(0))
-        for j in range(m):
-            h = np.uint32(s[j])
-            if h & np.uint32(0x7C00) == 0 and h & np.uint32(0x3FF) != 0:
-                v = np.float32(h & np.uint32(0x3FF)) * np.float32(5.9604644775390625e-08)
-                buf[j] = -v if h & np.uint32(0x8000) else v
+            buf[j] = _get(s, j)
         return buf[:m]
 
     return convert
-
-
-def _dest(out, start, m, res):  # pragma: no cover - compiled through the overload below
-    """Where a merged float32 block is written: ``out``'s own block when it is float32 (no copy), else ``res``."""
-
-
-@overload(_dest)
-def _dest_impl(out, start, m, res):
-    if out.dtype == types.float32:
-        return lambda out, start, m, res: out[start:start + m]
-    return lambda out, start, m, res: res[:m]
-
-
-def _store(res, bits, dst, kind, start, m):  # pragma: no cover - compiled through the overload below
-    """Finish block [start, start+m) of ``dst`` from float32 block ``res`` (``bits``: it viewed as uint32):
-    float32 ``dst`` holds it already (:func:`_dest`); uint16 bits of bfloat16 (kind 1) / float16 (kind 2) get it
-    rounded to nearest even. Returns the non-finite count stored."""
-
-
-@overload(_store)
-def _store_impl(res, bits, dst, kind, start, m):
-    if dst.dtype == types.float32:
-        def count32(res, bits, dst, kind, start, m):
-            bad = 0
-            lim = np.float32(3.4028234663852886e38)
-            for j in range(m):  # in cache: the block was just written
-                bad += not (abs(res[j]) <= lim)  # NaN compares false
-            return bad
-
-        return count32
-
-    def store16(res, bits, dst, kind, start, m):
-        bad = 0
-        d = dst[start:start + m]
-        if kind == 1:
-            # in int32 (AVX2 compares signed integers only: unsigned ones cost ~1.6x): the sum wraps like the
-            # uint32 one, and the arithmetic shift's sign copies are masked off; NaN (above inf) becomes 0x7FC0
-            i32 = np.int32
-            xs, bad32 = bits.view(np.int32), i32(0)
-            for j in range(m):
-                x = xs[j]
-                r = ((x + i32(0x7FFF) + ((x >> i32(16)) & i32(1))) >> i32(16)) & i32(0xFFFF)
-                r = i32(0x7FC0) if (x & i32(0x7FFFFFFF)) > i32(0x7F800000) else r
-                d[j] = np.uint16(r)
-                bad32 += i32((r & i32(0x7F80)) == i32(0x7F80))
-            return bad32
-        for j in range(m):
-            x = bits[j]
-            sign = (x >> np.uint32(16)) & np.uint32(0x8000)
-            a = x & np.uint32(0x7FFFFFFF)
-            if a >= np.uint32(0x47800000):  # overflow -> inf, nan stays nan
-                r = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
-            elif a < np.uint32(0x38800000):  # result subnormal (or 0): count units of 2^-24, ties to even
-                r = np.uint32(np.rint(abs(res[j]) * np.float32(16777216.0)))
-            else:
-                r = (a - np.uint32(0x38000000) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) \
-                    >> np.uint32(13)
-            r |= sign
-            d[j] = np.uint16(r)
-            bad += (r & np.uint32(0x7C00)) == np.uint32(0x7C00)
-        return bad
-
-    return store16
 
 
 def _generated(src: str, name: str, **scope) -> Callable:
@@ -167,7 +198,8 @@ def _della_keeps(draw, rank, p_lo, p_span, width):  # pragma: no cover - runs co
 
 def _combine(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_lo, p_span, width, weights, lam,
              mode, div_nc):  # pragma: no cover - compiled through the overload below
-    """res[:m] = the merged block from the k input blocks (float32, C-contiguous, length ≥ m) and base block ``b``.
+    """res[:m] = the merged block from the k input blocks and base block ``b`` (each C-contiguous, length ≥ m, of
+    any dtype :func:`_get` reads; ``res`` of one :func:`_put` writes).
 
     ``keep``: 0 the magnitude band [lo, hi], 1 DARE's draws < keep_below, 2 DELLA's draw test on the row ranks.
     ``mode``: 0 a plain weighted sum of the blocks (no base, no keep rule), 1 base + λ·Σu/div (4: div = λ = 1),
@@ -192,27 +224,29 @@ def _combine_source(k: int) -> str:
                     f"p_span[{i}]")
     # u_i = coef_i · keep_i(τ_i): the draw test as a factor (a select on an int16 compare does not vectorise);
     # the band drops what lies outside [lo, hi], so a NaN is kept, as in the torch path
-    keeps = {0: [f"x{i} = t{i}[j]; u{i} = zero if (abs(x{i}) < lo{i}) | (abs(x{i}) > hi{i}) else c{i} * x{i}"
+    keeps = {0: [f"x{i} = _get(t{i}, j); u{i} = zero if (abs(x{i}) < lo{i}) | (abs(x{i}) > hi{i}) else c{i} * x{i}"
                  for i in ins],
-             1: [f"u{i} = c{i} * t{i}[j] * f32(d{i}[j] < kb{i})" for i in ins],
-             2: [f"u{i} = c{i} * t{i}[j] if _della_keeps(d{i}[j], r{i}[j], pl{i}, ps{i}, width) else zero"
-                 for i in ins]}
+             1: [f"u{i} = c{i} * _get(t{i}, j) * f32(d{i}[j] < kb{i})" for i in ins],
+             # the entry read unconditionally: a read inside the select kept half-precision loops scalar (7x)
+             2: [f"x{i} = c{i} * _get(t{i}, j); u{i} = x{i} if _della_keeps(d{i}[j], r{i}[j], pl{i}, ps{i}, width) "
+                 "else zero" for i in ins]}
     total = "s = zero" + "".join(f" + u{i}" for i in ins)  # mergekit's order: u_0 + u_1 + …
     bodies = {
-        1: [total, "res[j] = b[j] + s / div * lam"],
-        4: [total, "res[j] = b[j] + s"],  # mode 1 with div = λ = 1 (x / 1 and x · 1 are exact): no division
+        1: [total, "_put(res, j, _get(b, j) + s / div * lam)"],
+        4: [total, "_put(res, j, _get(b, j) + s)"],  # mode 1 with div = λ = 1 (x / 1 and x · 1 are exact)
     }
     # consensus: keep the u_i whose sign is the sign of Σ u (0 counts as +, u_i = 0 never agrees)
     agree = [total, "pos = s >= zero", "mx, dw = zero, zero"]
     for i in ins:
         agree += [f"a{i} = ((u{i} > zero) == pos) & (u{i} != zero)",
                   f"mx += u{i} if a{i} else zero", f"dw += wf{i} if a{i} else zero"]
-    bodies[2] = [*agree, "dn = dw if dw != zero else one", "res[j] = b[j] + mx / dn * lam"]
-    bodies[3] = [*agree, "res[j] = b[j] + mx * lam"]
+    bodies[2] = [*agree, "dn = dw if dw != zero else one", "_put(res, j, _get(b, j) + mx / dn * lam)"]
+    bodies[3] = [*agree, "_put(res, j, _get(b, j) + mx * lam)"]
     # mode 0 (``linear``, no keep rule): Σ w_i·τ_i in float64, where each product of two float32 is exact,
     # divided there and rounded once; a loop of its own: mixed with float32 work it ran 1.3x slower (4 lanes)
     lines = [*head, "    if mode == 0:", "        for j in range(m):", "            s64 = 0.0",
-             *[f"            s64 += w{i} * np.float64(t{i}[j])" for i in ins], "            res[j] = f32(s64 / div_nc)"]
+             *[f"            s64 += w{i} * np.float64(_get(t{i}, j))" for i in ins],
+             "            _put(res, j, f32(s64 / div_nc))"]
     for rule, kept in keeps.items():
         lines.append(f"    elif keep == {rule}:")
         for mode, body in bodies.items():
@@ -225,24 +259,13 @@ def _combine_source(k: int) -> str:
 @overload(_combine)
 def _combine_impl(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_lo, p_span, width, weights,
                   lam, mode, div_nc):
-    return _generated(_combine_source(len(blocks)), "combine", _della_keeps=_della_keeps)
-
-
-def _load_all(taus, kind, start, m, scratch, bits):  # pragma: no cover - compiled through the overload below
-    """The k blocks [start, start+m) of the tuple ``taus`` as float32 (row i of ``scratch`` holds a converted
-    half-precision one)."""
+    return _generated(_combine_source(len(blocks)), "combine", _della_keeps=_della_keeps, _get=_get, _put=_put)
 
 
 def _per_item(name: str, params: str, item: str, k: int, **scope) -> Callable:
     """A function ``name(params)`` returning the tuple of ``item`` (a template of ``{i}``) for i < k."""
     body = "".join(item.format(i=i) + ", " for i in range(k))
     return _generated(f"def {name}({params}):\n    return ({body})\n", name, **scope)
-
-
-@overload(_load_all)
-def _load_all_impl(taus, kind, start, m, scratch, bits):
-    return _per_item("load_all", "taus, kind, start, m, scratch, bits",
-                     "_load(taus[{i}], kind, start, m, scratch[{i}], bits[{i}])", len(taus), _load=_load)
 
 
 def _slices(arrays, start, m):  # pragma: no cover - compiled through the overload below
@@ -255,27 +278,20 @@ def _slices_impl(arrays, start, m):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _merge(base, bkind, has_base, out, okind, taus, tkind, keep, draws, ranks, lo, hi, keep_below, p_lo, p_span,
-           width, coef, weights, lam, normalize, consensus, div_nc, first, last):  # pragma: no cover - runs compiled
+def _merge(base, has_base, out, taus, keep, draws, ranks, lo, hi, keep_below, p_lo, p_span, width, coef, weights,
+           lam, normalize, consensus, div_nc, first, last):  # pragma: no cover - runs compiled
     # k, the length of the ``taus`` tuple, is a compile-time constant: :func:`_combine` is generated for it
-    k = len(taus)
-    f32 = np.float32
-    scratch = np.empty((k, BLOCK), dtype=f32)  # converted half-precision τ blocks
-    sbits = scratch.view(np.uint32)
-    bb = np.empty(BLOCK, dtype=f32)
-    res = np.empty(BLOCK, dtype=f32)
-    bbits, rbits = bb.view(np.uint32), res.view(np.uint32)
     mode = 0 if not has_base else (1 if not consensus else (2 if normalize else 3))
     mode = 4 if mode == 1 and div_nc == 1.0 and lam == 1.0 else mode
     bad = 0
     for start in range(first, last, BLOCK):
         m = min(BLOCK, last - start)
-        blocks = _load_all(taus, tkind, start, m, scratch, sbits)
-        b = _load(base, bkind, start, m, bb, bbits) if has_base else bb
-        r = _dest(out, start, m, res)  # may be ``b`` itself (in place): each entry reads b[j] before writing r[j]
-        _combine(blocks, _slices(draws, start, m), _slices(ranks, start, m), b, r, m, keep, coef, lo, hi,
-                 keep_below, p_lo, p_span, width, weights, lam, mode, div_nc)
-        bad += _store(r, rbits, out, okind, start, m)
+        o = out[start:start + m]  # may be ``base`` itself (in place): each entry reads b[j] before writing o[j]
+        b = base[start:start + m]  # unread without a base (``fused_merge`` passes ``out`` then)
+        _combine(_slices(taus, start, m), _slices(draws, start, m), _slices(ranks, start, m), b, o, m, keep, coef,
+                 lo, hi, keep_below, p_lo, p_span, width, weights, lam, mode, div_nc)
+        for j in range(m):  # in cache: the block was just written
+            bad += _nonfinite(o, j)
     return bad
 
 
@@ -290,16 +306,15 @@ def _l1(x, m):  # pragma: no cover - runs compiled
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _della(tau, tkind, draws, ranks, width, p_lo, p_span, out, write):  # pragma: no cover - runs compiled
+def _della(tau, draws, ranks, width, p_lo, p_span, out, write):  # pragma: no cover - runs compiled
     f32 = np.float32
     before, after = 0.0, 0.0
     buf = np.empty(BLOCK, dtype=f32)
     kept = np.empty(BLOCK, dtype=f32)
-    bits = buf.view(np.uint32)
     n = draws.shape[0]
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
-        t = _load(tau, tkind, start, m, buf, bits)
+        t = _load(tau, start, m, buf)
         dr, rk = draws[start:start + m], ranks[start:start + m]
         o = out[start:start + m] if write else kept[:m]
         for j in range(m):  # vectorises
@@ -310,13 +325,12 @@ def _della(tau, tkind, draws, ranks, width, p_lo, p_span, out, write):  # pragma
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _l1_hist(tau, tkind, draws, hist):  # pragma: no cover - runs compiled
+def _l1_hist(tau, draws, hist):  # pragma: no cover - runs compiled
     buf = np.empty(BLOCK, dtype=np.float32)
-    bits = buf.view(np.uint32)
     n = draws.shape[0]
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
-        t = _load(tau, tkind, start, m, buf, bits)
+        t = _load(tau, start, m, buf)
         for j in range(m):  # in index order, like index_add_: the same float64 sums, bit for bit
             hist[np.int32(draws[start + j]) + 32769] += abs(np.float64(t[j]))
 
@@ -330,8 +344,7 @@ def l1_hist(tau: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         tau: contiguous CPU float32/bfloat16/float16 task vector; ``draws``: its int16 draws, same numel.
     """
     hist = np.zeros(65537, dtype=np.float64)
-    src, kind = _array(tau)
-    _l1_hist(src, kind, _array(draws)[0], hist)
+    _l1_hist(_array(tau), _array(draws), hist)
     return torch.from_numpy(hist)
 
 
@@ -356,9 +369,9 @@ def key_counts(tau: torch.Tensor, threads: int = 1) -> np.ndarray:
     Returns:
         int64 array of :data:`KEYS` counts.
     """
-    src, kind = _array(tau)
-    # float32 as its uint32 bits, whose top 16 hold the key; half precision is uint16 bits already
-    bits, shift = (src.view(np.uint32), 16) if kind == 0 else (src, 0)
+    src = _array(tau)
+    # float32 as its uint32 bits, whose top 16 hold the key; half precision is 16-bit patterns already
+    bits, shift = (src.view(np.uint32), 16) if src.dtype == np.float32 else (src, 0)
     n = src.shape[0]
     parts = max(1, min(threads, n // MIN_PARALLEL))
     cuts = [n * p // parts for p in range(parts)] + [n]
@@ -411,7 +424,7 @@ def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) 
     Returns:
         The value, or None when the bracket held another number of entries than ``width`` (e.g. NaN bounds).
     """
-    src = _array(tau)[0]
+    src = _array(tau)
     n = src.shape[0]
     parts = max(1, min(torch.get_num_threads(), n // MIN_PARALLEL))
     cuts = [n * p // parts for p in range(parts)] + [n]
@@ -445,9 +458,8 @@ def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo
     """
     out = torch.empty(tau.shape if write else 0, dtype=torch.float32)
     f32 = np.float32
-    src, kind = _array(tau)
-    before, after = _della(src, kind, _array(draws)[0], _array(ranks)[0], della_width_f32(tau.shape), f32(p_lo),
-                           f32(p_span), _array(out)[0], write)
+    before, after = _della(_array(tau), _array(draws), _array(ranks), della_width_f32(tau.shape), f32(p_lo),
+                           f32(p_span), _array(out), write)
     return (out if write else None), before, after
 
 
@@ -486,10 +498,9 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
     Returns:
         How many output entries are not finite (NaN or ±inf after rounding to the output's dtype).
     """
-    o, okind = _array(out)
-    b, bkind = _array(base) if base is not None else (o, okind)  # unread without a base
-    arrays = [_array(t) for t in taus]
-    flat, tkind = tuple(a for a, _ in arrays), arrays[0][1]
+    o = _array(out)
+    b = _array(base) if base is not None else o  # unread without a base
+    flat = tuple(_array(t) for t in taus)
     k, f32 = len(flat), np.float32
     keep = 2 if ranks is not None else 1 if draws is not None else 0
 
@@ -497,10 +508,10 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
         return np.asarray(values if values is not None else [default] * k, dtype=dtype)
 
     def arrays_of(tensors, dtype) -> tuple:  # numba needs k arrays even when unused (the combine names each)
-        return tuple(_array(x)[0] for x in tensors) if tensors is not None else (np.empty(0, dtype=dtype),) * k
+        return tuple(_array(x) for x in tensors) if tensors is not None else (np.empty(0, dtype=dtype),) * k
 
     width = della_width_f32(ranks[0].shape) if ranks is not None else f32(1)  # ranks keep τ's shape (rows)
-    args = (b, bkind, base is not None, o, okind, flat, tkind, keep, arrays_of(draws, np.int16),
+    args = (b, base is not None, o, flat, keep, arrays_of(draws, np.int16),
             arrays_of(ranks, np.uint16), per_input(lo, f32, -np.inf), per_input(hi, f32, np.inf),
             per_input(keep_below, np.int32, 0), per_input(p_lo, f32, 0), per_input(p_span, f32, 0), width,
             np.asarray(coef, dtype=f32), np.asarray(weights, dtype=np.float64), f32(lam), normalize, consensus,
@@ -539,9 +550,12 @@ def run_side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
     return results
 
 
-def _array(t: torch.Tensor) -> tuple[np.ndarray, int]:
-    """A flat numpy view sharing ``t``'s memory (``t`` contiguous) and its kind: 0 float32, 1 bf16, 2 f16 bits."""
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view sharing ``t``'s memory (``t`` contiguous); bfloat16 as uint16 bits, float16 as int16 bits
+    (the kernels' convention: the dtype tells the two apart)."""
     flat = t.detach().view(-1)
-    if flat.dtype in _U16:
-        return flat.view(torch.int16).numpy().view(np.uint16), 1 if flat.dtype == torch.bfloat16 else 2
-    return flat.numpy(), 0
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    if flat.dtype == torch.float16:
+        return flat.view(torch.int16).numpy()
+    return flat.numpy()

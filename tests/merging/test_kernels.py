@@ -47,3 +47,74 @@ def test_della_mask_kernel_equals_torch_mask_and_keeps_rank_probabilities():
     # keep probability runs from d − ε = 0.3 (smallest |τ| of a row) to d + ε = 0.7 (largest)
     assert mask[ranks < 0.1].float().mean().item() == pytest.approx(0.32, abs=0.015)
     assert mask[ranks > 0.9].float().mean().item() == pytest.approx(0.68, abs=0.015)
+
+
+HALVES = [torch.bfloat16, torch.float16]
+
+
+def _converters():
+    import numba
+
+    from mergesearch.merging import kernels
+
+    @numba.njit
+    def up(a, out):
+        for j in range(a.shape[0]):
+            out[j] = kernels._get(a, j)
+
+    @numba.njit
+    def down(x, d, bad):
+        for j in range(x.shape[0]):
+            kernels._put(d, j, x[j])
+            bad[j] = kernels._nonfinite(d, j)
+
+    return kernels, up, down
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_kernel_reads_every_half_precision_pattern_exactly(dtype):
+    kernels, up, _ = _converters()
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)  # subnormals, ±inf, NaNs
+    got = torch.empty(every.numel(), dtype=torch.float32)
+    up(kernels._array(every), got.numpy())
+    want = every.float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bit for bit, -0.0 included
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_kernel_rounds_float32_to_half_precision_as_torch_does(dtype):
+    kernels, _, down = _converters()
+    gen = torch.Generator().manual_seed(0)
+    patterns = torch.randint(-2**31, 2**31, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = patterns.view(torch.float32)  # every class of float32: subnormal, huge, ±inf, NaN
+    # the halfway points between neighbouring half-precision values: round-to-nearest-even decides each
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    h = h[torch.isfinite(h)].sort().values
+    mids = ((h[1:].double() + h[:-1].double()) / 2).float()
+    x = torch.cat([x, mids, torch.tensor([65504.0, 65520.0, 3.4e38, -3.4e38, 1e-45, 0.0, -0.0])])
+    got = torch.empty(x.numel(), dtype=dtype)
+    bad = torch.empty(x.numel(), dtype=torch.bool)
+    down(x.numpy(), kernels._array(got), bad.numpy())
+    want = x.to(dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert torch.equal(bad, ~torch.isfinite(want))
+
+
+@pytest.mark.parametrize(("base_dtype", "out_dtype"), [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                                     (torch.float32, torch.float16)])
+def test_kernel_reads_and_writes_any_mix_of_dtypes_rounding_once(base_dtype, out_dtype):
+    from mergesearch.merging import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(50_000, generator=gen).to(base_dtype)
+    taus = [(torch.randn(50_000, generator=gen) * 0.01).to(torch.float16) for _ in range(3)]
+    out = torch.empty(50_000, dtype=out_dtype)
+    bad = kernels.fused_merge(base, out, taus, [0.5, 0.3, 0.2], [1.0] * 3, 1.0, False, False, 1.0)
+    u = [c * t.float() for c, t in zip([0.5, 0.3, 0.2], taus, strict=True)]
+    want = (base.float() + (0.0 + u[0] + u[1] + u[2])).to(out_dtype)  # float32 throughout, one rounding
+    assert bad == 0
+    assert torch.equal(out, want)
