@@ -58,58 +58,43 @@ def _pool() -> ThreadPoolExecutor:
 _I16, _I32, _F32 = llvm_ir.IntType(16), llvm_ir.IntType(32), llvm_ir.FloatType()
 
 
-@intrinsic
-def _f32_of_bf16(typingctx, x):
-    """float32 of bfloat16 bits (a 16-bit integer): they are float32's top half (exact)."""
-    if not (isinstance(x, types.Integer) and x.bitwidth == 16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.shl(builder.zext(args[0], _I32), llvm_ir.Constant(_I32, 16)), _F32)
-
-    return types.float32(x), codegen
+def _c32(k: int) -> llvm_ir.Constant:
+    return llvm_ir.Constant(_I32, k)
 
 
-@intrinsic
-def _bf16_of_f32(typingctx, v):
-    """bfloat16 bits (uint16) of a float32, rounded to nearest even (as torch); NaN becomes 0x7FC0."""
-    if v != types.float32:
-        return None
+def _conversion(source: Callable[[types.Type], bool], result: types.Type, emit: Callable) -> Callable:
+    """A numba intrinsic of one argument accepted by ``source`` (its numba type), returning ``result``: the LLVM
+    instructions ``emit(builder, value)`` makes."""
 
-    def codegen(context, builder, sig, args):
-        def c(k):
-            return llvm_ir.Constant(_I32, k)
-        x = builder.bitcast(args[0], _I32)
-        odd = builder.and_(builder.lshr(x, c(16)), c(1))
-        r = builder.lshr(builder.add(builder.add(x, c(0x7FFF)), odd), c(16))
-        nan = builder.icmp_unsigned(">", builder.and_(x, c(0x7FFFFFFF)), c(0x7F800000))
-        return builder.trunc(builder.select(nan, c(0x7FC0), r), _I16)
+    def typer(typingctx, x):
+        if not source(x):
+            return None
+        return result(x), lambda context, builder, sig, args: emit(builder, args[0])
 
-    return types.uint16(v), codegen
+    return intrinsic(typer)
 
 
-@intrinsic
-def _f32_of_f16(typingctx, x):
-    """float32 of float16 bits (a 16-bit integer), exact: LLVM's half extension (F16C on x86)."""
-    if not (isinstance(x, types.Integer) and x.bitwidth == 16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], llvm_ir.HalfType()), _F32)
-
-    return types.float32(x), codegen
+def _bits16(x: types.Type) -> bool:
+    return isinstance(x, types.Integer) and x.bitwidth == 16
 
 
-@intrinsic
-def _f16_of_f32(typingctx, v):
-    """float16 bits (int16) of a float32, rounded to nearest even, overflow to ±inf: LLVM's half truncation."""
-    if v != types.float32:
-        return None
+def _round_bf16(b, v):
+    x = b.bitcast(v, _I32)
+    odd = b.and_(b.lshr(x, _c32(16)), _c32(1))
+    r = b.lshr(b.add(b.add(x, _c32(0x7FFF)), odd), _c32(16))
+    nan = b.icmp_unsigned(">", b.and_(x, _c32(0x7FFFFFFF)), _c32(0x7F800000))
+    return b.trunc(b.select(nan, _c32(0x7FC0), r), _I16)
 
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], llvm_ir.HalfType()), _I16)
 
-    return types.int16(v), codegen
+#: float32 of bfloat16 bits (a 16-bit integer): they are float32's top half (exact)
+_f32_of_bf16 = _conversion(_bits16, types.float32, lambda b, v: b.bitcast(b.shl(b.zext(v, _I32), _c32(16)), _F32))
+#: bfloat16 bits (uint16) of a float32, rounded to nearest even (as torch); NaN becomes 0x7FC0
+_bf16_of_f32 = _conversion(lambda v: v == types.float32, types.uint16, _round_bf16)
+#: float32 of float16 bits (a 16-bit integer), exact: LLVM's half extension (F16C on x86)
+_f32_of_f16 = _conversion(_bits16, types.float32, lambda b, v: b.fpext(b.bitcast(v, llvm_ir.HalfType()), _F32))
+#: float16 bits (int16) of a float32, rounded to nearest even, overflow to ±inf: LLVM's half truncation
+_f16_of_f32 = _conversion(lambda v: v == types.float32, types.int16,
+                          lambda b, v: b.bitcast(b.fptrunc(v, llvm_ir.HalfType()), _I16))
 
 
 def _get(a, j):  # pragma: no cover - compiled through the overload below
