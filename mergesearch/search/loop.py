@@ -333,8 +333,10 @@ class SearchRun:
         last_error = ""
         interrupted = terminated = False
         self.lease.start()
-        # counted once, then kept here: the lease makes this driver the only writer of the study
+        # counted once, then kept here: the lease makes this driver the only writer of the study (and the
+        # optimizer keeps the trials it reads once)
         complete = self.completed_count()
+        self.optimizer.sole_writer = True
         self.running = self.pruned_run = 0
         self._load_fidelity()
         try:
@@ -394,6 +396,7 @@ class SearchRun:
         finally:
             self.lease.stop()
             self._requeue_running(inflight)
+            self.optimizer.sole_writer = False
             self.lease.release()
         return RunReport(study_name=self.study_name, storage=self.storage, completed=self.completed_count(),
                          failed_this_run=failed_run, completed_this_run=done_run,

@@ -112,21 +112,35 @@ def snapshot(study: optuna.Study) -> tuple[list[tuple], dict]:
     return trials, study._storage.get_study_system_attrs(study._study_id)
 
 
-def both(name: str, url_old: str, url_new: str, seed: int = 3) -> tuple[tuple, tuple]:
-    """The scripted run through the old and the new path (studies ``old`` and ``new``); both as stored."""
+def both(name: str, url_old: str, url_new: str, seed: int = 3, sole_writer: bool = False) -> tuple[tuple, tuple]:
+    """The scripted run through the old and the new path (studies ``old`` and ``new``); both as stored.
+
+    ``sole_writer``: the new path keeps the trials in memory between asks (as the search loop does under its
+    lease); its list must then equal what the storage holds.
+    """
     out = []
     for url, study_name, ask, tell in ((url_old, "old", old_ask, old_tell), (url_new, "new", Optimizer.ask,
                                                                                Optimizer.tell)):
         study = open_study(url, study_name, OBJECTIVES)
         opt = Optimizer(study, space_of(name), name=name, seed=seed, options=CHEAP[name])
+        opt.sole_writer = sole_writer and ask is Optimizer.ask
         drive(opt, ask, tell)
         out.append(snapshot(open_study(url, study_name, OBJECTIVES)))  # read back from storage, not a cache
+        if opt.sole_writer:
+            assert opt._trials is not None, "the kept list was dropped although nothing else wrote"
+            kept = [(t.number, t.state, t.values, t.params, t.distributions, t.user_attrs, t.system_attrs,
+                     t.intermediate_values) for t in opt._trials]
+            stored = [(t.number, t.state, t.values, t.params, t.distributions, t.user_attrs, t.system_attrs,
+                       t.intermediate_values) for t in study._storage.get_all_trials(study._study_id)]
+            assert kept == stored
     return out[0], out[1]
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_sqlite_trials_identical_to_field_by_field_writes(name, tmp_path):
-    old, new = both(name, f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}")
+    """As the search loop runs: the optimizer keeps the trials between asks (the other tests here and the
+    PostgreSQL one read them per ask)."""
+    old, new = both(name, f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}", sole_writer=True)
     assert len(new[0]) == 13
     for a, b in zip(old[0], new[0], strict=True):
         assert a == b, f"{name}: trial {a[0]} differs"

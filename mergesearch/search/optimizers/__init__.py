@@ -22,9 +22,9 @@ samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, stea
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -262,6 +262,12 @@ class Optimizer:
         self._view: optuna.Study | None = None
         #: trials asked and not told yet, by number (tell needs no read for them)
         self._asked: dict[int, FrozenTrial] = {}
+        #: True while nothing but this optimizer writes the study's trials (the search loop sets it while it holds
+        #: the study's lease): the trials are then read at the first ask only, and kept current here as this
+        #: optimizer creates and finishes them. Re-read per ask, they cost the driver more than anything else
+        #: with many workers (optuna re-reads every trial from the oldest running one on).
+        self.sole_writer = False
+        self._trials: list[FrozenTrial] | None = None  # the study's trials, while sole_writer (None: read them)
         self._checked = False  # distributions checked against the stored ones
 
     def ask(self, n: int) -> list[FrozenTrial]:
@@ -285,14 +291,27 @@ class Optimizer:
         while the next one is sampled (with n idle workers the first starts after one trial's sampling, not n).
 
         A batch backend still proposes the n points together, at the first trial. Do not write to the study
-        between two trials (the trials are read once per call).
+        between two trials (the trials are read once per call, or once for all calls while :attr:`sole_writer`).
         """
         if n < 1:
             raise ValueError(f"ask needs n >= 1, got {n}")
         storage, study_id = self.study._storage, self.study._study_id
-        # one read per ask: the driver is the study's only writer, so the list is kept current here as trials
-        # are created (the old path re-read it per trial, and TPE once more per parameter)
-        stored = list(storage.get_all_trials(study_id, deepcopy=False))
+        # at most one read per ask: the list is kept current here as trials are created (the old path re-read it
+        # per trial, and TPE once more per parameter); none at all while this optimizer is the only writer
+        stored = self._trials if self.sole_writer and self._trials is not None else \
+            list(storage.get_all_trials(study_id, deepcopy=False))
+        self._trials = stored if self.sole_writer else None
+        try:
+            yield from self._sample_batch(n, stored)
+        except GeneratorExit:  # the caller stopped early: every trial yielded is stored and in the list
+            raise
+        except BaseException:  # a trial may be stored and not listed: read them again next time
+            self._trials = None
+            raise
+
+    def _sample_batch(self, n: int, stored: list[FrozenTrial]) -> Iterator[FrozenTrial]:
+        """The trials of :meth:`asking`; ``stored``: the study's trials, kept current (sorted by number)."""
+        study_id = self.study._study_id
         if isinstance(self.sampler, BatchSampler):
             waiting = sum(t.state == TrialState.WAITING for t in stored)
             self.sampler.clear()  # leftovers were proposed with older data
@@ -429,8 +448,26 @@ class Optimizer:
         try:
             self.sampler.after_trial(self.study, frozen, state, told)
         finally:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # finished meanwhile: left as is
+            try:
                 finish_trial(storage, trial_id, state, told, attrs)
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile: left as is
+                self._trials = None
+            else:
+                self._finished(frozen.number, state, told, attrs)
+
+    def _finished(self, number: int, state: TrialState, values: list[float] | None, attrs: dict[str, Any]) -> None:
+        """Keep the trial list current: trial ``number`` was just stored finished, with ``attrs`` (as JSON
+        gives them back)."""
+        trials = self._trials
+        if trials is None:
+            return
+        if number >= len(trials) or trials[number].number != number:
+            self._trials = None
+            return
+        done = copy.copy(trials[number])
+        done.state, done.values, done.datetime_complete = state, values, datetime.datetime.now()
+        done.user_attrs = {**done.user_attrs, **json.loads(json.dumps(attrs))}
+        trials[number] = done
 
     def enqueue(self, params: Mapping[str, Any], user_attrs: Mapping[str, Any] | None = None) -> None:
         """Queue a parameter set to be evaluated before any proposal (e.g. a hand-tuned recipe).
@@ -449,6 +486,7 @@ class Optimizer:
             if not ok:
                 raise ConfigError(f"initial point: {key}={value!r} is outside its range {dist}")
         self.study.enqueue_trial(dict(params), user_attrs=dict(user_attrs or {}), skip_if_exists=False)
+        self._trials = None  # a trial this optimizer did not sample: read them again
 
 
 __all__ = ["OPTIMIZERS", "BatchSampler", "Optimizer", "derive_seed"]
