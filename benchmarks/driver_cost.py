@@ -143,6 +143,24 @@ def _timed(fn: Callable[..., Any], acc: list[float]) -> Callable[..., Any]:
     return wrapper
 
 
+def _timed_steps(fn: Callable[..., Iterator[Any]], acc: list[float]) -> Callable[..., Iterator[Any]]:
+    """``fn`` (a generator function) with the time of each of its steps added to ``acc`` (not the caller's)."""
+    def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        it = fn(*args, **kwargs)
+        while True:
+            t = time.perf_counter()
+            item = next(it, _END)
+            acc.append(time.perf_counter() - t)
+            if item is _END:
+                return
+            yield item
+
+    return wrapper
+
+
+_END = object()
+
+
 def one_run(job: Path, db: Path | None, trials: int, workers: int = 1) -> dict[str, Any]:
     """Open a fresh study in ``db`` (None: in memory) and drive it to ``trials`` completed trials; wall time and
     its split."""
@@ -158,7 +176,7 @@ def one_run(job: Path, db: Path | None, trials: int, workers: int = 1) -> dict[s
     asks: list[float] = []
     tells: list[float] = []
     # this run's own optimizer instance: time its two calls without touching the class
-    run.optimizer.ask = _timed(run.optimizer.ask, asks)  # type: ignore[method-assign]
+    run.optimizer.asking = _timed_steps(run.optimizer.asking, asks)  # type: ignore[method-assign]
     run.optimizer.tell = _timed(run.optimizer.tell, tells)  # type: ignore[method-assign]
     report = run.run(InstantExecutor(OBJECTIVES, workers))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
