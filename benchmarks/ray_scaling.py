@@ -14,9 +14,12 @@ Two drivers:
     python benchmarks/ray_scaling.py                          # synthetic 0.5 s objective, 1 and 2 workers
     python benchmarks/ray_scaling.py --config DEMO/demo.yaml  # and the real merge worker on a job's models
     python benchmarks/ray_scaling.py --loop-optimizers tpe random gp@48 qnehvi@48   # + 16 workers, storage in the loop
+    python benchmarks/ray_scaling.py --workers --loop-optimizers random --loop-streaming on --loop-prefetch 0 4 16
 
 Targets: utilisation ≥ 95 %, overhead ≤ 50 ms per trial (executor alone); utilisation ≥ 95 % with ``tpe`` and the
-storage in the loop (issue 18).
+storage in the loop (issue 18). A loop run reports two: ``utilisation`` over the whole ``SearchRun.run`` (its set-up
+and its closing report, which reads every trial, included) and ``utilisation_active`` from the first submission to
+the last result (the executor-alone runs' definition).
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class SleepingPlans:
         self.inner = inner
         self.duration = duration
         self.idle_at_ask: list[int] = []
+        self.first_submit: float | None = None  # perf_counter of the first submission
 
     @property
     def size(self) -> int:
@@ -137,6 +141,8 @@ class SleepingPlans:
         from driver_cost import plan_numbers
 
         v = list(plan_numbers(plan.get("plan", plan))) or [0.0]
+        if self.first_submit is None:
+            self.first_submit = time.perf_counter()
         self.inner.submit(trial, {"x": sum(v) / len(v), "sleep": self.duration})
 
     def completed(self, timeout: float | None = None) -> list[TrialResult]:
@@ -213,9 +219,16 @@ def storage_loop(ex: Executor, job: Path, db: Path, trials: int, duration: float
     optimizer.asking = timed_asking  # type: ignore[method-assign]
     optimizer.tell = timed_tell  # type: ignore[method-assign]
     results: list[TrialResult] = []
+    last_result = [0.0]
+
+    def on_result(res: TrialResult) -> None:
+        results.append(res)
+        last_result[0] = time.perf_counter()
+
     start = time.perf_counter()
-    run.run(plans, on_result=results.append)
+    run.run(plans, on_result=on_result)
     wall = time.perf_counter() - start
+    active = last_result[0] - (plans.first_submit or start)  # first submission to the last result
     busy = sum(r.timings.get("merge", 0.0) + r.timings.get("eval", 0.0) for r in results)
     asked = sum(n for n, _ in asks)
     ask_s = sum(t for _, t in asks)
@@ -227,6 +240,9 @@ def storage_loop(ex: Executor, job: Path, db: Path, trials: int, duration: float
         "failed": sum(not r.ok for r in results),
         "wall_s": round(wall, 2),
         "utilisation": round(busy / (wall * ex.size), 4),
+        # without the run's set-up (opening the study, the first read) and its report (reading every trial)
+        "active_s": round(active, 2),
+        "utilisation_active": round(busy / (active * ex.size), 4),
         "asks": len(asks),
         "asked_trials": asked,
         "ask_s": round(ask_s, 2),
@@ -248,24 +264,25 @@ def _tail_mean(xs: list[int]) -> float | None:
 
 
 def loop_runs(optimizers: list[str], workers: int, trials: int, duration: float, root: Path,
-              streaming: tuple[bool, ...] = (False,)) -> list[dict]:
-    """The storage-in-the-loop run of each optimizer (each ``streaming`` mode) over one pool of ``workers``
-    fractional-CPU actors."""
+              streaming: tuple[bool, ...] = (False,), prefetch: tuple[int, ...] = (0,)) -> list[dict]:
+    """The storage-in-the-loop run of each optimizer (each ``streaming`` mode) over a pool of ``workers``
+    fractional-CPU actors, one pool per ``prefetch`` (trials queued in the driver ahead of the workers)."""
     cpus = os.cpu_count() or 1
     out = []
-    with RayExecutor(scripted_factory(), workers=workers, num_cpus=min(1.0, cpus / workers),
-                     env={"OMP_NUM_THREADS": "1"}) as ex:
-        for spec in optimizers:
-            spec, _, count = spec.partition("@")
-            name, _, opts = spec.partition(":")
-            options = json.loads(opts) if opts else {}
-            for stream in streaming:
-                row = {"optimizer": name, "options": options,
-                       **storage_loop(ex, loop_job(root, name, options), root / f"loop_{name}_{len(out)}.db",
-                                      int(count) if count else trials, duration, stream),
-                       "load_avg_1m": round(os.getloadavg()[0], 2)}
-                print(json.dumps(row), flush=True)
-                out.append(row)
+    for ahead in prefetch:
+        with RayExecutor(scripted_factory(), workers=workers, num_cpus=min(1.0, cpus / workers), prefetch=ahead,
+                         env={"OMP_NUM_THREADS": "1"}) as ex:
+            for spec in optimizers:
+                spec, _, count = spec.partition("@")
+                name, _, opts = spec.partition(":")
+                options = json.loads(opts) if opts else {}
+                for stream in streaming:
+                    row = {"optimizer": name, "options": options, "prefetch": ahead,
+                           **storage_loop(ex, loop_job(root, name, options), root / f"loop_{name}_{len(out)}.db",
+                                          int(count) if count else trials, duration, stream),
+                           "load_avg_1m": round(os.getloadavg()[0], 2)}
+                    print(json.dumps(row), flush=True)
+                    out.append(row)
     return out
 
 
@@ -283,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--loop-duration", type=float, default=1.0, help="simulated objective time, s")
     parser.add_argument("--loop-streaming", choices=["off", "on", "both"], default="both",
                         help="the loop submits each asked trial at once (Optimizer.asking) instead of after the batch")
+    parser.add_argument("--loop-prefetch", type=int, nargs="+", default=[0],
+                        help="trials queued in the driver ahead of the workers (execution.prefetch), one pool each")
     parser.add_argument("--dir", type=Path, help="models and SQLite files of the loop runs (default: a temp dir)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ray_scaling.json"))
     args = parser.parse_args(argv)
@@ -310,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "runs": loop_runs(args.loop_optimizers, args.loop_workers, args.loop_trials,
                                                  args.loop_duration, root,
                                                  {"off": (False,), "on": (True,), "both": (False, True)}[
-                                                     args.loop_streaming])})
+                                                     args.loop_streaming], tuple(args.loop_prefetch))})
     finally:
         ray.shutdown()
     report = {

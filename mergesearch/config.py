@@ -346,6 +346,10 @@ class ExecutionConfig(_Frozen):
     #: torch threads per worker (intra-op); 1 avoids oversubscription when workers share cores.
     threads: int = Field(default=1, ge=1)
     max_retries: int = Field(default=2, ge=0)
+    #: Ray: trials sampled ahead and queued in the driver, each handed to the first worker that finishes its
+    #: trial, before the driver has stored that result and sampled the next: workers do not wait for the driver
+    #: (short trials, many workers). Each such trial is sampled knowing up to this many fewer results.
+    prefetch: int = Field(default=0, ge=0)
     device: str = "cpu"
     #: keep task vectors in CPU memory (pinned) and stream them to ``device`` tensor by tensor while merging.
     offload_task_vectors: bool = False

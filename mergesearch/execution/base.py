@@ -65,7 +65,8 @@ class Executor(Protocol):
         ...
 
     def idle(self) -> int:
-        """Number of workers without a trial right now (the driver asks the optimizer for this many)."""
+        """How many trials the executor takes now: its idle workers, plus free places in its queue for a pool
+        that prefetches (the driver asks the optimizer for this many)."""
         ...
 
     def submit(self, trial: int, plan: dict[str, Any]) -> None:

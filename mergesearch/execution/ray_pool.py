@@ -3,9 +3,11 @@
 Each actor builds its Worker once, in its own ``__init__``, from the picklable factory — the Worker loads its
 models from disk there (memory-mapped safetensors), so a restarted actor rebuilds itself without any big
 constructor argument in the object store. The driver keeps at most one trial per actor and collects results
-with ``ray.wait`` as they finish: no generation barrier. A trial whose actor process dies is put back in the
-queue (bounded by ``max_retries``) and the actor, restarted by Ray (``max_restarts=-1``), is probed before it
-gets new work, since a call to a restarting actor only returns once it is back.
+with ``ray.wait`` as they finish: no generation barrier. With ``prefetch``, that many more trials wait in the
+driver's queue and go to the next actor that finishes, as soon as its result is collected. A trial whose actor
+process dies is put back in the queue (bounded by ``max_retries``) and the actor, restarted by Ray
+(``max_restarts=-1``), is probed before it gets new work, since a call to a restarting actor only returns once
+it is back.
 
 Only the driver touches the study storage; workers get plans and return scores. On a cluster, run the driver
 where the storage lives, e.g. as a Ray job on the head node (``--address auto`` attaches to that cluster)::
@@ -99,6 +101,8 @@ class RayExecutor:
         num_cpus: CPUs per worker (fractional allowed).
         num_gpus: GPUs per worker (fractional allowed).
         max_retries: re-runs of a trial whose worker process died before it is recorded failed.
+        prefetch: trials :meth:`idle` takes beyond the idle actors, queued in the driver: an actor that finishes
+            gets the next one while the driver is still recording results and sampling.
         env: environment variables for the worker processes (e.g. ``{"OMP_NUM_THREADS": "1"}``).
         startup_timeout: seconds to wait for every worker to build its Worker (model loading included).
         share: called once in the driver when Ray is up, returns the factory the actors get (e.g. one holding
@@ -118,16 +122,20 @@ class RayExecutor:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         max_retries: int = 2,
+        prefetch: int = 0,
         env: dict[str, str] | None = None,
         startup_timeout: float = 300.0,
         share: Callable[[WorkerFactory], WorkerFactory] | None = None,
     ) -> None:
         if workers < 1:
             raise ExecutionError(f"workers must be at least 1, got {workers}")
+        if prefetch < 0:
+            raise ExecutionError(f"prefetch must be at least 0, got {prefetch}")
         import ray
 
         self._factory = factory
         self._max_retries = max_retries
+        self._prefetch = prefetch
         self._pending: deque[_Job] = deque()
         self._inflight: dict[Any, tuple[_Slot, _Job | None]] = {}  # ObjectRef -> (slot, job or None = probe)
         self._slots: list[_Slot] = []
@@ -157,7 +165,7 @@ class RayExecutor:
         return len(self._slots)
 
     def idle(self) -> int:
-        return max(0, sum(slot.free for slot in self._slots) - len(self._pending))
+        return max(0, sum(slot.free for slot in self._slots) + self._prefetch - len(self._pending))
 
     def submit(self, trial: int, plan: dict[str, Any]) -> None:
         self._pending.append(_Job(trial, plan, time.time()))
@@ -187,6 +195,7 @@ class RayExecutor:
                 break
             if finished or (deadline is not None and time.monotonic() >= deadline):
                 break
+        self._dispatch()  # queued trials go to the actors just freed, before the caller records the results
         return [r for _, r in sorted(finished, key=lambda pair: pair[0])]
 
     def close(self) -> None:

@@ -111,7 +111,7 @@ def make_executor(config: JobConfig, workers: int | None = None, address: str | 
 
     return RayExecutor(factory, workers=workers or ex.workers, address=address or ex.address,
                        num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries,
-                       share=share_task_vectors if ex.share_task_vectors else None)
+                       prefetch=ex.prefetch, share=share_task_vectors if ex.share_task_vectors else None)
 
 
 class SearchRun:

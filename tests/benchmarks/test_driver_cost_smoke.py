@@ -39,6 +39,12 @@ def test_driver_cost_end_to_end(dc, tmp_path) -> None:
     assert len(record["machine"]["load_avg_at_start"]) == 3
 
 
+def test_one_run_times_the_streaming_ask(dc, tmp_path) -> None:
+    job = dc.write_job(tmp_path, dc.build_models(tmp_path / "models"), "random")
+    run = dc.one_run(job, tmp_path / "o.db", 3)
+    assert run["trials"] == 3 and run["ask_s"] > 0 and run["tell_s"] > 0 and run["wall_s"] > run["ask_s"]
+
+
 def test_storage_loop_without_ray(tmp_path) -> None:
     from mergesearch.execution.local import LocalExecutor
     from mergesearch.execution.testing import scripted_factory
@@ -48,3 +54,4 @@ def test_storage_loop_without_ray(tmp_path) -> None:
     row = rs.storage_loop(LocalExecutor(scripted_factory()), job, tmp_path / "l.db", trials=4, duration=0.0)
     assert row["trials"] == 4 and row["failed"] == 0 and row["asked_trials"] == 4
     assert row["batch_max"] == 1 and row["idle_at_ask_max"] == 1 and 0 < row["utilisation"] <= 1
+    assert 0 < row["active_s"] <= row["wall_s"] and row["utilisation"] <= row["utilisation_active"] <= 1

@@ -81,6 +81,52 @@ def test_killed_worker_trial_completes_exactly_once(pool) -> None:
     assert pool.idle() == 2 and len(set(pool.nodes()) - set(before)) == 1
 
 
+def test_prefetched_trial_goes_to_the_worker_that_frees_before_the_driver_records(session) -> None:
+    with RayExecutor(scripted_factory(), workers=1, prefetch=1, num_cpus=0.5) as ex:
+        assert ex.idle() == 2, "one idle worker and one place in the queue"
+        ex.submit(0, {"x": 0.0, "sleep": 0.4})
+        ex.submit(1, {"x": 1.0, "sleep": 0.4})
+        assert ex.idle() == 0 and list(ex.running()) == [0]
+        first: list = []
+        while not first:
+            first = ex.completed(timeout=10.0)
+        assert [r.trial for r in first] == [0]
+        # handed over inside completed(): running while the caller has not recorded trial 0 yet
+        assert ex.running() == {1: first[0].worker}
+        assert ex.idle() == 1, "the queue has room again"
+        later: list = []
+        while not later:
+            later = ex.completed(timeout=10.0)
+        (second,) = later
+        assert second.trial == 1 and second.ok and second.values == {"score": 2.0, "cost": 1.0}
+        # it waited in the queue while trial 0 ran, not while the driver worked
+        assert second.timings["queue"] < first[0].timings["total"] + 0.2
+
+
+def test_prefetch_runs_every_trial_exactly_once_with_a_killed_worker(session) -> None:
+    with RayExecutor(scripted_factory(), workers=2, prefetch=2, max_retries=2, num_cpus=0.5) as ex:
+        results = drain(ex, [{"x": float(i), "sleep": 0.3} for i in range(8)], kill_first=True)
+    assert sorted(r.trial for r in results) == list(range(8)) and all(r.ok for r in results)
+    assert {r.trial: r.values["score"] for r in results} == {i: 2.0 * i for i in range(8)}
+    assert next(r for r in results if r.trial == 0).attempts == 2
+
+
+def test_search_loop_with_prefetch_stores_exactly_the_target(session, tmp_path) -> None:
+    """The search loop over a prefetching pool: more trials in flight than workers, none beyond the target."""
+    import optuna
+
+    from tests.benchmarks.script import load_script
+
+    rs = load_script("ray_scaling")
+    with RayExecutor(scripted_factory(), workers=2, prefetch=3, num_cpus=0.5) as ex:
+        row = rs.storage_loop(ex, rs.loop_job(tmp_path, "random", {}), tmp_path / "p.db", trials=10, duration=0.05,
+                              streaming=True)
+    assert row["trials"] == 10 and row["failed"] == 0 and row["asked_trials"] == 10
+    assert row["idle_at_ask_max"] == 5, "2 idle workers + 3 places in the queue at the first ask"
+    study = optuna.load_study(study_name="loop", storage=f"sqlite:///{tmp_path / 'p.db'}")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 10
+
+
 def test_retries_exhausted_fail_the_trial_and_worker_keeps_serving(session) -> None:
     with RayExecutor(scripted_factory(), workers=1, max_retries=0, num_cpus=0.5) as ex:
         (died,) = drain(ex, [{"x": 1.0, "sleep": 5.0}], kill_first=True)
