@@ -175,8 +175,9 @@ class SearchRun:
         self.created = self.study.user_attrs.get("created_by") == DRIVER_ID
         self.seed = config.search.seed if seed is None else seed
         self.recovered = 0
-        #: trials being evaluated right now (kept up to date by :meth:`run`)
-        self.running = 0
+        #: trials being evaluated right now, and sampled ahead for a worker (``execution.prefetch``), kept up to
+        #: date by :meth:`run`
+        self.running = self.queued = 0
         #: examples scored by the study's trials, and trials pruned by this run (kept up to date by :meth:`run`)
         self.examples = self.pruned_run = 0
         self._prepared = False
@@ -305,6 +306,10 @@ class SearchRun:
             self._new_file.unlink(missing_ok=True)
         return True
 
+    def _in_flight(self, trials: int, workers: int) -> None:
+        """Split the trials submitted and not finished into running ones and ones queued ahead (prefetch)."""
+        self.running, self.queued = min(trials, workers), max(0, trials - workers)
+
     def completed_count(self) -> int:
         from mergesearch.search.study import count_complete
 
@@ -337,13 +342,13 @@ class SearchRun:
         # optimizer keeps the trials it reads once)
         complete = self.completed_count()
         self.optimizer.sole_writer = True
-        self.running = self.pruned_run = 0
+        self.running = self.queued = self.pruned_run = 0
         self._load_fidelity()
         try:
             if complete < self.target and not self.budget_spent():
                 ensure_baselines(self.study, self.config, self.objectives, executor, on_baseline)
             while True:
-                self.running = len(inflight)
+                self._in_flight(len(inflight), executor.size)
                 if self.lease.lost is not None:
                     raise StudyError(f"study '{self.study_name}' was taken over by another driver "
                                      f"({self.lease.lost}); this run stopped")
@@ -368,7 +373,7 @@ class SearchRun:
                             err.add_note(res.engine_error)
                         raise err
                     job = inflight.pop(res.trial)
-                    self.running = len(inflight)
+                    self._in_flight(len(inflight), executor.size)
                     record = trial_record(spec=job["spec"], worker=res.worker, timings=res.timings,
                                           attempts=res.attempts, summary=self.space.summary(job["params"]))
                     record.update(self._fidelity_record(res))

@@ -122,7 +122,8 @@ class RunProgress:
         pruned = f" pruned={self.pruned}" if search.fidelity is not None else ""
         budget = f"/{search.max_examples}" if search.max_examples is not None else ""
         examples = f" examples={self.run.examples}{budget}" if self.run.examples or budget else ""
-        return f"failed={self.failed}{pruned} running={self.run.running}{examples}{eta}{hv_text} best: {best}"
+        queued = f" queued={self.run.queued}" if self.run.queued else ""
+        return f"failed={self.failed}{pruned} running={self.run.running}{queued}{examples}{eta}{hv_text} best: {best}"
 
     def line(self) -> str:
         """One self-contained plain progress line."""

@@ -19,6 +19,7 @@ class _Run:
     target = 10
     objectives = (("acc", "maximize"), ("l1", "minimize"))
     running = 2
+    queued = 0
     examples = 0
     config = SimpleNamespace(search=SimpleNamespace(fidelity=None, max_examples=None))
 
@@ -45,9 +46,18 @@ def test_plain_lines_every_n_results_with_names_eta_and_hypervolume() -> None:
     lines = out.getvalue().splitlines()
     assert [line.split(" done")[0] for line in lines] == ["[s] 3/10", "[s] 6/10", "[s] 7/10"]  # + the last one
     assert "\r" not in out.getvalue()
-    assert "running=2" in lines[0] and "eta=" in lines[0] and "hv=0.25 (raw 1.5)" in lines[0]
+    assert "running=2 " in lines[0] and "eta=" in lines[0] and "hv=0.25 (raw 1.5)" in lines[0]
+    assert "queued=" not in out.getvalue(), "shown only with trials sampled ahead (execution.prefetch)"
     assert "best: acc=0.5 l1=5" in lines[1]  # by name, the best so far per direction
     assert all(len(line) > 60 for line in lines)  # never cut at the console's width
+
+
+def test_trials_sampled_ahead_are_shown_as_queued_not_running() -> None:
+    out, run = io.StringIO(), _Run()
+    run.running, run.queued = 16, 16
+    with RunProgress(run, console=Console(file=out, force_terminal=False), every_trials=1, every_seconds=1000) as bar:
+        bar(_result(0))
+    assert "running=16 queued=16 " in out.getvalue()
 
 
 def test_plain_line_after_every_seconds_without_results() -> None:
