@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -331,6 +332,7 @@ def _connect(address: str | None, num_cpus: int) -> bool:
     from mergesearch.execution.stop import restore_after
 
     if address is None:
+        _adopt_orphans()
         try:
             # "local" always starts a fresh instance, never a leftover cluster named in /tmp/ray.
             restore_after(lambda: ray.init(
@@ -358,6 +360,18 @@ def _connect(address: str | None, num_cpus: int) -> bool:
     return True
 
 
+def _adopt_orphans() -> None:
+    """Make this process the Linux "child subreaper" of what it spawns: Ray's agents are the raylet's
+    children, and when ``ray.shutdown`` kills the raylet first they would be re-parented to init, out of
+    reach of :func:`_shutdown_local_ray`'s scan (seen as agents alive after the driver exited)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # 36 = PR_SET_CHILD_SUBREAPER
+
+
 def _ray_descendants() -> list[Any]:
     """This process's descendant processes that belong to Ray (raylet, GCS, agents, workers)."""
     import psutil
@@ -380,15 +394,19 @@ def _shutdown_local_ray(grace: float = 3.0) -> None:
     with contextlib.suppress(Exception):
         if ray.is_initialized():
             ray.shutdown()
-    procs = [p for p in {*procs, *_ray_descendants()} if p.is_running()]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    for _ in range(3):  # again: agents the raylet started late, re-parented to us (see _adopt_orphans)
+        procs = [p for p in {*procs, *_ray_descendants()} if p.is_running()]
+        if not procs:
+            return
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=grace)
+        procs = []
 
 
 def _check_reachable(address: str) -> None:
