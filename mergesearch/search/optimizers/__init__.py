@@ -9,7 +9,8 @@ samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, stea
 
 - random: none · tpe, gp: ``n_startup`` (10) · nsga2, nsga3: ``pop_size`` (20)
 - tpe: ``multivariate`` (false: Optuna's default for several objectives, one Parzen estimator per parameter;
-  true: one joint estimator — other proposals, and ~4× less driver time per trial with a per-layer space)
+  the split and the good-trials fits are redone per result, not per parameter: see :mod:`.tpe`; true: one joint
+  estimator — other proposals)
 - qnehvi: ``n_startup`` (10), ``fit_maxiter`` (100), ``num_restarts`` (2), ``raw_samples`` (64),
   ``mc_samples`` (64), ``alpha`` (box-decomposition approximation; default exact up to 3 objectives, 1e-2 above)
 - pymoo-nsga3: ``pop_size`` (20), ``n_partitions`` (auto) · pymoo-smsemoa: ``pop_size`` (20)
@@ -44,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mergesearch.errors import ConfigError
 from mergesearch.search.optimizers.base import BatchSampler
 from mergesearch.search.optimizers.pending import SamplingStorage, new_pending, sample_pending
+from mergesearch.search.optimizers.tpe import SharedFitTPESampler
 from mergesearch.search.study import DRIVER_ID, create_trial, finish_trial, store_sampled
 
 
@@ -81,7 +83,7 @@ def _tpe(c: _Context) -> optuna.samplers.BaseSampler:
         raise ConfigError(f"optimizer option 'multivariate' must be true or false, got {multivariate!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
+        return SharedFitTPESampler(
             seed=c.seed, n_startup_trials=_int(c.options.get("n_startup", 10), "n_startup", 0),
             # None keeps Optuna's default (independent for several objectives, joint for one)
             multivariate=True if multivariate else None,
@@ -298,19 +300,20 @@ class Optimizer:
         storage, study_id = self.study._storage, self.study._study_id
         # at most one read per ask: the list is kept current here as trials are created (the old path re-read it
         # per trial, and TPE once more per parameter); none at all while this optimizer is the only writer
-        stored = self._trials if self.sole_writer and self._trials is not None else \
-            list(storage.get_all_trials(study_id, deepcopy=False))
+        kept = self.sole_writer and self._trials is not None
+        stored = self._trials if kept else list(storage.get_all_trials(study_id, deepcopy=False))
         self._trials = stored if self.sole_writer else None
         try:
-            yield from self._sample_batch(n, stored)
+            yield from self._sample_batch(n, stored, reread=not kept)
         except GeneratorExit:  # the caller stopped early: every trial yielded is stored and in the list
             raise
         except BaseException:  # a trial may be stored and not listed: read them again next time
             self._trials = None
             raise
 
-    def _sample_batch(self, n: int, stored: list[FrozenTrial]) -> Iterator[FrozenTrial]:
-        """The trials of :meth:`asking`; ``stored``: the study's trials, kept current (sorted by number)."""
+    def _sample_batch(self, n: int, stored: list[FrozenTrial], *, reread: bool) -> Iterator[FrozenTrial]:
+        """The trials of :meth:`asking`; ``stored``: the study's trials, kept current (sorted by number);
+        ``reread``: they were just read (the study's system attrs are read again too, else kept as the trials)."""
         study_id = self.study._study_id
         if isinstance(self.sampler, BatchSampler):
             waiting = sum(t.state == TrialState.WAITING for t in stored)
@@ -322,7 +325,7 @@ class Optimizer:
         sampling: SamplingStorage = view._storage  # type: ignore[assignment]
         for i in range(n):
             trial, before = self._next_trial(stored)
-            sampling.begin(study_id, trial, stored, new_ask=i == 0)
+            sampling.begin(study_id, trial, stored, reread=reread and i == 0)
             # Study.ask empties the samplers' per-trial cache of the study's trials: the same here, per trial
             view._thread_local.cached_all_trials = None
             try:

@@ -72,22 +72,23 @@ class SamplingStorage(BaseStorage):
         self.study_system_attrs: dict[str, Any] = {}
         self._study_id: int | None = None
         self._snapshot: list[FrozenTrial] | None = None
-        self._study_attrs: dict[str, Any] | None = None  # the study's system attrs, read once per ask
+        self._study_attrs: dict[str, Any] | None = None  # the study's system attrs, kept current (see begin)
         #: per study id, its objective names (user attr ``objective_names``), read when a pruned trial first
         #: needs them: a pruned trial's partial scores are stored by name
         self._names: dict[int, list[str]] = {}
         #: a pruned trial as the samplers see it, by trial id (a finished trial does not change)
         self._estimates: dict[int, FrozenTrial | None] = {}
 
-    def begin(self, study_id: int, pending: FrozenTrial, stored: list[FrozenTrial], *, new_ask: bool) -> None:
-        """Sample ``pending`` now; ``stored``: the study's trials as just read (sorted by number).
+    def begin(self, study_id: int, pending: FrozenTrial, stored: list[FrozenTrial], *, reread: bool) -> None:
+        """Sample ``pending`` now; ``stored``: the study's trials, current (sorted by number).
 
-        ``new_ask``: the first trial of an ask (the study's system attrs are read again).
+        ``reread``: read the study's system attrs again (else those of the last call, with what sampling noted
+        since: while nothing else writes the study).
         """
         self._study_id = study_id
         self.pending = pending
         self.study_system_attrs = {}
-        if new_ask:
+        if reread:
             self._study_attrs = None
         # a popped WAITING trial is in storage already: the pending copy replaces it. A PRUNED trial is shown as
         # COMPLETE with its last rung's scores (see mergesearch.search.fidelity): hidden, it would teach the
