@@ -188,10 +188,13 @@ def one_run(job: Path, db: Path | None, trials: int, workers: int = 1) -> dict[s
 
 def marginal(job: Path, root: Path, small: int, large: int, repeats: int, workers: int = 1,
              memory: bool = False) -> dict[str, Any]:
-    """``repeats`` pairs of runs; the median marginal cost per trial (ms) with its ask and tell parts.
+    """``repeats`` pairs of runs, after an untimed one; the median marginal cost per trial (ms) with its ask and
+    tell parts.
 
     ``memory``: in-memory studies instead of SQLite files (what the sampler and the loop cost without storage).
     """
+    # untimed: first-use costs (lazy imports, caches) would land in the first small run and lower the marginal
+    one_run(job, None if memory else root / f"{job.stem}_warmup.db", small, workers)
     pairs = []
     for r in range(repeats):
         a = one_run(job, None if memory else root / f"{job.stem}_{small}_{r}.db", small, workers)

@@ -3,7 +3,7 @@
 The Optuna study in storage is the only state: each backend is a sampler that rebuilds what it needs from
 the stored trials, so an :class:`Optimizer` built on a re-opened study resumes whatever the backend.
 
-Backends (``OPTIMIZERS``): ``random`` (scrambled Sobol), ``tpe``, ``gp``, ``nsga2``, ``nsga3`` (Optuna's
+Backends (``OPTIMIZERS``): ``random`` (scrambled Sobol, :mod:`.qmc`), ``tpe``, ``gp``, ``nsga2``, ``nsga3`` (Optuna's
 samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, steady-state) and ``cmaes-sum``
 (CMA-ES on a weighted sum, the mergekit-evolve baseline). Options per backend, with defaults:
 
@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mergesearch.errors import ConfigError
 from mergesearch.search.optimizers.base import BatchSampler
 from mergesearch.search.optimizers.pending import SamplingStorage, new_pending, sample_pending
+from mergesearch.search.optimizers.qmc import KeptSobolSampler
 from mergesearch.search.optimizers.tpe import SharedFitTPESampler
 from mergesearch.search.study import DRIVER_ID, create_trial, finish_trial, store_sampled
 
@@ -72,7 +73,7 @@ def _random(c: _Context) -> optuna.samplers.BaseSampler:
     # user's seed is kept as is: a resume continues the same scrambled sequence instead of replaying it.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.QMCSampler(
+        return KeptSobolSampler(
             qmc_type="sobol", scramble=True, seed=c.base_seed, warn_independent_sampling=False
         )
 
