@@ -103,3 +103,20 @@ def test_a_changed_optuna_falls_back_to_optunas_tpe(monkeypatch: pytest.MonkeyPa
     theirs = _drive(optuna.samplers.TPESampler(seed=3, n_startup_trials=5), 25, 1)
     assert ours == theirs
     assert tpe_module._DRIFT and "TypeError" in tpe_module._DRIFT[0]
+
+
+def test_one_sampler_over_two_studies_in_turn() -> None:
+    """Two studies (both study id 0, in their own storages) at the same trial numbers never share a fit."""
+
+    def in_turn(sampler: optuna.samplers.BaseSampler) -> list[dict]:
+        a, b = (optuna.create_study(directions=["minimize", "minimize"], sampler=sampler) for _ in range(2))
+        out = []
+        for _ in range(24):
+            for study, flip in ((a, 1.0), (b, -1.0)):
+                trial = study.ask(SPACE)
+                out.append(dict(trial.params))
+                study.tell(trial, [flip * v for v in _values(trial.params)])
+        return out
+
+    kw = {"seed": 4, "n_startup_trials": 5}
+    assert in_turn(SharedFitTPESampler(**kw)) == in_turn(optuna.samplers.TPESampler(**kw))

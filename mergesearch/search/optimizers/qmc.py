@@ -8,6 +8,7 @@ the same points, bit for bit. Any other position (a resume, another study) build
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ class KeptSobolSampler(optuna.samplers.QMCSampler):
         super().__init__(**kwargs)
         self._engine: Any = None
         self._at: tuple[int, int] | None = None  # (dimension, next position) of the kept engine
+        self._lock = threading.Lock()  # one engine: a study optimised from several threads takes turns
 
     def _sample_qmc(self, study: optuna.Study, search_space: dict[str, BaseDistribution]) -> np.ndarray:
         if self._qmc_type != "sobol":
@@ -30,10 +32,11 @@ class KeptSobolSampler(optuna.samplers.QMCSampler):
 
         sample_id = self._find_sample_id(study, search_space)
         d = len(search_space)
-        # the points depend only on (seed, dimension, position): any study at that position may draw from it
-        if self._engine is None or self._at != (d, sample_id):
-            self._engine = qmc.Sobol(d, seed=self._seed, scramble=self._scramble)
-            if sample_id > 0:  # Sobol refuses fast_forward(0)
-                self._engine.fast_forward(sample_id)
-        self._at = (d, sample_id + 1)
-        return self._engine.random(1)
+        with self._lock:
+            # the points depend only on (seed, dimension, position): any study at that position may draw from it
+            if self._engine is None or self._at != (d, sample_id):
+                self._engine = qmc.Sobol(d, seed=self._seed, scramble=self._scramble)
+                if sample_id > 0:  # Sobol refuses fast_forward(0)
+                    self._engine.fast_forward(sample_id)
+            self._at = (d, sample_id + 1)
+            return self._engine.random(1)

@@ -37,7 +37,7 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._history: tuple[Any, ...] | None = None  # (study id, (number, state) of every finished trial)
+        self._history: tuple[Any, ...] | None = None  # (storage, study, (number, state) of each finished trial)
         self._split: tuple[list[FrozenTrial], list[FrozenTrial]] | None = None
         self._below: dict[tuple[str, BaseDistribution], Any] = {}  # per parameter, its good-trials estimator
 
@@ -56,7 +56,7 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
     def _sample_one(self, study: optuna.Study, trial: FrozenTrial, finished: list[FrozenTrial], name: str,
                     dist: BaseDistribution) -> Any:
         """What ``TPESampler._sample(study, trial, {name: dist})`` returns, from the shared split and estimator."""
-        history = (study._study_id, *((t.number, t.state) for t in finished))
+        history = (id(study._storage), study._study_id, *((t.number, t.state) for t in finished))
         if history != self._history:  # a result arrived: the split and every good-trials estimator are stale
             gamma = self._gamma or (default_gamma if len(study.directions) <= 1 else default_gamma_multiobjective)
             self._history, self._split, self._below = history, _split_trials(study, finished, gamma(len(finished))), {}
