@@ -5,7 +5,8 @@ every trial, and each run splits the finished trials into good and bad (a non-do
 and builds a Parzen estimator over the good ones. Between two results neither changes: with a per-layer space
 (25–40 parameters) that is 25–40 identical sorts per trial, ~30 % of a ~100 ms ask, and with 16 workers the
 driver, not the workers, sets the pace. Here the split of the finished trials is made once per history (the
-set of finished trials) and each parameter's good-trials estimator once per history. The bad-trials estimator
+set of finished trials), each parameter's good-trials estimator once per history, and each stored value is
+converted to the estimators' scale once (not per estimator). The bad-trials estimator
 is built per trial as Optuna does, since with the constant liar (Optuna's default) it also holds the trials
 still running. The proposals are Optuna's, draw for draw: same data, same estimators, same random stream.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -40,6 +42,8 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
         self._history: tuple[Any, ...] | None = None  # (storage, study, (number, state) of each finished trial)
         self._split: tuple[list[FrozenTrial], list[FrozenTrial]] | None = None
         self._below: dict[tuple[str, BaseDistribution], Any] = {}  # per parameter, its good-trials estimator
+        #: per (storage, parameter), its internal value in each trial by trial id (a stored value never changes)
+        self._values: dict[tuple[int, str, BaseDistribution], dict[int, float]] = {}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
@@ -52,6 +56,23 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
             _DRIFT.append(f"{type(e).__name__}: {e}")
             optuna.logging.get_logger(__name__).warning("shared TPE fits unavailable (%s)", _DRIFT[0])
             return super().sample_independent(study, trial, param_name, param_distribution)
+
+    def _get_internal_repr(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Optuna's ``(trials, {name: dist}, study) -> {name: (n,) values}``, each trial's value converted once:
+        re-converted per estimator, the values cost as much as the estimator itself."""
+        if _DRIFT or kwargs or len(args) != 3 or len(args[1]) != 1 or self._is_multivariate(args[2]):
+            return super()._get_internal_repr(*args, **kwargs)
+        trials, space, study = args
+        ((name, dist),) = space.items()
+        known = self._values.setdefault((id(study._storage), name, dist), {})
+        out = []
+        for t in trials:
+            v = known.get(t._trial_id)
+            if v is None and name in t.params:
+                v = known[t._trial_id] = dist.to_internal_repr(t.params[name])
+            if v is not None:
+                out.append(v)
+        return {name: np.asarray(out)}
 
     def _sample_one(self, study: optuna.Study, trial: FrozenTrial, finished: list[FrozenTrial], name: str,
                     dist: BaseDistribution) -> Any:
