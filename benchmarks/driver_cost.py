@@ -1,6 +1,7 @@
 """Driver cost per trial: what the search loop itself costs (ask, decode, storage writes, tell) when objectives
 take no time, measured as the marginal wall time ``(t(large) − t(small)) / (large − small)`` of two runs of the same
-job on fresh SQLite files on disk (the fixed costs — imports, opening the study, the lease — cancel out).
+job on fresh SQLite files on disk (the fixed costs — opening the study, the lease — cancel out), after one untimed
+run of the job (first-use costs — lazy imports, caches — would otherwise fall in the first small run only).
 
 The job is a per-layer space over tiny random Llamas built here (2 layers, every layer split into ``self_attn`` and
 ``mlp``, 2 experts, ``task_arithmetic`` or ``ties``: weight and density per model and group), driven by the real
