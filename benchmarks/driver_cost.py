@@ -144,6 +144,9 @@ def _timed(fn: Callable[..., Any], acc: list[float]) -> Callable[..., Any]:
     return wrapper
 
 
+_END = object()  # a generator's end, for next(it, _END)
+
+
 def _timed_steps(fn: Callable[..., Iterator[Any]], acc: list[float]) -> Callable[..., Iterator[Any]]:
     """``fn`` (a generator function) with the time of each of its steps added to ``acc`` (not the caller's)."""
     def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -157,9 +160,6 @@ def _timed_steps(fn: Callable[..., Iterator[Any]], acc: list[float]) -> Callable
             yield item
 
     return wrapper
-
-
-_END = object()
 
 
 def one_run(job: Path, db: Path | None, trials: int, workers: int = 1) -> dict[str, Any]:

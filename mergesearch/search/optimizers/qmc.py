@@ -15,6 +15,9 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 
+#: a kept engine is drawn from by one thread at a time (module-level, as Optuna's: the sampler stays picklable)
+_LOCK = threading.Lock()
+
 
 class KeptSobolSampler(optuna.samplers.QMCSampler):
     """``optuna.samplers.QMCSampler`` (same arguments and points) that keeps its engine between trials."""
@@ -23,7 +26,6 @@ class KeptSobolSampler(optuna.samplers.QMCSampler):
         super().__init__(**kwargs)
         self._engine: Any = None
         self._at: tuple[int, int] | None = None  # (dimension, next position) of the kept engine
-        self._lock = threading.Lock()  # one engine: a study optimised from several threads takes turns
 
     def _sample_qmc(self, study: optuna.Study, search_space: dict[str, BaseDistribution]) -> np.ndarray:
         if self._qmc_type != "sobol":
@@ -32,7 +34,7 @@ class KeptSobolSampler(optuna.samplers.QMCSampler):
 
         sample_id = self._find_sample_id(study, search_space)
         d = len(search_space)
-        with self._lock:
+        with _LOCK:
             # the points depend only on (seed, dimension, position): any study at that position may draw from it
             if self._engine is None or self._at != (d, sample_id):
                 self._engine = qmc.Sobol(d, seed=self._seed, scramble=self._scramble)
