@@ -3,12 +3,13 @@
 The kernel streams each input once in blocks that stay in the core's cache, reading float32, bfloat16 or
 float16 inputs in their own dtype (converted to float32 entry by entry inside the merge loop), computing in float32
 and rounding the result once (round to nearest even) into the output's dtype. A second loop over the block just
-written counts non-finite results, so the finiteness guard costs no extra pass over memory. A merge is split
+written probes it for non-finite results (:func:`_nan_probe`), so the finiteness guard costs no extra pass over
+memory (the entries are counted, over the whole output, only when there are some). A merge is split
 into contiguous ranges run on ``threads`` threads (the kernel releases the GIL). It computes the same float32
 operations in the same order as the torch path of :func:`mergesearch.merging.ops.task_vector_merge` (no fused
 multiply-adds, no reassociation), hence the same bits (tests/merging/test_conformance.py). The one reassociated
-sum is DELLA's L1 norms (:func:`_l1`), float64 sums that only set the rescale factor and that both paths take from
-the same compiled pass on the CPU.
+sums are DELLA's L1 norms (:func:`_l1`), float64 sums that only set the rescale factor and that both paths take
+from the same compiled pass on the CPU, and the finiteness probe, which reads the result and writes nothing.
 
 numba has no float16 on the CPU, so half-precision values travel as their bit patterns (bfloat16 as uint16,
 float16 as int16) and are converted by a few LLVM instructions (exact, and round to nearest even on the way back,
@@ -130,18 +131,6 @@ def _put_impl(d, j, v):
     return put_f16
 
 
-def _nonfinite(d, j):  # pragma: no cover - compiled through the overload below
-    """Whether d[j] (float32, bfloat16 or float16 bits) is NaN or ±inf: its exponent bits all set."""
-
-
-@overload(_nonfinite, inline="always")
-def _nonfinite_impl(d, j):
-    if d.dtype == types.float32:
-        return lambda d, j: not (abs(d[j]) <= np.float32(3.4028234663852886e38))  # NaN compares false
-    mask = 0x7F80 if d.dtype == types.uint16 else 0x7C00
-    return lambda d, j: (d[j] & mask) == mask
-
-
 def _load(src, start, m, buf):  # pragma: no cover - compiled through the overload below
     """Block [start, start+m) of ``src`` as a C-contiguous float32 array: a slice of a float32 ``src``, or the
     half-precision bits converted into ``buf``."""
@@ -186,7 +175,8 @@ def _combine(blocks, draws, ranks, b, res, m, keep, coef, lo, hi, keep_below, p_
     """res[:m] = the merged block from the k input blocks and base block ``b`` (each C-contiguous, length ≥ m, of
     any dtype :func:`_get` reads; ``res`` of one :func:`_put` writes).
 
-    ``keep``: 0 the magnitude band [lo, hi], 1 DARE's draws < keep_below, 2 DELLA's draw test on the row ranks.
+    ``keep``: 0 the magnitude band [lo, hi], 1 DARE's draws < keep_below, 2 DELLA's draw test on the row ranks,
+    3 every entry.
     ``mode``: 0 a plain weighted sum of the blocks (no base, no keep rule), 1 base + λ·Σu/div (4: div = λ = 1),
     2 TIES consensus divided by the agreeing weights, 3 consensus undivided."""
 
@@ -214,7 +204,9 @@ def _combine_source(k: int) -> str:
              1: [f"u{i} = c{i} * _get(t{i}, j) * f32(d{i}[j] < kb{i})" for i in ins],
              # the entry read unconditionally: a read inside the select kept half-precision loops scalar (7x)
              2: [f"x{i} = c{i} * _get(t{i}, j); u{i} = x{i} if _della_keeps(d{i}[j], r{i}[j], pl{i}, ps{i}, width) "
-                 "else zero" for i in ins]}
+                 "else zero" for i in ins],
+             # every entry kept (task arithmetic): an open band's compare and select cost ~30 % of the pass
+             3: [f"u{i} = c{i} * _get(t{i}, j)" for i in ins]}
     total = "s = zero" + "".join(f" + u{i}" for i in ins)  # mergekit's order: u_0 + u_1 + …
     bodies = {
         1: [total, "_put(res, j, _get(b, j) + s / div * lam)"],
@@ -262,22 +254,33 @@ def _slices_impl(arrays, start, m):
     return _per_item("slices", "arrays, start, m", "arrays[{i}][start:start + m]", len(arrays))
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})
+def _nan_probe(o, m):  # pragma: no cover - runs compiled
+    """Σ o[j]·0 over o[:m] (any dtype :func:`_get` reads): NaN when an entry is NaN or ±inf (inf·0 is NaN), else
+    ±0. A NaN survives any order of the sum, so the reassociation that lets it vectorise cannot hide one
+    (reassoc alone does not fold x·0 to 0: that would need no-NaN). Counting the entries instead (a compare
+    and an int64 sum per entry) cost ~15 % of a task-arithmetic merge, this ~5 %."""
+    s = np.float32(0.0)
+    for j in range(m):
+        s += _get(o, j) * np.float32(0.0)
+    return s
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _merge(base, has_base, out, taus, keep, draws, ranks, lo, hi, keep_below, p_lo, p_span, width, coef, weights,
            lam, normalize, consensus, div_nc, first, last):  # pragma: no cover - runs compiled
     # k, the length of the ``taus`` tuple, is a compile-time constant: :func:`_combine` is generated for it
     mode = 0 if not has_base else (1 if not consensus else (2 if normalize else 3))
     mode = 4 if mode == 1 and div_nc == 1.0 and lam == 1.0 else mode
-    bad = 0
+    probe = np.float32(0.0)
     for start in range(first, last, BLOCK):
         m = min(BLOCK, last - start)
         o = out[start:start + m]  # may be ``base`` itself (in place): each entry reads b[j] before writing o[j]
         b = base[start:start + m]  # unread without a base (``fused_merge`` passes ``out`` then)
         _combine(_slices(taus, start, m), _slices(draws, start, m), _slices(ranks, start, m), b, o, m, keep, coef,
                  lo, hi, keep_below, p_lo, p_span, width, weights, lam, mode, div_nc)
-        for j in range(m):  # in cache: the block was just written
-            bad += _nonfinite(o, j)
-    return bad
+        probe += _nan_probe(o, m)  # in cache: the block was just written
+    return probe != probe  # some entry of [first, last) is not finite
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})
@@ -466,7 +469,8 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
 
     The keep rule of input i is one of: the magnitude band (``lo``, ``hi``: drops |τ_i| outside [lo[i], hi[i]],
     keeps NaN); DARE (``draws``, ``keep_below``: keeps draws[i] < keep_below[i]); DELLA (``draws``, ``ranks``,
-    ``p_lo``, ``p_span``: keeps draw + 32768 < 65536·(p_lo[i] + rank/width·p_span[i]), as :func:`della_mask`).
+    ``p_lo``, ``p_span``: keeps draw + 32768 < 65536·(p_lo[i] + rank/width·p_span[i]), as :func:`della_mask`); or,
+    with none of these, every entry.
 
     Args:
         base: θ0, contiguous CPU float32/bfloat16/float16, any shape S, or None for a plain weighted sum
@@ -487,7 +491,7 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
     b = _array(base) if base is not None else o  # unread without a base
     flat = tuple(_array(t) for t in taus)
     k, f32 = len(flat), np.float32
-    keep = 2 if ranks is not None else 1 if draws is not None else 0
+    keep = 2 if ranks is not None else 1 if draws is not None else 0 if lo is not None or hi is not None else 3
 
     def per_input(values, dtype, default) -> np.ndarray:
         return np.asarray(values if values is not None else [default] * k, dtype=dtype)
@@ -504,10 +508,11 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
     n = b.shape[0]
     parts = max(1, min(threads, n // MIN_PARALLEL))
     if parts == 1:
-        return int(_merge(*args, 0, n))
-    # ranges split on BLOCK boundaries, so every thread sees the same blocks as one thread would (same bits)
-    cuts = [min(n, (n * p // parts) // BLOCK * BLOCK) for p in range(parts)] + [n]
-    return sum(_pool().map(lambda p: int(_merge(*args, cuts[p], cuts[p + 1])), range(parts)))
+        bad = bool(_merge(*args, 0, n))
+    else:  # ranges split on BLOCK boundaries, so every thread sees the same blocks as one thread would (same bits)
+        cuts = [min(n, (n * p // parts) // BLOCK * BLOCK) for p in range(parts)] + [n]
+        bad = any(list(_pool().map(lambda p: bool(_merge(*args, cuts[p], cuts[p + 1])), range(parts))))
+    return int(out.numel() - torch.isfinite(out).sum().item()) if bad else 0  # counted only on the error path
 
 
 def run_side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:

@@ -398,6 +398,8 @@ def _kernel_merge(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, w
                  consensus=consensus, div_nc=div_nc, threads=torch.get_num_threads())
     template = next((inp for inp in inputs if inp.draws is not None), None)
     if template is None:
+        if not any(inp.band for inp in inputs):  # every entry kept: no band test in the loop
+            return kernels.fused_merge(base, out, taus, **rules)
         lo = [inp.band[0] if inp.band and inp.band[0] is not None else -math.inf for inp in inputs]
         hi = [inp.band[1] if inp.band and inp.band[1] is not None else math.inf for inp in inputs]
         return kernels.fused_merge(base, out, taus, lo=lo, hi=hi, **rules)

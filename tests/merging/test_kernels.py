@@ -66,7 +66,8 @@ def _converters():
     def down(x, d, bad):
         for j in range(x.shape[0]):
             kernels._put(d, j, x[j])
-            bad[j] = kernels._nonfinite(d, j)
+            probe = kernels._nan_probe(d[j:j + 1], 1)  # the merge's finiteness probe, on the rounded entry
+            bad[j] = probe != probe
 
     return kernels, up, down
 
@@ -118,3 +119,24 @@ def test_kernel_reads_and_writes_any_mix_of_dtypes_rounding_once(base_dtype, out
     want = (base.float() + (0.0 + u[0] + u[1] + u[2])).to(out_dtype)  # float32 throughout, one rounding
     assert bad == 0
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES])
+@pytest.mark.parametrize("consensus", [False, True])
+def test_keep_all_rule_equals_the_open_band(dtype, consensus):
+    """Task arithmetic passes no band (the loop without a keep test): the same bits as an open band [-inf, inf],
+    NaN and inf inputs included, under both the plain sum and the sign election."""
+    from mergesearch.merging import kernels
+
+    torch.manual_seed(1)
+    n = 3 * kernels.BLOCK + 5  # a partial last block
+    base = torch.randn(n).to(dtype)
+    taus = [torch.randn(n).to(dtype) for _ in range(3)]
+    taus[0][7], taus[1][8], taus[2][9] = float("nan"), float("inf"), -float("inf")
+    rules = dict(coef=[0.5, 0.3, 0.2], weights=[0.5, 0.3, 0.2], lam=0.7, normalize=consensus, consensus=consensus,
+                 div_nc=1.0)
+    open_band, keep_all = torch.empty_like(base), torch.empty_like(base)
+    bad_band = kernels.fused_merge(base, open_band, taus, lo=[-float("inf")] * 3, hi=[float("inf")] * 3, **rules)
+    bad_all = kernels.fused_merge(base, keep_all, taus, **rules)
+    assert torch.equal(open_band.view(torch.uint8), keep_all.view(torch.uint8))
+    assert bad_all == bad_band == 3
