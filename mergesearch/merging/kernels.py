@@ -383,18 +383,22 @@ STREAMS = 4
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _bracket(tau, lo, hi, buf, first, last):  # pragma: no cover - runs compiled
+def _bracket(tau, bits, key, lo, hi, buf, first, last):  # pragma: no cover - runs compiled
     m, cap = 0, buf.shape[0]
     q = (last - first + STREAMS - 1) // STREAMS
+    mask = np.uint32(0x7FFF0000)
     for r0 in range(0, q, RUN):
         for p in range(STREAMS):
             a = first + p * q + r0
-            run = tau[a:max(a, min(a + RUN, first + (p + 1) * q, last))]  # indexed from 0: t[a + j] kept it scalar
-            hits = 0
-            for j in range(run.shape[0]):  # vectorises
-                x = abs(run[j])
-                hits += (x >= lo) & (x <= hi)
+            e = max(a, min(a + RUN, first + (p + 1) * q, last))
+            # the run's test on the bit patterns (an and and a compare an entry, or-ed: 30 % faster than
+            # abs and two float compares summed); indexed from 0 (t[a + j] kept it scalar)
+            run_bits = bits[a:e]
+            hits = False
+            for j in range(run_bits.shape[0]):  # vectorises
+                hits |= (run_bits[j] & mask) == key
             if hits:
+                run = tau[a:e]
                 for j in range(run.shape[0]):  # branch-free compaction: always write, advance only inside [lo, hi]
                     x = abs(run[j])
                     buf[min(m, cap - 1)] = x
@@ -408,6 +412,9 @@ def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) 
 
     Args:
         tau: contiguous CPU float32 task vector (a bfloat16/float16 magnitude key is one value: no bracket).
+        lo, hi: one float32 magnitude key's range (:class:`~mergesearch.merging.sparsify.MagnitudeOrder`): lo's
+            bits with the low 16 cleared, hi's with them set. Runs are tested on the key (lo's top bits) and
+            gathered by [lo, hi], so another range only finds fewer entries (None).
 
     Returns:
         The value, or None when the bracket held another number of entries than ``width`` (e.g. NaN bounds).
@@ -417,10 +424,12 @@ def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) 
     parts = max(1, min(torch.get_num_threads(), n // MIN_PARALLEL))
     cuts = [n * p // parts for p in range(parts)] + [n]
     cap = width + 1
+    key = np.array([lo], dtype=np.float32).view(np.uint32)[0] & np.uint32(0x7FFF0000)
 
     def part(p: int) -> tuple[int, np.ndarray]:
         buf = np.empty(cap, dtype=np.float32)
-        return _bracket(src, np.float32(lo), np.float32(hi), buf, cuts[p], cuts[p + 1]), buf
+        return _bracket(src, src.view(np.uint32), key, np.float32(lo), np.float32(hi), buf, cuts[p],
+                        cuts[p + 1]), buf
 
     results = [part(0)] if parts == 1 else list(_pool().map(part, range(parts)))
     if sum(m for m, _ in results) != width or not 0 <= k < width:
