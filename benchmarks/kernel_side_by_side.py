@@ -73,25 +73,31 @@ def reference(case: str, base: torch.Tensor, taus: list[torch.Tensor], cuts: lis
     return base.double() + num / torch.where(den == 0, 1.0, den)
 
 
-def worker(path: str | None, conn) -> None:
+def bracket_bounds(tau: torch.Tensor) -> tuple[int, float, float, int]:
+    """``bracket_select``'s (k, lo, hi, width) for the configured density's cut-off of |τ| (float32)."""
+    from mergesearch.merging import sparsify as sp
+
+    order = sp.MagnitudeOrder(tau)
+    rank = tau.numel() - int(CONFIG["density"] * tau.numel())
+    j = int(torch.searchsorted(order.ends, rank, right=True))
+    key, below = int(order.keys[j]), int(order.ends[j - 1])
+    return rank - below, sp._bits_f32(key << 16), sp._bits_f32(key << 16 | 0xFFFF), int(order.ends[j]) - below
+
+
+def worker(path: str | None, bounds: tuple, conn) -> None:
     """One kernel's process: answers (dtype, case, threads) with the time of one merge, ("bracket",) with the time
-    of one bracket pass, None to stop. Checks its outputs against the reference before the first timing."""
+    of one bracket pass (``bounds``: :func:`bracket_bounds`), None to stop. Checks its outputs against the
+    reference before the first timing. It loads no other kernels module than its own."""
     if path is None:
         from mergesearch.merging import kernels
     else:
         spec = importlib.util.spec_from_file_location("baseline_kernels", path)
         kernels = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(kernels)
-    from mergesearch.merging import sparsify as sp
 
     data = {d: arrays(d) for d in CONFIG["dtypes"]}
     outs = {d: torch.empty_like(data[d][0]) for d in CONFIG["dtypes"]}
-    tau = data["float32"][1][0]
-    order = sp.MagnitudeOrder(tau)
-    rank = tau.numel() - int(CONFIG["density"] * tau.numel())
-    j = int(torch.searchsorted(order.ends, rank, right=True))
-    key, below = int(order.keys[j]), int(order.ends[j - 1])
-    bracket = (tau, rank - below, sp._bits_f32(key << 16), sp._bits_f32(key << 16 | 0xFFFF), int(order.ends[j]) - below)
+    bracket = (data["float32"][1][0], *bounds)
     digests = {}
     for d, (base, taus, cuts) in data.items():
         tol = 1e-6 if d == "float32" else 1e-2
@@ -127,11 +133,13 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, required=True, help="kernels.py of the revision to compare with")
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args()
+    tau = arrays("float32")[1][0]
+    bounds = bracket_bounds(tau)
     ctx = mp.get_context("spawn")
     conns, procs = {}, []
     for name, path in zip(NAMES, (str(args.baseline), None), strict=True):
         here, there = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(path, there), daemon=True)
+        proc = ctx.Process(target=worker, args=(path, bounds, there), daemon=True)
         proc.start()
         conns[name], procs = here, [*procs, proc]
     ready = {name: c.recv() for name, c in conns.items()}
@@ -174,7 +182,6 @@ def main() -> None:
                       f"  this tree {row['this tree']['median_ratio']:.2f}   median speed-up "
                       f"{row['median_speedup']:.2f}", flush=True)
     times, _ = rounds(("bracket",), 1)
-    tau = arrays("float32")[1][0]
     reads = []
     for _ in range(CONFIG["rounds"]):
         t = time.perf_counter()
