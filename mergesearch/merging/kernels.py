@@ -31,6 +31,8 @@ from llvmlite import ir as llvm_ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
+from mergesearch.merging.threads import kernel_threads
+
 #: elements per block: a block of every input and of the output stays in L2 (the output's is counted right after
 #: it is written); fewer, longer runs per input stream measured ~30 % faster than 2048 on a 64M-entry float32 merge
 BLOCK = 8192
@@ -408,7 +410,7 @@ def _bracket(tau, bits, key, lo, hi, buf, first, last):  # pragma: no cover - ru
 
 def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) -> float | None:
     """The k-th smallest (0-based) of the |τ| in [lo, hi], of which there are ``width``, in one pass gathering
-    them, split over ``torch.get_num_threads()`` threads like :func:`fused_merge`.
+    them, split over ``kernel_threads()`` threads like :func:`fused_merge`.
 
     Args:
         tau: contiguous CPU float32 task vector (a bfloat16/float16 magnitude key is one value: no bracket).
@@ -421,7 +423,7 @@ def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) 
     """
     src = _array(tau)
     n = src.shape[0]
-    parts = max(1, min(torch.get_num_threads(), n // MIN_PARALLEL))
+    parts = max(1, min(kernel_threads(), n // MIN_PARALLEL))
     cuts = [n * p // parts for p in range(parts)] + [n]
     cap = width + 1
     key = np.array([lo], dtype=np.float32).view(np.uint32)[0] & np.uint32(0x7FFF0000)
@@ -525,12 +527,12 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
 
 
 def run_side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """Call each of ``calls`` (compiled kernels that release the GIL) on up to ``torch.get_num_threads()``
+    """Call each of ``calls`` (compiled kernels that release the GIL) on up to ``kernel_threads()``
     threads of the module's pool; results in order. One thread runs them in turn."""
-    if len(calls) < 2 or torch.get_num_threads() < 2:
+    if len(calls) < 2 or kernel_threads() < 2:
         return [c() for c in calls]
     pool = _pool()
-    threads = min(len(calls), torch.get_num_threads())
+    threads = min(len(calls), kernel_threads())
     # ``threads`` workers, each taking the next call: no more calls at once than the job's threads
     queue = list(enumerate(calls))
     results: list = [None] * len(calls)

@@ -19,6 +19,7 @@ import torch
 from mergesearch.errors import ConfigError, NonFiniteError
 from mergesearch.merging import sparsify as sp
 from mergesearch.merging.methods import TaskVectorFlags
+from mergesearch.merging.threads import kernel_threads
 from mergesearch.models import all_finite
 
 
@@ -139,7 +140,7 @@ def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Ma
         from mergesearch.merging import kernels
 
         bad = kernels.fused_merge(None, out, [t.reshape(-1) for t in tensors], [1.0] * len(tensors), weights, 1.0,
-                                  False, False, denom, threads=torch.get_num_threads())
+                                  False, False, denom, threads=kernel_threads())
         return _emit(group, out, bad)
     res = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
     for t, w in zip(tensors, weights, strict=True):
@@ -361,7 +362,7 @@ def task_vector_merge(group: TensorGroup, shared: Mapping[str, Any], per_input: 
 
 
 def _run_pending(inputs: list[_Input]) -> None:
-    """Run the inputs' pending DELLA L1 passes, side by side on ``torch.get_num_threads()`` threads, and rescale.
+    """Run the inputs' pending DELLA L1 passes, side by side on ``kernel_threads()`` threads, and rescale.
 
     Each pass is one thread's work (its L1 sums have a fixed order, which a split would change), so the inputs
     are what is spread over threads: each result is the same as run alone.
@@ -395,7 +396,7 @@ def _kernel_merge(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, w
     if len({t.dtype for t in taus}) > 1 or taus[0].dtype not in _KERNEL_DTYPES:  # the kernel takes one dtype
         taus = [t.float() for t in taus]
     rules = dict(coef=[inp.coef for inp in inputs], weights=weights, lam=lam, normalize=normalize,
-                 consensus=consensus, div_nc=div_nc, threads=torch.get_num_threads())
+                 consensus=consensus, div_nc=div_nc, threads=kernel_threads())
     template = next((inp for inp in inputs if inp.draws is not None), None)
     if template is None:
         if not any(inp.band for inp in inputs):  # every entry kept: no band test in the loop

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mergesearch.errors import ConfigError
+from mergesearch.merging.threads import kernel_threads
 
 SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 #: DARE rescaling variants: mergekit's L1-norm matching (default) and the paper's 1/density.
@@ -91,7 +92,7 @@ def magnitude_keys(tau: torch.Tensor) -> torch.Tensor:
     if tau.device.type == "cpu" and tau.is_contiguous() and tau.dtype in (torch.float32, *_HALF):
         from mergesearch.merging import kernels
 
-        return torch.from_numpy(kernels.key_counts(tau, threads=torch.get_num_threads()))
+        return torch.from_numpy(kernels.key_counts(tau, threads=kernel_threads()))
     counts = torch.zeros(1 << 15, dtype=torch.int64, device=tau.device)
     for chunk in tau.detach().reshape(-1).split(1 << 22):  # chunks bound the int32 key buffer
         if chunk.dtype in _HALF:

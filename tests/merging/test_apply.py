@@ -129,3 +129,58 @@ def test_apply_rejects_unknown_model(tiny_models, merger):
     plan["models"][0]["model"] = "/nowhere/x"
     with pytest.raises(ConfigError, match="/nowhere/x"):
         merger.apply(MergePlan.model_validate(plan))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jobs_side_by_side_give_one_threads_bits(tiny_models, merger, dtype, monkeypatch):
+    """On 2 threads the tensor jobs run side by side, one thread each (the workers' names show it); the merged
+    weights are those of one thread, for every sparsifier family."""
+    import threading
+
+    from mergesearch.merging import apply
+
+    names: set[str] = set()
+    real = apply.run_job
+
+    def spy(*args, **kwargs):
+        names.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apply, "run_job", spy)
+    m = merger if dtype == "float32" else ResidentMerger(str(tiny_models["base"]),
+                                                         [str(tiny_models[k]) for k in "abc"], dtype=dtype)
+    old = torch.get_num_threads()
+    try:
+        for method in ("ties", "dare_ties", "della"):
+            plan = ties_plan(tiny_models, method=method)
+            plan["dtype"] = dtype
+            if method == "della":
+                plan["parameters"] = {"epsilon": 0.05}
+            results = {}
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                names.clear()
+                sd = m.apply(MergePlan.model_validate(plan)).state_dict()
+                results[threads] = {k: v.clone() for k, v in sd.items()}
+                assert any(n.startswith("mergesearch-job") for n in names) == (threads == 2), names
+            assert all(torch.equal(results[1][k], results[2][k]) for k in results[1]), method
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_jobs_side_by_side_report_the_first_failing_tensor_in_plan_order(tiny_models, merger):
+    from mergesearch.errors import NonFiniteError
+    from mergesearch.merging.resolve import resolve
+
+    plan = ties_plan(tiny_models)
+    plan["parameters"] = {"normalize": False, "lambda": 1e4}  # overflows float32 where the weight is 1e38
+    plan["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 1e38}, {"value": 0.5}]
+    parsed = MergePlan.model_validate(plan)
+    first = next(j.name for j in resolve(parsed, merger.checkpoints, merger.base).jobs if "mlp" in j.name)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(NonFiniteError, match=rf"{first!r}".replace(".", r"\.")):
+            merger.apply(parsed)
+    finally:
+        torch.set_num_threads(old)
