@@ -21,7 +21,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -30,18 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from side_by_side import Pair
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "apply_side_by_side.json"
 CONFIG = {"methods": ["task_arithmetic", "ties", "dare_ties", "della", "linear"], "dtypes": ["float32", "bfloat16"],
           "threads": 2, "rounds": 8, "warmup": 2}
-NAMES = ("baseline", "this tree")
-
-
-def turns(r: int) -> tuple[str, ...]:
-    """Who goes first in round r: the two take turns (a fixed order favoured the second in kernel_side_by_side)."""
-    return NAMES[::-1] if r % 2 else NAMES
-
 
 def digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-1 of the weights' bytes, in name order."""
@@ -101,41 +94,23 @@ def main() -> None:
 
     models = ms.build_models(args.models_dir)
     trees = {"baseline": args.baseline.resolve(), "this tree": HERE.parent}
-    ctx = mp.get_context("spawn")
-    conns, procs = {}, []
-    for name in NAMES:
-        here, there = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(str(trees[name]), models, there), daemon=True)
-        proc.start()
-        conns[name], procs = here, [*procs, proc]
-    for name, conn in conns.items():
-        _, engine = conn.recv()
+    pair = Pair(worker, {name: (str(tree), models) for name, tree in trees.items()})
+    for name, (_, engine) in pair.both(None).items():
         if Path(engine) != trees[name]:
             raise SystemExit(f"{name}: imported the engine at {engine}, not {trees[name]}")
     rows = []
     for dtype in CONFIG["dtypes"]:
         for method in CONFIG["methods"]:
-            digests = {}
-            for name, conn in conns.items():
-                conn.send(("warm", method, dtype))
-                digests[name] = conn.recv()
-            if len(set(digests.values())) != 1:
+            if len(set(pair.both(("warm", method, dtype)).values())) != 1:
                 raise SystemExit(f"{method} {dtype}: the two engines' weights differ")
-            times: dict[str, list[float]] = {name: [] for name in NAMES}
-            for r in range(CONFIG["rounds"]):
-                for name in turns(r):
-                    conns[name].send(("time", method, dtype))
-                    times[name].append(conns[name].recv())
+            times = pair.rounds(("time", method, dtype), CONFIG["rounds"])
             row = {"method": method, "dtype": dtype, "threads": CONFIG["threads"], "load1": os.getloadavg()[0],
                    **{name: {"median_s": statistics.median(v), "best_s": min(v)} for name, v in times.items()}}
             row["median_speedup"] = row["baseline"]["median_s"] / row["this tree"]["median_s"]
             rows.append(row)
             print(f"{method:16s} {dtype:9s} median s: baseline {row['baseline']['median_s']:.3f}  this tree "
                   f"{row['this tree']['median_s']:.3f}   speed-up {row['median_speedup']:.2f}", flush=True)
-    for conn in conns.values():
-        conn.send(None)
-    for proc in procs:
-        proc.join()
+    pair.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "config": CONFIG, "baseline": {"tree": str(trees["baseline"]), "commit": revision(trees["baseline"])},

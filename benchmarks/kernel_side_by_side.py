@@ -24,7 +24,6 @@ import datetime
 import hashlib
 import importlib.util
 import json
-import multiprocessing as mp
 import os
 import statistics
 import tempfile
@@ -32,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from side_by_side import Pair
 
 RESULT = Path(__file__).parent / "results" / "kernel_side_by_side.json"
 CONFIG = {"entries": 1 << 25, "rounds": 10, "seed": 0, "weights": [0.5, 0.3, 0.2], "density": 0.5,
           "dtypes": ["float32", "bfloat16"], "threads": [1, 2], "cases": ["task_arithmetic", "ties"]}
-NAMES = ("baseline", "this tree")
 
 
 def arrays(dtype_name: str) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
@@ -138,14 +137,8 @@ def main() -> None:
     args = p.parse_args()
     tau = arrays("float32")[1][0]
     bounds = bracket_bounds(tau)
-    ctx = mp.get_context("spawn")
-    conns, procs = {}, []
-    for name, path in zip(NAMES, (str(args.baseline), None), strict=True):
-        here, there = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(path, bounds, there), daemon=True)
-        proc.start()
-        conns[name], procs = here, [*procs, proc]
-    ready = {name: c.recv() for name, c in conns.items()}
+    pair = Pair(worker, {"baseline": (str(args.baseline), bounds), "this tree": (None, bounds)})
+    ready = pair.both(None)
     for name, msg in ready.items():
         if not (isinstance(msg, tuple) and msg[0] == "ready"):
             raise SystemExit(f"{name}: {msg}")
@@ -155,18 +148,15 @@ def main() -> None:
     a, b, c = torch.zeros(n), torch.rand(n), torch.rand(n)
 
     def rounds(msg: tuple, threads: int) -> tuple[dict[str, list[float]], list[float]]:
-        times: dict[str, list[float]] = {name: [] for name in NAMES}
         triads = []
-        torch.set_num_threads(threads)
-        for r in range(CONFIG["rounds"]):
+
+        def triad() -> None:  # the machine's bandwidth right before each round
             t = time.perf_counter()
             torch.add(b, c, alpha=3.0, out=a)
             triads.append(time.perf_counter() - t)
-            # the two take turns going first: with a fixed order, two identical kernels read up to 1.4x apart
-            for name in NAMES[::-1] if r % 2 else NAMES:
-                conns[name].send(msg)
-                times[name].append(conns[name].recv())
-        return times, triads
+
+        torch.set_num_threads(threads)
+        return pair.rounds(msg, CONFIG["rounds"], before=triad), triads
 
     rows = []
     for d in CONFIG["dtypes"]:
@@ -199,10 +189,7 @@ def main() -> None:
     print(f"bracket pass     float32   thr 1  GB/s (median): baseline {row['baseline']['gbps_median']:.1f}  this "
           f"tree {row['this tree']['gbps_median']:.1f}  read {row['read (torch sum)']['gbps_median']:.1f}   median "
           f"speed-up {row['median_speedup']:.2f}", flush=True)
-    for conn in conns.values():
-        conn.send(None)
-    for proc in procs:
-        proc.join()
+    pair.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": CONFIG, "baseline": str(args.baseline),
                                     "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -310,8 +310,9 @@ class ResidentMerger:
         """Merge every job into the resident model. On the CPU with several threads (``kernel_threads``) the jobs
         run side by side, a whole tensor per worker on one thread: each tensor's Python work then overlaps
         another's compiled pass, where splitting each pass over the threads left the cores idle during it
-        (1.05–1.37× faster on 2 threads, benchmarks/results/apply_side_by_side.json). A job's result does not
-        depend on how many threads run it, so the bits are the same."""
+        (float32 ties 1.36–1.45× and della 1.25–1.37× faster on 2 threads in two runs of
+        benchmarks/apply_side_by_side.py). A job's result does not depend on how many threads run it, so the bits
+        are the same."""
         workers = kernel_threads() if not self.offload and torch.device(self.device).type == "cpu" else 1
         targets = [self._target(job.name) for job in jobs]
         # tied weights are one tensor: jobs writing it run in plan order (the last one wins), as one worker would
