@@ -131,7 +131,7 @@ def test_apply_rejects_unknown_model(tiny_models, merger):
         merger.apply(MergePlan.model_validate(plan))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_jobs_side_by_side_give_one_threads_bits(tiny_models, merger, dtype, monkeypatch):
     """On 2 threads the tensor jobs run side by side, one thread each (the workers' names show it); the merged
     weights are those of one thread, for every sparsifier family."""
