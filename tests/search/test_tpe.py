@@ -62,13 +62,18 @@ def test_proposals_are_optunas_tpe_draw_for_draw(constant_liar: bool, parallel: 
 
 
 class _Counting(SharedFitTPESampler):
-    """Counts the Parzen estimators built, good and bad."""
+    """Counts the Parzen estimators built, good and bad: one parameter's, and stacks of continuous ones."""
 
     built: ClassVar[dict[bool, int]] = {True: 0, False: 0}
+    stacked: ClassVar[dict[bool, int]] = {True: 0, False: 0}
 
     def _build_parzen_estimator(self, study, search_space, trials, handle_below):  # type: ignore[no-untyped-def]
         type(self).built[handle_below] += 1
         return super()._build_parzen_estimator(study, search_space, trials, handle_below)
+
+    def _fit(self, dists, obs, *, below, multi):  # type: ignore[no-untyped-def]
+        type(self).stacked[below] += 1
+        return super()._fit(dists, obs, below=below, multi=multi)
 
 
 def test_split_and_good_estimators_are_made_once_per_history(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,16 +86,18 @@ def test_split_and_good_estimators_are_made_once_per_history(monkeypatch: pytest
     real_split = tpe_module._split_trials
     monkeypatch.setattr(tpe_module, "_split_trials", lambda *a: splits.append(1) or real_split(*a))
     opt.sampler.__class__ = _Counting
-    _Counting.built = {True: 0, False: 0}
+    _Counting.built, _Counting.stacked = {True: 0, False: 0}, {True: 0, False: 0}
 
     batch = opt.ask(4)
     assert len(splits) == 1  # Optuna: once per parameter and trial (20)
-    assert _Counting.built == {True: len(SPACE), False: 4 * len(SPACE)}  # Optuna: 20 and 20
+    # w0 and w1 (continuous) as one stack, d, k and m one by one; Optuna: 20 good and 20 bad estimators
+    assert _Counting.stacked == {True: 1, False: 4} and _Counting.built == {True: 3, False: 4 * 3}
     assert len({t.params["w0"] for t in batch}) == 4
 
     opt.tell(batch[0].number, _values(batch[0].params))  # a result: the next trial refits
     opt.ask(1)
-    assert len(splits) == 2 and _Counting.built == {True: 2 * len(SPACE), False: 5 * len(SPACE)}
+    assert len(splits) == 2
+    assert _Counting.stacked == {True: 2, False: 5} and _Counting.built == {True: 6, False: 5 * 3}
 
 
 def test_a_changed_optuna_falls_back_to_optunas_tpe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,3 +127,44 @@ def test_one_sampler_over_two_studies_in_turn() -> None:
 
     kw = {"seed": 4, "n_startup_trials": 5}
     assert in_turn(SharedFitTPESampler(**kw)) == in_turn(optuna.samplers.TPESampler(**kw))
+
+
+WIDE = {f"w{i}": FloatDistribution(0.0, 1.0 + i, log=False) if i % 3 else FloatDistribution(1e-3, 2.0 + i, log=True)
+        for i in range(12)}
+WIDE["m"] = CategoricalDistribution(["ties", "dare", "linear"])  # in the middle: the draws keep their order
+WIDE.update({f"v{i}": FloatDistribution(-1.0, 1.0) for i in range(12)})
+
+
+def _drive_wide(sampler: optuna.samplers.BaseSampler, parallel: int) -> list[dict]:
+    """A per-layer-like space (24 continuous parameters) plus ``density``, asked only for ties (so some trials lack
+    it); four objectives; every 7th trial pruned."""
+    study = optuna.create_study(directions=["minimize"] * 4, sampler=sampler)
+    out = []
+    for _ in range(48 // parallel):
+        asked = []
+        for _ in range(parallel):
+            trial = study.ask(WIDE)
+            if trial.params["m"] == "ties":
+                trial.suggest_float("density", 0.1, 1.0)
+            asked.append(trial)
+        for trial in asked:
+            p = trial.params
+            out.append(dict(p))
+            if trial.number % 7 == 6:
+                study.tell(trial, state=TrialState.PRUNED)
+                continue
+            w = [p[f"w{i}"] / (1.0 + i) for i in range(12)]
+            v = [p[f"v{i}"] for i in range(12)]
+            study.tell(trial, [sum((x - 0.3) ** 2 for x in w), sum((x - 0.7) ** 2 for x in w) + p.get("density", 0.5),
+                               sum(x * x for x in v), sum((x + 0.5) ** 2 for x in v[:6])])
+    return out
+
+
+@pytest.mark.parametrize(("constant_liar", "parallel"), [(True, 4), (False, 1)])
+def test_continuous_parameters_sampled_as_one_stack_are_optunas_draw_for_draw(constant_liar: bool,
+                                                                              parallel: int) -> None:
+    kw = {"seed": 7, "n_startup_trials": 8, "constant_liar": constant_liar}
+    _Counting.stacked = {True: 0, False: 0}
+    ours = _drive_wide(_Counting(**kw), parallel)
+    assert _Counting.stacked[False] == 48 - 8  # every trial after the start-up sampled its 24 as one stack
+    assert ours == _drive_wide(optuna.samplers.TPESampler(**kw), parallel)
