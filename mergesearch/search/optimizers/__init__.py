@@ -9,7 +9,8 @@ samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, stea
 
 - random: none · tpe, gp: ``n_startup`` (10) · nsga2, nsga3: ``pop_size`` (20)
 - tpe: ``multivariate`` (false: Optuna's default for several objectives, one Parzen estimator per parameter;
-  the split and the good-trials fits are redone per result, not per parameter: see :mod:`.tpe`; true: one joint
+  the split and the good-trials fits are redone per result, not per parameter, and a trial's continuous
+  parameters are sampled as one stack, Optuna's proposals draw for draw: see :mod:`.tpe`; true: one joint
   estimator — other proposals)
 - qnehvi: ``n_startup`` (10), ``fit_maxiter`` (100), ``num_restarts`` (2), ``raw_samples`` (64),
   ``mc_samples`` (64), ``alpha`` (box-decomposition approximation; default exact up to 3 objectives, 1e-2 above)

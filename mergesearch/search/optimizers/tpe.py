@@ -14,10 +14,10 @@ The per-parameter Python work is the rest of the cost (~2 ms a parameter: two es
 inversion, two mixture densities). So the continuous parameters of a trial (``FloatDistribution`` without a step)
 are sampled together, as one stack of shape ``(P, ...)`` for ``P`` parameters, through the relative-sampling hook
 (the trial's parameters known to every finished trial, in the order the trials were asked): each parameter's
-random draws are taken in Optuna's order, the numerics are Optuna's, element by element, on the stacked arrays,
-and the truncated-normal inversion's Newton loop stops per parameter and side as Optuna's does per call. Other
-parameters (stepped, integer, categorical), and parameters some trials lack, take the one-parameter path above
-at their place in the order.
+random draws are taken in Optuna's order, the numerics are Optuna's, element by element, on the stacked arrays
+(``log Φ`` compiled, :mod:`.normal_cdf`), and the truncated-normal inversion's Newton loop stops per parameter
+and side as Optuna's does per call. Other parameters (stepped, integer, categorical) take the one-parameter path
+above at their place in the order; a trial whose good or bad trials lack a continuous parameter takes it for all.
 
 Only the independent path is changed (multivariate TPE is Optuna's own). It uses private parts of Optuna's TPE
 (imported here; one that changed sends every later call to Optuna's own path, with a warning).
@@ -57,6 +57,8 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
         self._below: dict[Any, Any] = {}  # per parameter (or stack of parameters), its good-trials estimator
         #: per (storage, parameter), its internal value in each trial by trial id (a stored value never changes)
         self._values: dict[tuple[int, str, BaseDistribution], dict[int, float]] = {}
+        #: the same for a stack of continuous parameters: per (storage, parameters), the ``(P,)`` values by trial id
+        self._stack_rows: dict[tuple[Any, ...], dict[int, np.ndarray]] = {}
         #: per (storage, study): the numbers of the finished trials seen, and the parameters all of them have
         self._spaces: dict[tuple[int, int], tuple[set[int], dict[str, BaseDistribution]]] = {}
 
@@ -114,13 +116,11 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
             return super()._get_internal_repr(*args, **kwargs)
         trials, space, study = args
         ((name, dist),) = space.items()
-        column = self._column(study, name, dist, trials, complete=False)
-        return {name: column}
+        return {name: self._column(study, name, dist, trials)}
 
-    def _column(self, study: optuna.Study, name: str, dist: BaseDistribution, trials: list[FrozenTrial],
-                complete: bool) -> np.ndarray | None:
-        """``(n,)`` internal values of ``name`` in the ``trials`` that have it; None when ``complete`` and one
-        lacks it."""
+    def _column(self, study: optuna.Study, name: str, dist: BaseDistribution, trials: list[FrozenTrial]
+                ) -> np.ndarray:
+        """``(n,)`` internal values of ``name`` in the ``trials`` that have it."""
         known = self._values.setdefault((id(study._storage), name, dist), {})
         out = []
         for t in trials:
@@ -129,9 +129,24 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
                 v = known[t._trial_id] = dist.to_internal_repr(t.params[name])
             if v is not None:
                 out.append(v)
-            elif complete:
-                return None
         return np.asarray(out)
+
+    def _rows(self, study: optuna.Study, dists: dict[str, BaseDistribution], trials: list[FrozenTrial]
+              ) -> np.ndarray | None:
+        """``(P, n)`` internal values of the ``P`` parameters ``dists`` in the ``n`` ``trials``; None when a trial
+        lacks one. A finished trial's values are converted once."""
+        known = self._stack_rows.setdefault((id(study._storage), tuple(dists.items())), {})
+        rows = []
+        for t in trials:
+            row = known.get(t._trial_id)
+            if row is None:
+                if not dists.keys() <= t.params.keys():
+                    return None
+                row = np.array([d.to_internal_repr(t.params[n]) for n, d in dists.items()])
+                if t.state.is_finished():
+                    known[t._trial_id] = row
+            rows.append(row)
+        return np.stack(rows, axis=1)
 
     def _split_for(self, study: optuna.Study, trial: FrozenTrial, finished: list[FrozenTrial]
                    ) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
@@ -167,36 +182,32 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
 
     def _sample_stacked(self, study: optuna.Study, trial: FrozenTrial, finished: list[FrozenTrial],
                         space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        """Every parameter of ``space``: the continuous ones that all good and bad trials have as one stack,
-        the others one by one (:meth:`_sample_one`), the random draws in ``space``'s order."""
+        """Every parameter of ``space``: the continuous ones as one stack, the others one by one
+        (:meth:`_sample_one`), the random draws in ``space``'s order. Empty (every parameter then takes
+        ``sample_independent``) when a good or bad trial lacks one of the continuous ones."""
         below, above = self._split_for(study, trial, finished)
-        stack = []
-        for name, dist in space.items():
-            if self._stackable(dist) and below and above:
-                col_b = self._column(study, name, dist, below, complete=True)
-                col_a = None if col_b is None else self._column(study, name, dist, above, complete=True)
-                if col_a is not None:
-                    stack.append((name, dist, col_b, col_a))
-        names = tuple(name for name, *_ in stack)
-        out: dict[str, Any] = {}
-        draws = []
-        if stack:
-            good = self._below.get(names)
+        floats = {name: d for name, d in space.items() if self._stackable(d)} if below and above else {}
+        if floats:
+            multi = study._is_multi_objective()
+            good = self._below.get(tuple(floats))
             if good is None:
-                good = self._below[names] = self._fit([d for _, d, *_ in stack], np.stack([c for *_, c, _ in stack]),
-                                                      below=True, multi=study._is_multi_objective())
-            rng, n = self._rng.rng, self._n_ei_candidates
-        stacked = set(names)
+                if (obs := self._rows(study, floats, below)) is None:
+                    return {}
+                good = self._below[tuple(floats)] = self._fit(list(floats.values()), obs, below=True, multi=multi)
+            if (obs := self._rows(study, floats, above)) is None:
+                return {}
+            bad = self._fit(list(floats.values()), obs, below=False, multi=multi)
+        out: dict[str, Any] = {}
+        rng, n, active, q = self._rng.rng, self._n_ei_candidates, [], []
         for name, dist in space.items():  # Optuna's draws per parameter: components, then quantiles
-            if name in stacked:
-                draws.append((rng.choice(len(good[0]), p=good[0], size=n), rng.uniform(low=0, high=1, size=n)))
+            if name in floats:
+                active.append(rng.choice(len(good[0]), p=good[0], size=n))
+                q.append(rng.uniform(low=0, high=1, size=n))
             else:
                 out[name] = self._sample_one(study, trial, finished, name, dist)
-        if stack:
-            dists = [d for _, d, *_ in stack]
-            bad = self._fit(dists, np.stack([c for *_, c in stack]), below=False, multi=study._is_multi_objective())
-            x = _best_of_candidates(dists, good, bad, np.stack([a for a, _ in draws]), np.stack([q for _, q in draws]))
-            out.update({name: dist.to_external_repr(v) for (name, dist, *_), v in zip(stack, x.tolist(), strict=True)})
+        if floats:
+            x = _best_of_candidates(list(floats.values()), good, bad, np.stack(active), np.stack(q))
+            out.update({name: d.to_external_repr(v) for (name, d), v in zip(floats.items(), x.tolist(), strict=True)})
         return out
 
     def _fit(self, dists: list[FloatDistribution], obs: np.ndarray, *, below: bool, multi: bool
