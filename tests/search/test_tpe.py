@@ -168,3 +168,19 @@ def test_continuous_parameters_sampled_as_one_stack_are_optunas_draw_for_draw(co
     ours = _drive_wide(_Counting(**kw), parallel)
     assert _Counting.stacked[False] == 48 - 8  # every trial after the start-up sampled its 24 as one stack
     assert ours == _drive_wide(optuna.samplers.TPESampler(**kw), parallel)
+
+
+def test_compiled_log_ndtr_is_optunas_bit_for_bit() -> None:
+    """Every branch of ``_log_ndtr_single`` (right tail, middle, the asymptotic series below -20) and the
+    boundaries; the series squares with the C library's pow, as Python does (``a * a`` differs here)."""
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm
+
+    from mergesearch.search.optimizers.normal_cdf import log_ndtr
+
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.normal(0.0, 4.0, 20_000), rng.uniform(-200.0, -20.0, 60_000),
+                        [-20.0, np.nextafter(-20.0, -21.0), 6.0, np.nextafter(6.0, 7.0), 0.0, -0.0, -1e10, 1e10]])
+    theirs = _truncnorm._log_ndtr(a)
+    ours = log_ndtr(a.reshape(2, -1)).reshape(-1)  # any shape
+    assert ours.tobytes() == theirs.tobytes()
