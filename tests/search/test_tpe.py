@@ -137,10 +137,12 @@ WIDE.update({f"v{i}": FloatDistribution(-1.0, 1.0) for i in range(12)})
 
 def _drive_wide(sampler: optuna.samplers.BaseSampler, parallel: int) -> list[dict]:
     """A per-layer-like space (24 continuous parameters) plus ``density``, asked only for ties (so some trials lack
-    it); four objectives; every 7th trial pruned."""
+    it); four objectives; every 7th trial pruned; after 20 trials one with two values given (enqueued)."""
     study = optuna.create_study(directions=["minimize"] * 4, sampler=sampler)
     out = []
-    for _ in range(48 // parallel):
+    for r in range(48 // parallel):
+        if r == 20 // parallel:
+            study.enqueue_trial({"w1": 0.5, "v3": -0.25})
         asked = []
         for _ in range(parallel):
             trial = study.ask(WIDE)

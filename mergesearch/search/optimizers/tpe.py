@@ -90,10 +90,12 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
         if not self._shared(study):
             return super().sample_relative(study, trial, search_space)
         finished = study._get_trials(deepcopy=False, states=_FINISHED, use_cache=True)
-        if not search_space or len(finished) < self._n_startup_trials:
+        fixed = trial.system_attrs.get("fixed_params", {})  # an enqueued trial's given values: not sampled
+        space = {name: d for name, d in search_space.items() if name not in fixed}
+        if not space or len(finished) < self._n_startup_trials:
             return {}
         try:
-            return self._sample_stacked(study, trial, finished, search_space)
+            return self._sample_stacked(study, trial, finished, space)
         except (AttributeError, TypeError) as e:  # Optuna's private TPE parts changed: Optuna's path from now on
             self._drifted(e)
             return {}
