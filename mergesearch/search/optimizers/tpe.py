@@ -87,6 +87,8 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """Multivariate: Optuna's. Independent: every parameter of the space that the trial is not given, each
+        as Optuna's ``sample_independent`` would sample it (:meth:`_sample_stacked`)."""
         if not self._shared(study):
             return super().sample_relative(study, trial, search_space)
         finished = study._get_trials(deepcopy=False, states=_FINISHED, use_cache=True)
@@ -191,11 +193,12 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
         floats = {name: d for name, d in space.items() if self._stackable(d)} if below and above else {}
         if floats:
             multi = study._is_multi_objective()
-            good = self._below.get(tuple(floats))
+            key = tuple(floats.items())
+            good = self._below.get(key)
             if good is None:
                 if (obs := self._rows(study, floats, below)) is None:
                     return {}
-                good = self._below[tuple(floats)] = self._fit(list(floats.values()), obs, below=True, multi=multi)
+                good = self._below[key] = self._fit(list(floats.values()), obs, below=True, multi=multi)
             if (obs := self._rows(study, floats, above)) is None:
                 return {}
             bad = self._fit(list(floats.values()), obs, below=False, multi=multi)
