@@ -1,18 +1,22 @@
 """SharedFitTPESampler: Optuna's TPE draw for draw (one trial at a time and several running, with and without the
-constant liar), with the split and the good-trials estimators made once per history instead of per parameter."""
+constant liar), with the split and the good-trials estimators made once per history instead of per parameter and
+a trial's continuous parameters sampled as one stack."""
 
 from __future__ import annotations
 
 import math
 from typing import ClassVar
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers._tpe import _truncnorm
 from optuna.trial import TrialState
 
 from mergesearch.search.optimizers import Optimizer
 from mergesearch.search.optimizers import tpe as tpe_module
+from mergesearch.search.optimizers.normal_cdf import log_ndtr
 from mergesearch.search.optimizers.tpe import SharedFitTPESampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -175,11 +179,6 @@ def test_continuous_parameters_sampled_as_one_stack_are_optunas_draw_for_draw(co
 def test_compiled_log_ndtr_is_optunas_bit_for_bit() -> None:
     """Every branch of ``_log_ndtr_single`` (right tail, middle, the asymptotic series below -20) and the
     boundaries; the series squares with the C library's pow, as Python does (``a * a`` differs here)."""
-    import numpy as np
-    from optuna.samplers._tpe import _truncnorm
-
-    from mergesearch.search.optimizers.normal_cdf import log_ndtr
-
     rng = np.random.default_rng(0)
     a = np.concatenate([rng.normal(0.0, 4.0, 20_000), rng.uniform(-200.0, -20.0, 60_000),
                         [-20.0, np.nextafter(-20.0, -21.0), 6.0, np.nextafter(6.0, 7.0), 0.0, -0.0, -1e10, 1e10]])

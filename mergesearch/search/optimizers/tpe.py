@@ -13,7 +13,7 @@ still running. The proposals are Optuna's, draw for draw: same data, same estima
 The per-parameter Python work is the rest of the cost (~2 ms a parameter: two estimators, a truncated-normal
 inversion, two mixture densities). So the continuous parameters of a trial (``FloatDistribution`` without a step)
 are sampled together, as one stack of shape ``(P, ...)`` for ``P`` parameters, through the relative-sampling hook
-(the trial's parameters known to every finished trial, in the order the trials were asked): each parameter's
+(the parameters every finished trial has, in the order they were asked): each parameter's
 random draws are taken in Optuna's order, the numerics are Optuna's, element by element, on the stacked arrays
 (``log Φ`` compiled, :mod:`.normal_cdf`), and the truncated-normal inversion's Newton loop stops per parameter
 and side as Optuna's does per call. Other parameters (stepped, integer, categorical) take the one-parameter path
