@@ -108,7 +108,8 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
         if not self._shared(study) or len(finished) < self._n_startup_trials:
             return super().sample_independent(study, trial, param_name, param_distribution)
         try:
-            return self._sample_one(study, trial, finished, param_name, param_distribution)
+            below, above = self._split_for(study, trial, finished)
+            return self._sample_one(study, below, above, param_name, param_distribution)
         except (AttributeError, TypeError) as e:  # Optuna's private TPE parts changed: Optuna's path from now on
             self._drifted(e)
             return super().sample_independent(study, trial, param_name, param_distribution)
@@ -167,10 +168,10 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
             above = sorted(above + running, key=lambda t: t.number) if running else above
         return below, above
 
-    def _sample_one(self, study: optuna.Study, trial: FrozenTrial, finished: list[FrozenTrial], name: str,
+    def _sample_one(self, study: optuna.Study, below: list[FrozenTrial], above: list[FrozenTrial], name: str,
                     dist: BaseDistribution) -> Any:
-        """What ``TPESampler._sample(study, trial, {name: dist})`` returns, from the shared split and estimator."""
-        below, above = self._split_for(study, trial, finished)
+        """What ``TPESampler._sample(study, trial, {name: dist})`` returns, from the shared split (``below``,
+        ``above``: :meth:`_split_for`) and good-trials estimator."""
         space = {name: dist}
         mpe_below = self._below.get((name, dist))
         if mpe_below is None:
@@ -209,7 +210,7 @@ class SharedFitTPESampler(optuna.samplers.TPESampler):
                 active.append(rng.choice(len(good[0]), p=good[0], size=n))
                 q.append(rng.uniform(low=0, high=1, size=n))
             else:
-                out[name] = self._sample_one(study, trial, finished, name, dist)
+                out[name] = self._sample_one(study, below, above, name, dist)
         if floats:
             x = _best_of_candidates(list(floats.values()), good, bad, np.stack(active), np.stack(q))
             out.update({name: d.to_external_repr(v) for (name, d), v in zip(floats.items(), x.tolist(), strict=True)})
