@@ -19,7 +19,7 @@ samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, stea
 - hm3 (layer spaces only; see :mod:`.hm3`): ``n_startup`` (10), ``steps`` (60), ``update_steps`` (8),
   ``hidden`` (48), ``lr`` (3e-3),
   ``sigma`` (0.15), ``entropy`` (0.05), ``min_layers`` / ``max_layers`` (default: the stored job's space.layers),
-  ``ensemble`` (5; 0: no value ensemble), ``kappa`` (1.0)
+  ``value_draws`` (16; 0: no value model), ``kappa`` (1.0)
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[_Context], optuna.samplers.BaseSampler], f
     "pymoo-smsemoa": (_pymoo("smsemoa"), frozenset({"pop_size"})),
     "cmaes-sum": (_cmaes_sum, frozenset({"weights", "popsize", "sigma0"})),
     "hm3": (_hm3, frozenset({"n_startup", "steps", "update_steps", "hidden", "lr", "sigma", "entropy", "min_layers",
-                             "max_layers", "ensemble", "kappa"})),
+                             "max_layers", "value_draws", "kappa"})),
 }
 
 
