@@ -56,6 +56,7 @@ def test_targets(hb) -> None:
     assert "in every seed (per seed: {'0': 8, '1': 7}) -> NOT met" in text
     runs["gp"] = [{"hv": [0.3]}]
     assert hb.summarize(runs, suggestions, [1, 2], 10)["target_hv"]["met"]  # below hm3: no verdict against it
+    assert "target_hv" not in hb.summarize({"hm3": runs["hm3"]}, [], [1, 2], 10)  # alone: compared with nothing
 
 
 @pytest.mark.slow  # ~30 s on an idle machine (tiny demo build, imports, four tiny searches)
