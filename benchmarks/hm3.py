@@ -41,7 +41,8 @@ Recorded runs:
   each hm3 / gp seed in its own process (``--optimizers hm3 --seeds 1 --first-seed S``; gp with ``--preferences
   0``), nsga2 and random in one, merged with ``--optimizers '' --merge ...``.
 - ``results/hm3_value_gp.json`` (hm3 with the Gaussian-process value model, the default now): the same runs, the
-  same way, gp each seed with ``--time-for gp=1900``.
+  same way, gp each seed with ``--time-for gp=1900``; ``results/hm3_value_gp.seeds3-5.json`` the same on seeds 3-5
+  (``--first-seed 3``), run afterwards as a supplement.
 
 The demo's experts are trained when the demo is built, on the machine that builds it: two builds give the same
 plans different scores, so hypervolumes compare within one file (one build, side by side), not across files.
