@@ -8,9 +8,11 @@ round, taking turns to go first, for one warm ``apply`` of the same plan. Before
 engines apply it twice and report a digest of the resident model's weights: the two must hold the same bits.
 
 Configuration (fixed before the runs, :data:`CONFIG`): task_arithmetic, ties, dare_ties, della and linear, in
-float32 and bfloat16, 2 torch threads, 8 rounds. Reported per row: each engine's median and best time, and the
-median speed-up (baseline / this tree). An A/A run (``--baseline`` naming this tree's own checkout) measures the
-comparison's own spread.
+float32 and bfloat16, 2 torch threads, 8 rounds (``--methods``, ``--dtypes``, ``--threads`` choose others, stored
+with the figures). Reported per row: each engine's median and best time, and the median speed-up (baseline / this
+tree). An A/A run (``--baseline`` naming this tree's own checkout) measures the comparison's own spread. A change
+meant to change the bits (e.g. another summation dtype) runs with ``--bits-may-differ``: each row then records
+whether they did instead of stopping.
 
     python benchmarks/apply_side_by_side.py --baseline /tmp/old   # a checkout whose mergesearch/ is imported
 """
@@ -53,7 +55,7 @@ def revision(tree: Path) -> str:
         return ""
 
 
-def worker(tree: str, models: dict[str, Path], conn) -> None:
+def worker(tree: str, models: dict[str, Path], threads: int, conn) -> None:
     """One engine's process: answers ("warm", method, dtype) with the weights' digest after ``warmup`` applies,
     ("time", method, dtype) with the time of one apply, None to stop. Imports no other engine than ``tree``'s."""
     sys.path.insert(0, tree)
@@ -64,7 +66,7 @@ def worker(tree: str, models: dict[str, Path], conn) -> None:
     from mergesearch.merging.apply import ResidentMerger
     from mergesearch.merging.plan import MergePlan
 
-    torch.set_num_threads(CONFIG["threads"])
+    torch.set_num_threads(threads)
     conn.send(("ready", str(Path(mergesearch.__file__).resolve().parents[1])))
     merger, plans = None, {}
     while (msg := conn.recv()) is not None:
@@ -88,23 +90,31 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, required=True, help="checkout of the engine to compare with")
     p.add_argument("--models-dir", type=Path, default=Path("/tmp/mergesearch-bench-models"))
     p.add_argument("--out", type=Path, default=RESULT)
+    p.add_argument("--methods", default=",".join(CONFIG["methods"]))
+    p.add_argument("--dtypes", default=",".join(CONFIG["dtypes"]))
+    p.add_argument("--threads", type=int, default=CONFIG["threads"])
+    p.add_argument("--bits-may-differ", action="store_true", help="record, instead of stopping at, different bits")
     args = p.parse_args()
+    config = {**CONFIG, "methods": args.methods.split(","), "dtypes": args.dtypes.split(","),
+              "threads": args.threads}
     sys.path.insert(0, str(HERE))
     import merge_speed as ms
 
     models = ms.build_models(args.models_dir)
     trees = {"baseline": args.baseline.resolve(), "this tree": HERE.parent}
-    pair = Pair(worker, {name: (str(tree), models) for name, tree in trees.items()})
+    pair = Pair(worker, {name: (str(tree), models, config["threads"]) for name, tree in trees.items()})
     for name, (_, engine) in pair.both(None).items():
         if Path(engine) != trees[name]:
             raise SystemExit(f"{name}: imported the engine at {engine}, not {trees[name]}")
     rows = []
-    for dtype in CONFIG["dtypes"]:
-        for method in CONFIG["methods"]:
-            if len(set(pair.both(("warm", method, dtype)).values())) != 1:
+    for dtype in config["dtypes"]:
+        for method in config["methods"]:
+            same = len(set(pair.both(("warm", method, dtype)).values())) == 1
+            if not same and not args.bits_may_differ:
                 raise SystemExit(f"{method} {dtype}: the two engines' weights differ")
-            times = pair.rounds(("time", method, dtype), CONFIG["rounds"])
-            row = {"method": method, "dtype": dtype, "threads": CONFIG["threads"], "load1": os.getloadavg()[0],
+            times = pair.rounds(("time", method, dtype), config["rounds"])
+            row = {"method": method, "dtype": dtype, "threads": config["threads"], "same_bits": same,
+                   "load1": os.getloadavg()[0],
                    **{name: {"median_s": statistics.median(v), "best_s": min(v)} for name, v in times.items()}}
             row["median_speedup"] = row["baseline"]["median_s"] / row["this tree"]["median_s"]
             rows.append(row)
@@ -113,7 +123,7 @@ def main() -> None:
     pair.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "config": CONFIG, "baseline": {"tree": str(trees["baseline"]), "commit": revision(trees["baseline"])},
+        "config": config, "baseline": {"tree": str(trees["baseline"]), "commit": revision(trees["baseline"])},
         "this_tree": {"commit": revision(HERE.parent)}, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "load_average_at_end": os.getloadavg(), "rows": rows}, indent=1) + "\n")
     print(f"saved {args.out}")

@@ -125,9 +125,12 @@ def _precise(t: torch.Tensor) -> torch.Tensor:
 def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]]) -> torch.Tensor:
     """θ = Σ wi·θi / Σ wi (normalize) or Σ wi·θi; the base is an input.
 
-    Summed in float64 in input order (each wi·θi of float32 or half-precision θi is exact there), divided, then
-    rounded once (through float32, as the kernel stores): contiguous CPU inputs in one compiled pass
-    (:func:`kernels.fused_merge` without a base), others with torch ops in the same order (same bits).
+    Summed in float64 in input order (each wi·θi of float32 θi is exact there), divided, then rounded once
+    (through float32, as the kernel stores); half-precision θi in float32 (wi rounded to it), 1.7x faster in the
+    kernel and, with 13–16 bits to spare, the correctly rounded result or its neighbour unless the sum cancels
+    (mergekit sums in the half dtype itself). Contiguous CPU inputs
+    take one compiled pass (:func:`kernels.fused_merge` without a base), others torch ops in the same order
+    (same bits).
     """
     weights = [float(p["weight"]) for p in per_input]
     denom = sum(weights) if shared["normalize"] else 1.0
@@ -142,11 +145,12 @@ def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Ma
         bad = kernels.fused_merge(None, out, [t.reshape(-1) for t in tensors], [1.0] * len(tensors), weights, 1.0,
                                   False, False, denom, threads=kernel_threads())
         return _emit(group, out, bad)
-    res = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+    half = first.dtype in (torch.bfloat16, torch.float16)
+    res = torch.zeros(first.shape, dtype=torch.float32 if half else torch.float64, device=first.device)
     for t, w in zip(tensors, weights, strict=True):
-        res.add_(_precise(t) * w)
+        res.add_(t.float() * w if half else _precise(t) * w)
     res.div_(denom)
-    return _emit(group, out.copy_(res if first.dtype == torch.float64 else res.float()))
+    return _emit(group, out.copy_(res))
 
 
 def passthrough(group: TensorGroup, shared: Mapping[str, Any],

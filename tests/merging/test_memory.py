@@ -98,6 +98,23 @@ def test_resident_model_equals_a_fresh_load_and_owns_its_weights(wide_models, dt
     assert not [k for k, t in got.items() if t.data_ptr() in base_ptrs]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_source_tensors_of_a_base_free_merge_own_their_memory(wide_models, dtype):
+    """``linear`` reads the experts themselves: kept as views of their memory-mapped files they read ~1.5x
+    slower (benchmarks/merge_speed.py) and keep the mapping alive; they are copies, equal to the file's values."""
+    experts = [str(wide_models[k]) for k in "abc"]
+    merger = ResidentMerger(str(wide_models["base"]), experts, dtype=dtype)
+    plan = MergePlan.model_validate({"merge_method": "linear", "dtype": dtype,
+                                     "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts]})
+    merger.apply(plan)
+    mapped = _file_mappings(Path(experts[0]) / "model.safetensors") if Path("/proc/self/maps").is_file() else []
+    for name in merger.tensor_names:
+        t = merger.tensor(experts[0], name)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name  # not a window on the file
+        assert not any(lo <= t.data_ptr() < hi for lo, hi in mapped), name
+        assert torch.equal(t, Checkpoint(experts[0]).get(name, merger.dtype)), name
+
+
 def test_tied_bfloat16_checkpoint_keeps_its_tie(tied_bf16_models):
     merger = ResidentMerger(str(tied_bf16_models["base"]), [str(tied_bf16_models["a"])], dtype="bfloat16")
     model = merger.model
