@@ -99,19 +99,24 @@ def test_resident_model_equals_a_fresh_load_and_owns_its_weights(wide_models, dt
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_source_tensors_of_a_base_free_merge_own_their_memory(wide_models, dtype):
-    """``linear`` reads the experts themselves: kept as views of their memory-mapped files they read ~1.5x
-    slower (benchmarks/merge_speed.py) and keep the mapping alive; they are copies, equal to the file's values."""
+def test_source_tensors_of_a_base_free_merge_stay_shared_views_of_the_file(wide_models, dtype):
+    """``linear`` reads the experts themselves. Stored in the working dtype (float32 here) they stay read-only views
+    of their memory-mapped files — page cache that workers on one node share and the kernel may reclaim — rather
+    than a private copy per worker; converted (bfloat16) they are copies. Either way they equal the file's values
+    and the merge never writes them."""
     experts = [str(wide_models[k]) for k in "abc"]
     merger = ResidentMerger(str(wide_models["base"]), experts, dtype=dtype)
     plan = MergePlan.model_validate({"merge_method": "linear", "dtype": dtype,
                                      "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts]})
     merger.apply(plan)
-    mapped = _file_mappings(Path(experts[0]) / "model.safetensors") if Path("/proc/self/maps").is_file() else []
+    merger.apply(plan)
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs /proc/self/maps")
+    mapped = _file_mappings(Path(experts[0]) / "model.safetensors")
     for name in merger.tensor_names:
         t = merger.tensor(experts[0], name)
-        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name  # not a window on the file
-        assert not any(lo <= t.data_ptr() < hi for lo, hi in mapped), name
+        in_file = any(lo <= t.data_ptr() < hi for lo, hi in mapped)
+        assert in_file == (dtype == "float32"), name
         assert torch.equal(t, Checkpoint(experts[0]).get(name, merger.dtype)), name
 
 
