@@ -268,9 +268,9 @@ class ResidentMerger:
             raise ConfigError(f"model {model!r} in the plan was not loaded by this merger "
                               f"(loaded: {[self.base, *self.models]})")
         # Stored in the working dtype, a source tensor stays a read-only view of the memory-mapped file: pages the
-        # kernel may drop under pressure and that workers on one node share. A private copy read 1.5-1.7x faster
-        # (float32 ``linear``, 134M entries, 1 / 2 threads: apply_side_by_side.linear_copies_t1.json) but, held per worker and never
-        # reclaimable, it would turn N source models of page cache into N models of RAM in every worker.
+        # kernel may drop under pressure and that workers on one node share. A private copy read 1.4-1.7x faster
+        # (float32 ``linear``, 134M entries, apply_side_by_side.linear_copies_t1.json / _t2.json) but, held per
+        # worker and never reclaimable, it would turn N source models of page cache into N models of RAM in each.
         return self._cached("raw", self._raw, (model, name),
                             lambda: self.checkpoints[model].get(name, self.dtype, self.device))
 
