@@ -128,9 +128,8 @@ def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Ma
     Summed in float64 in input order (each wi·θi of float32 θi is exact there), divided, then rounded once
     (through float32, as the kernel stores); half-precision θi in float32 (wi rounded to it), 1.7x faster in the
     kernel and, with 13–16 bits to spare, the correctly rounded result or its neighbour unless the sum cancels
-    (mergekit sums in the half dtype itself). Contiguous CPU inputs
-    take one compiled pass (:func:`kernels.fused_merge` without a base), others torch ops in the same order
-    (same bits).
+    (mergekit sums in the half dtype itself). Contiguous CPU inputs take one compiled pass
+    (:func:`kernels.fused_merge` without a base), others torch ops in the same order (same bits).
     """
     weights = [float(p["weight"]) for p in per_input]
     denom = sum(weights) if shared["normalize"] else 1.0
