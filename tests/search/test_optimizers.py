@@ -305,6 +305,25 @@ def test_qnehvi_with_reference_point_and_maximisation():
     assert all(valid(t.params) for t in trials) and len({key(t.params) for t in trials}) == 2
 
 
+def test_qnehvi_never_compiles_botorchs_fused_kernel(monkeypatch):
+    """BoTorch 0.18 JIT-compiles a C++ kernel on a process's first qLogNEHVI (30-60 s, a compiler in the driver, a
+    CPU-specific binary in the home directory): a qnehvi ask must not start that build."""
+    import torch.utils.cpp_extension
+    from botorch.acquisition.multi_objective import logei
+
+    builds: list[str] = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda name, *a, **k: builds.append(name))
+    monkeypatch.setattr(logei, "_load_attempted", False)  # as in a fresh process
+    monkeypatch.setattr(logei, "_C", None)
+    study = open_study("memory://", "s", [("f1", "minimize"), ("f2", "minimize")])
+    opt = Optimizer(study, SPACE, name="qnehvi", seed=0, options={**CHEAP["qnehvi"], "n_startup": 4})
+    for _ in range(3):
+        for t in opt.ask(2):
+            opt.tell(t.number, list(zdt1(t.params)))
+    assert not any(FALLBACK_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False))  # the model proposed
+    assert builds == [] and logei._C is None
+
+
 def _hv(study: optuna.Study) -> float:
     from pymoo.indicators.hv import HV
 
