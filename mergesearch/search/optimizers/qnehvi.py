@@ -51,9 +51,9 @@ def no_fused_kernel() -> None:
     (``torch.utils.cpp_extension.load`` with ninja and ``-march=native``): the first ``qnehvi`` ask on each machine
     took 31-60 s here instead of ~2 s (the driver's "rare stall"), runs a compiler inside the driver, and caches a
     binary for this CPU in the home directory, which a shared home on a mixed cluster hands to other CPUs. The
-    kernel bought nothing measurable for our asks (one trial 1.8 / 1.8 s, sixteen 10.6 / 8.5 s with it, 1.3 / 1.6 s
-    and 10.2 / 10.6 s without, on 2 cores). Setting BoTorch's "already tried" flag is a private switch: where a
-    BoTorch version lacks it, nothing is changed.
+    kernel bought nothing measurable for our asks (two fresh processes each, 40 trials, 2 cores: one trial 1.8 and
+    1.8 s with it, 1.3 and 1.6 s without; sixteen 10.6 and 8.5 s with it, 10.2 and 10.6 s without). Setting
+    BoTorch's "already tried" flag is a private switch: where a BoTorch version lacks it, nothing is changed.
     """
     from botorch.acquisition.multi_objective import logei
 
