@@ -29,9 +29,12 @@ def table(fast_demo) -> dict[str, dict[str, float]]:
 
 
 def test_each_expert_is_best_on_its_own_task(fast_demo, table) -> None:
+    # the expert gains at least 0.1 and removes at least half of the base's errors on its task: a fixed margin of
+    # 0.2 could not hold where the base already knows a task (on an AVX-512 machine the fast build's base scored
+    # 0.80 on sort, its expert 0.996; the base's skill varies with the seed and the CPU's float rounding)
     for task in EXPERT_TASKS:
-        own = table[f"expert {task}"][task]
-        assert own >= table["base"][task] + 0.2, (task, own, table["base"][task])
+        own, base = table[f"expert {task}"][task], table["base"][task]
+        assert own >= base + 0.1 and 1.0 - own <= 0.5 * (1.0 - base), (task, own, base)
         assert own == max(row[task] for row in table.values()), task
         assert own == pytest.approx(fast_demo.accuracy[task][task], abs=1e-4)  # saved == measured at build
 
