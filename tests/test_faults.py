@@ -52,6 +52,14 @@ def _count(trials, state: TrialState) -> int:
     return sum(t.state == state for t in trials)
 
 
+def _running_by(trials, pid: int) -> int:
+    """RUNNING trials created by the driver process ``pid`` (user attr ``driver`` = host:pid:uuid). An orphan a
+    killed driver left RUNNING does not count: until the next driver has taken the lease (slow to start on a busy
+    machine), a second driver may rightly take the study over."""
+    return sum(t.state == TrialState.RUNNING and str(t.user_attrs.get("driver", "")).split(":")[1:2] == [str(pid)]
+               for t in trials)
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_exact_count_and_second_driver_refused(tiny_models, tmp_path, capsys) -> None:
     kill_resume_and_second_driver(tiny_models, tmp_path, capsys, f"sqlite:///{tmp_path / 'k.db'}")
@@ -80,7 +88,7 @@ def kill_resume_and_second_driver(models: dict[str, Path], root: Path, capsys, u
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and proc.poll() is None:
                 trials = _trials(poll, "k")
-                if not second_checked and _count(trials, TrialState.RUNNING):
+                if not second_checked and _running_by(trials, proc.pid):
                     # (b) a second driver while the first is alive: refused, study untouched by it
                     t0 = time.monotonic()
                     code, err = cli(argv, capsys)
@@ -93,7 +101,7 @@ def kill_resume_and_second_driver(models: dict[str, Path], root: Path, capsys, u
             time.sleep(rng.uniform(0.0, 0.6))  # land anywhere: merging, scoring, or writing to the storage
             if killed == kills - 1:  # the last kill lands mid-trial (a trial RUNNING), so one orphan is certain
                 wait_until = time.monotonic() + 30
-                while not _count(_trials(poll, "k"), TrialState.RUNNING) and time.monotonic() < wait_until:
+                while not _running_by(_trials(poll, "k"), proc.pid) and time.monotonic() < wait_until:
                     time.sleep(0.02)
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             proc.send_signal(signal.SIGKILL)

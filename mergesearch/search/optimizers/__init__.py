@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mergesearch.errors import ConfigError
 from mergesearch.search.optimizers.base import BatchSampler
+from mergesearch.search.optimizers.hm3 import OPTION_KEYS as HM3_OPTIONS
 from mergesearch.search.optimizers.pending import SamplingStorage, new_pending, sample_pending
 from mergesearch.search.optimizers.qmc import KeptSobolSampler
 from mergesearch.search.optimizers.tpe import SharedFitTPESampler
@@ -185,8 +186,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[_Context], optuna.samplers.BaseSampler], f
     "pymoo-nsga3": (_pymoo("nsga3"), frozenset({"pop_size", "n_partitions"})),
     "pymoo-smsemoa": (_pymoo("smsemoa"), frozenset({"pop_size"})),
     "cmaes-sum": (_cmaes_sum, frozenset({"weights", "popsize", "sigma0"})),
-    "hm3": (_hm3, frozenset({"n_startup", "steps", "update_steps", "hidden", "lr", "sigma", "entropy", "min_layers",
-                             "max_layers", "value_draws", "kappa"})),
+    "hm3": (_hm3, HM3_OPTIONS),
 }
 
 
