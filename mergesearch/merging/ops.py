@@ -278,7 +278,6 @@ def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVector
     if kind == "della_magprune":
         return _della(group, i, tau, d, float(p["epsilon"]), weight, rescale)
     inp = _Input(flat, weight)
-    order = group.magnitude_order(i)
     if kind == "random":
         draws = group.uniform(i)
         inp.draws, inp.keep_below = draws.reshape(-1), sp.keep_below(d)
@@ -286,6 +285,7 @@ def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVector
             table = group.l1_table(i) if group.l1_table is not None else sp.l1_by_draw(tau, draws)
             inp.coef = weight * sp.l1_rescale_factor(table[-1].item(), table[inp.keep_below + 32768].item())
     else:
+        order = group.magnitude_order(i)  # built on first use: a counting pass over τ
         if kind == "magnitude":
             lo, hi = sp.order_value(tau, n - max(1, int(d * n)), order), None
         else:
