@@ -405,7 +405,7 @@ RUN = 32
 #: memory bandwidth (measured 7.7 GB/s against 11.3 GB/s for 4 streams, one thread)
 STREAMS = 4
 #: entries ahead of each stream that a bracket pass asks the cache for (both lines of the run there): its test
-#: and branch per run keep too few reads in flight otherwise (one thread, 134M entries: 15 GB/s against 10)
+#: and branch per run keep too few reads in flight otherwise (one thread, 134M entries: 14-15 GB/s against 10)
 AHEAD = 512
 
 
