@@ -185,11 +185,12 @@ def test_compact_caches_give_the_one_shot_merge_at_every_density(tmp_path, wide_
         assert all(o.nbytes <= 4 * max(o.numel, sp.SMALL) for o in orders)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("method", ["dare_ties", "della"])
-def test_random_masks_build_no_magnitude_order(wide_models, method):
+def test_random_masks_build_no_magnitude_order(wide_models, method, dtype):
     """A magnitude order costs a counting pass over τ and its memory: only magnitude masks may build one."""
-    merger = ResidentMerger(str(wide_models["base"]), [str(wide_models[k]) for k in "abc"], dtype="float32")
-    merger.apply(MergePlan.model_validate(_plan(wide_models, method, "float32", 0.5)))
+    merger = ResidentMerger(str(wide_models["base"]), [str(wide_models[k]) for k in "abc"], dtype=dtype)
+    merger.apply(MergePlan.model_validate(_plan(wide_models, method, dtype, 0.5)))
     assert merger._orders == {}
-    merger.apply(MergePlan.model_validate(_plan(wide_models, "ties", "float32", 0.5)))
+    merger.apply(MergePlan.model_validate(_plan(wide_models, "ties", dtype, 0.5)))
     assert merger._orders  # the check above can fail: a magnitude mask fills it
