@@ -318,9 +318,9 @@ def _combine_impl(blocks, draws, ranks, b, res, m, room, keep, coef, lo, hi, kee
     # literals after their plain integer types, which this declines
     if not all(isinstance(x, types.IntegerLiteral) for x in (keep, mode, unit)):
         return None
-    return _generated(_combine_source(len(blocks), keep.literal_value, mode.literal_value, bool(unit.literal_value)),
-                      "combine",
-                      _della_keeps=_della_keeps, _get=_get, _put=_put, _run_of=_run_of, _touch=_touch)
+    source = _combine_source(len(blocks), keep.literal_value, mode.literal_value, bool(unit.literal_value))
+    return _generated(source, "combine", _della_keeps=_della_keeps, _get=_get, _put=_put, _run_of=_run_of,
+                      _touch=_touch)
 
 
 def _per_item(name: str, params: str, item: str, k: int, **scope) -> Callable:
