@@ -23,9 +23,9 @@ never written to. Plans that change the layer count (``slices``) draw decoder la
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from mergesearch.merging.engine import run_job
 from mergesearch.merging.plan import MergePlan
 from mergesearch.merging.resolve import TensorJob, plan_models, resolve
 from mergesearch.merging.sparsify import MagnitudeOrder, della_ranks, l1_by_draw, uniform_draws
-from mergesearch.merging.threads import kernel_threads, single_threaded
+from mergesearch.merging.threads import kernel_threads
 from mergesearch.models import Checkpoint, check_compatible, layer_key, to_dtype
 
 #: numpy dtype holding a working dtype's bits (numpy has no bfloat16: its bits travel as int16).
@@ -160,6 +160,7 @@ class ResidentMerger:
         self._tokenizer: Any = None
         self._layers_path = self._find_layers_path()
         self._pool: list[nn.Module] = list(self.model.get_submodule(self._layers_path)) if self._layers_path else []
+        self._targets: dict[str, tuple[nn.Module, str]] = {}  # tensor name -> (owning module, attribute)
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
         self._layer_types = list(getattr(cfg, "layer_types", None) or [])
@@ -327,16 +328,12 @@ class ResidentMerger:
                     run_job(job, self.tensor, seed=seed, cache=self, out=target)
             return
 
-        def one(i: int) -> None:
-            with torch.no_grad(), single_threaded():  # both are per thread
-                run_job(jobs[i], self.tensor, seed=seed, cache=self, out=targets[i])
+        from mergesearch.merging import kernels  # numba: on the CPU path only
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="mergesearch-job") as pool:
-            # largest first, so the workers finish together
-            futures = {i: pool.submit(one, i) for i in sorted(range(len(jobs)), key=lambda i: -targets[i].numel())}
-        errors = [i for i in range(len(jobs)) if futures[i].exception() is not None]
-        if errors:  # the first failing tensor in plan order, as one worker would have reported it
-            raise futures[errors[0]].exception()
+        kernels.run_side_by_side(  # largest first, so the workers finish together
+            [functools.partial(run_job, job, self.tensor, seed=seed, cache=self, out=target)
+             for job, target in zip(jobs, targets, strict=True)],
+            workers, start=sorted(range(len(jobs)), key=lambda i: -targets[i].numel()))
 
     def _find_layers_path(self) -> str | None:
         for name in self.tensor_names:
@@ -346,15 +343,17 @@ class ResidentMerger:
         return None
 
     def _target(self, name: str) -> torch.Tensor:
-        key, layer = layer_key(name)
-        if layer is None:
-            module, attr = self.model, name
-        else:
-            module, attr = self._pool[layer], key.split("{}.", 1)[1]
-        try:
-            return module.get_parameter(attr).data
-        except AttributeError:
-            return module.get_buffer(attr)
+        """The resident tensor a job writes: found by name once (the pool's layer i always stands at position i),
+        then read from its module's table (tens of µs per apply otherwise, serial before the workers start)."""
+        where = self._targets.get(name)
+        if where is None:
+            key, layer = layer_key(name)
+            module, path = (self.model, name) if layer is None else (self._pool[layer], key.split("{}.", 1)[1])
+            owner, _, attr = path.rpartition(".")
+            where = self._targets[name] = (module.get_submodule(owner), attr)
+        owner, attr = where
+        p = owner._parameters.get(attr)
+        return p.data if p is not None else owner.get_buffer(attr)
 
     def _set_layers(self, source_layers: list[int]) -> None:
         """Make the model's decoder stack ``len(source_layers)`` modules long (growing the pool as needed)."""
@@ -362,16 +361,16 @@ class ResidentMerger:
             return
         n = len(source_layers)
         while len(self._pool) < n:
-            self._pool.append(copy.deepcopy(self._pool[0]))
+            layer = copy.deepcopy(self._pool[0])
+            for sub in layer.modules():  # caches index their per-layer state by layer_idx (a copy says 0)
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = len(self._pool)
+            self._pool.append(layer)
         parent_path, _, attr = self._layers_path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         current = list(getattr(parent, attr))
         if len(current) != n or any(a is not b for a, b in zip(current, self._pool, strict=False)):
             setattr(parent, attr, nn.ModuleList(self._pool[:n]))
-        for i, layer in enumerate(self._pool[:n]):
-            for sub in layer.modules():  # caches index their per-layer state by layer_idx
-                if hasattr(sub, "layer_idx"):
-                    sub.layer_idx = i
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
         cfg.num_hidden_layers = n

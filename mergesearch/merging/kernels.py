@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -33,7 +32,7 @@ from llvmlite import ir as llvm_ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
-from mergesearch.merging.threads import kernel_threads
+from mergesearch.merging.threads import kernel_threads, single_threaded
 
 #: elements per block: a block of every input and of the output stays in L2 (the output's is counted right after
 #: it is written); fewer, longer runs per input stream measured ~30 % faster than 2048 on a 64M-entry float32 merge
@@ -602,10 +601,10 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
     keep = 2 if ranks is not None else 1 if draws is not None else 0 if lo is not None or hi is not None else 3
 
     def per_input(values, dtype, default) -> np.ndarray:
-        return np.asarray(values if values is not None else [default] * k, dtype=dtype)
+        return np.asarray(values, dtype=dtype) if values is not None else _unused(k, dtype, default)
 
     def arrays_of(tensors, dtype) -> tuple:  # numba needs k arrays even when unused (the combine names each)
-        return tuple(_array(x) for x in tensors) if tensors is not None else (np.empty(0, dtype=dtype),) * k
+        return tuple(_array(x) for x in tensors) if tensors is not None else (_unused(0, dtype, 0),) * k
 
     width = della_width_f32(ranks[0].shape) if ranks is not None else f32(1)  # ranks keep τ's shape (rows)
     # without a base, a plain weighted sum: in float64, or in float32 into a half-precision output
@@ -626,37 +625,52 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
     return int(out.numel() - torch.isfinite(out).sum().item()) if bad else 0  # counted only on the error path
 
 
-def run_side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """Call each of ``calls`` (compiled kernels that release the GIL) on up to ``kernel_threads()``
-    threads of the module's pool; results in order. One thread runs them in turn."""
-    if len(calls) < 2 or kernel_threads() < 2:
+def run_side_by_side(calls: Sequence[Callable[[], T]], threads: int | None = None,
+                     start: Sequence[int] | None = None) -> list[T]:
+    """Call each of ``calls`` on up to ``threads`` (default ``kernel_threads()``) threads of the module's pool;
+    results in order. Each thread takes the next call until none is left (``start``: the order they are taken
+    in, e.g. largest first so the threads finish together) and runs it as one of a job-parallel merge's workers
+    (its own compiled passes on that thread alone, no autograd). One thread runs them in turn. The first call
+    to raise, in the order of ``calls``, is raised once all have run, as one thread would have reported it."""
+    threads = min(len(calls), threads or kernel_threads())
+    if threads < 2:
         return [c() for c in calls]
-    pool = _pool()
-    threads = min(len(calls), kernel_threads())
-    # ``threads`` workers, each taking the next call: no more calls at once than the job's threads
-    queue = list(enumerate(calls))
+    todo = iter(start if start is not None else range(len(calls)))  # next() on it is atomic under the GIL
     results: list = [None] * len(calls)
-    lock = threading.Lock()
+    errors: dict[int, BaseException] = {}
 
     def worker() -> None:
-        while True:
-            with lock:
-                if not queue:
-                    return
-                i, call = queue.pop(0)
-            results[i] = call()
+        with torch.no_grad(), single_threaded():  # both are per thread
+            for i in todo:
+                try:
+                    results[i] = calls[i]()
+                except BaseException as e:  # re-raised below, in the order of ``calls``
+                    errors[i] = e
 
-    for f in [pool.submit(worker) for _ in range(threads)]:
+    for f in [_pool().submit(worker) for _ in range(threads)]:
         f.result()
+    if errors:
+        raise errors[min(errors)]
     return results
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view sharing ``t``'s memory (``t`` contiguous); bfloat16 as uint16 bits, float16 as int16 bits
-    (the kernels' convention: the dtype tells the two apart)."""
-    flat = t.detach().view(-1)
-    if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    if flat.dtype == torch.float16:
-        return flat.view(torch.int16).numpy()
-    return flat.numpy()
+    (the kernels' convention: the dtype tells the two apart). Called several times per tensor of a merge: each
+    step is taken only when needed (a few µs per tensor, on the Python side of a job-parallel merge)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dim() != 1:
+        t = t.view(-1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _unused(k: int, dtype: type, default: float) -> np.ndarray:
+    """``k`` copies of ``default``: a kernel argument the keep rule does not read (shared by every call, never
+    written; left writeable, as a read-only array would be another type to numba, hence another compile)."""
+    return np.full(k, default, dtype=dtype)

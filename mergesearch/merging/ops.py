@@ -141,7 +141,7 @@ def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Ma
     if len({t.dtype for t in tensors}) == 1 and _kernel_usable(first, out) and all(t.is_contiguous() for t in tensors):
         from mergesearch.merging import kernels
 
-        bad = kernels.fused_merge(None, out, [t.reshape(-1) for t in tensors], [1.0] * len(tensors), weights, 1.0,
+        bad = kernels.fused_merge(None, out, tensors, [1.0] * len(tensors), weights, 1.0,
                                   False, False, denom, threads=kernel_threads())
         return _emit(group, out, bad)
     half = first.dtype in (torch.bfloat16, torch.float16)

@@ -162,7 +162,7 @@ def test_jobs_side_by_side_give_one_threads_bits(tiny_models, merger, dtype, mon
                 names.clear()
                 sd = m.apply(MergePlan.model_validate(plan)).state_dict()
                 results[threads] = {k: v.clone() for k, v in sd.items()}
-                assert any(n.startswith("mergesearch-job") for n in names) == (threads == 2), names
+                assert any(n.startswith("mergesearch-kernel") for n in names) == (threads == 2), names
             assert all(torch.equal(results[1][k], results[2][k]) for k in results[1]), method
     finally:
         torch.set_num_threads(old)
