@@ -136,7 +136,8 @@ def resolve(plan: MergePlan, models: Mapping[str, ModelInfo], base: str) -> Reso
     jobs: list[TensorJob] = []
     layer_map: list[tuple[str, int]] = []
 
-    def add(out_name: str, in_names: Sequence[str], sl: OutputSlice, t: float) -> None:
+    def slice_plan(sl: OutputSlice) -> tuple[Any, list[str], int | None]:
+        """What every tensor of a slice shares, checked once: (method, input models, the base's position)."""
         srcs = sl.sources
         base_model = sl.base_model or plan.base_model
         model_names = [s.model for s in srcs]
@@ -150,21 +151,27 @@ def resolve(plan: MergePlan, models: Mapping[str, ModelInfo], base: str) -> Reso
             bound = f"{m.min_inputs}..{m.max_inputs}" if m.max_inputs else f"at least {m.min_inputs}"
             raise ConfigError(f"merge_method {m.name!r} takes {bound} models including the base, got "
                               f"{len(srcs)}: {model_names}")
+        return m, model_names, base_index
+
+    plans = [slice_plan(sl) for sl in slices]
+
+    def add(out_name: str, in_names: Sequence[str], si: int, t: float) -> None:
+        sl, (m, model_names, base_index) = slices[si], plans[si]
         shared = {k: _lookup(p, [sl.parameters, plan.parameters], out_name, t, f"tensor {out_name!r}")
                   for k, p in m.shared.items()}
         per_input = []
-        for i, (s, in_name) in enumerate(zip(srcs, in_names, strict=True)):
-            where = f"model {s.model!r} (tensor {in_name!r})"
+        for i, (s, in_name) in enumerate(zip(sl.sources, in_names, strict=True)):
             if m.non_base and i == base_index:
                 per_input.append({})
                 continue
+            where = f"model {s.model!r} (tensor {in_name!r})"
             per_input.append({k: _lookup(p, [s.parameters, sl.parameters, plan.parameters], in_name, t, where)
                               for k, p in m.per_input.items()})
         jobs.append(TensorJob(out_name, m.name, tuple(zip(model_names, in_names, strict=True)), base_index, shared,
                               tuple(per_input)))
 
     for name in pre:
-        add(name, [name] * len(slices[0].sources), slices[0], 0.0)
+        add(name, [name] * len(slices[0].sources), 0, 0.0)
     out_layer = 0
     for si, sl in enumerate(slices):
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
@@ -181,11 +188,11 @@ def resolve(plan: MergePlan, models: Mapping[str, ModelInfo], base: str) -> Reso
         for j in range(n):
             t = j / (n - 1) if n > 1 else 1.0
             for key in kinds:
-                add(key.format(out_layer), [key.format(s.layer_range[0] + j) for s in sl.sources], sl, t)
+                add(key.format(out_layer), [key.format(s.layer_range[0] + j) for s in sl.sources], si, t)
             layer_map.append((sl.sources[0].model, sl.sources[0].layer_range[0] + j))
             out_layer += 1
     for name in post:
-        add(name, [name] * len(slices[-1].sources), slices[-1], 0.0)
+        add(name, [name] * len(slices[-1].sources), len(slices) - 1, 0.0)
     return Resolved(jobs, layer_map)
 
 
