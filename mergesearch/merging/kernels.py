@@ -385,19 +385,24 @@ def _l1(x, m):  # pragma: no cover - runs compiled
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _della(tau, draws, ranks, width, p_lo, p_span, out, write):  # pragma: no cover - runs compiled
+def _della(tau, draws, ranks, width, p_lo, p_span, out, dropped):  # pragma: no cover - runs compiled
     f32 = np.float32
     before, after = 0.0, 0.0
     buf = np.empty(BLOCK, dtype=f32)
     kept = np.empty(BLOCK, dtype=f32)
+    spare = np.empty(BLOCK, dtype=np.int8)
+    write, flag = out.shape[0] > 0, dropped.shape[0] > 0
     n = draws.shape[0]
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
         t = _load(tau, start, m, buf)
         dr, rk = draws[start:start + m], ranks[start:start + m]
         o = out[start:start + m] if write else kept[:m]
+        fl = dropped[start:start + m] if flag else spare[:m]
         for j in range(m):  # vectorises
-            o[j] = t[j] if _della_keeps(dr[j], rk[j], p_lo, p_span, width) else f32(0.0)
+            keep = _della_keeps(dr[j], rk[j], p_lo, p_span, width)
+            o[j] = t[j] if keep else f32(0.0)
+            fl[j] = np.int8(0) if keep else np.int8(1)
         before += _l1(t, m)
         after += _l1(o, m)
     return before, after
@@ -536,8 +541,8 @@ def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) 
 
 
 def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo: float, p_span: float,
-               write: bool = True) -> tuple[torch.Tensor | None, float, float]:
-    """DELLA's mask⊙τ in one pass, with ‖τ‖₁ and ‖mask⊙τ‖₁ (float64 sums) for the rescale.
+               into: str = "masked") -> tuple[torch.Tensor, float, float]:
+    """DELLA's mask in one pass, with ‖τ‖₁ and ‖mask⊙τ‖₁ (float64 sums) for the rescale.
 
     Keeps where draw + 32768 < 65536·p, with p = p_lo + (rank / width)·p_span in float32 (width = row length − 1,
     as :func:`mergesearch.merging.sparsify.rank_norm`).
@@ -545,16 +550,21 @@ def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo
     Args:
         tau: task vector (float32, bfloat16 or float16), shape S; ``draws``: its int16 draws, ``ranks``: its
             row ranks (:func:`mergesearch.merging.sparsify.della_ranks`, uint16 or int32).
-        write: False for the two norms alone (the merge kernel applies the mask itself): nothing is allocated.
+        into: ``"masked"``: mask⊙τ as a new float32 tensor of shape S; ``"dropped"``: int8 flags of numel(S),
+            1 where the entry is dropped — what the merge kernel reads as draws kept below 1, 1 byte an entry
+            in place of the 4 of draws and ranks, and no keep test in its loop.
 
     Returns:
-        (mask⊙τ as a new float32 tensor of shape S, or None without ``write``; ‖τ‖₁; ‖mask⊙τ‖₁).
+        (that tensor, ‖τ‖₁, ‖mask⊙τ‖₁).
     """
-    out = torch.empty(tau.shape if write else 0, dtype=torch.float32)
+    if into not in ("masked", "dropped"):
+        raise ValueError(f"into must be 'masked' or 'dropped', got {into!r}")
+    out = torch.empty(tau.shape if into == "masked" else 0, dtype=torch.float32)
+    dropped = torch.empty(tau.numel() if into == "dropped" else 0, dtype=torch.int8)
     f32 = np.float32
     before, after = _della(_array(tau), _array(draws), _array(ranks), della_width_f32(tau.shape), f32(p_lo),
-                           f32(p_span), _array(out), write)
-    return (out if write else None), before, after
+                           f32(p_span), _array(out), _array(dropped))
+    return (out if into == "masked" else dropped), before, after
 
 
 def della_width_f32(shape: torch.Size | tuple[int, ...]) -> np.float32:
@@ -582,7 +592,8 @@ def fused_merge(base: torch.Tensor | None, out: torch.Tensor, taus: Sequence[tor
         base: θ0, contiguous CPU float32/bfloat16/float16, any shape S, or None for a plain weighted sum
             (``linear``: out = mix(coef_i · τ_i)); ``out`` the destination (same numel, any of those dtypes; may
             be ``base``).
-        taus: N task vectors of numel(S), one dtype among them; ``draws``: N int16 tensors of numel(S);
+        taus: N task vectors of numel(S), one dtype among them; ``draws``: N int16 tensors of numel(S) (or
+            DELLA's int8 drop flags, :func:`della_mask`, kept below 1);
             ``ranks``: N DELLA row-rank tensors of S (one dtype).
         coef: per-input factor of the kept τ_i (weight × rescale); ``weights``: the consensus divisor's weights
             (without a base: the weighted sum's weights, applied in float64 — float32 into a half-precision

@@ -42,6 +42,9 @@ def test_della_mask_kernel_equals_torch_mask_and_keeps_rank_probabilities():
     masked, before, after = kernels.della_mask(tau, draws, compact, 0.5 - 0.2, 2 * 0.2)
     mask = sp.della_mask(tau, 0.5, 0.2, draws, ranks)
     assert torch.equal(masked, tau * mask)
+    dropped, *norms = kernels.della_mask(tau, draws, compact, 0.5 - 0.2, 2 * 0.2, into="dropped")
+    assert dropped.dtype == torch.int8 and torch.equal(dropped, (~mask).to(torch.int8).reshape(-1))
+    assert norms == [before, after]
     assert before == pytest.approx(tau.abs().sum().item(), rel=1e-5)
     assert after == pytest.approx(masked.abs().sum().item(), rel=1e-5)
     # keep probability runs from d − ε = 0.3 (smallest |τ| of a row) to d + ε = 0.7 (largest)
