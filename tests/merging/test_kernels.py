@@ -143,3 +143,20 @@ def test_keep_all_rule_equals_the_open_band(dtype, consensus):
     bad_all = kernels.fused_merge(base, keep_all, taus, **rules)
     assert torch.equal(open_band.view(torch.uint8), keep_all.view(torch.uint8))
     assert bad_all == bad_band == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.int16,
+                                   torch.uint16, torch.int32])
+def test_kernel_arrays_share_the_tensors_memory_and_refuse_other_layouts(dtype):
+    from mergesearch.merging import kernels
+
+    t = torch.arange(12).reshape(3, 4).to(dtype)
+    a = kernels._array(t)
+    assert a.shape == (12,) and a.itemsize == t.element_size()
+    assert a.tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes()  # the same bits, flat
+    a[0] = a[5]
+    assert torch.equal(t.reshape(-1)[0], t.reshape(-1)[5])  # written through: one memory
+    del t
+    assert a.tobytes()  # the array keeps the tensor's memory alive
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        kernels._array(torch.zeros(3, 4, dtype=dtype).t())
