@@ -242,7 +242,8 @@ class _Della:
 
 @dataclass
 class _Input:
-    """One non-base input: τ (flat), its keep rule, and its coefficient wi·rescale.
+    """One non-base input: τ (shape S: flattening it is a torch call per input, and the kernel takes any shape),
+    its keep rule, and its coefficient wi·rescale.
 
     The keep rule is a magnitude band lo <= |τ| <= hi (a bound None is open), or DARE draws < keep_below,
     or DELLA's (``della``, with ``draws``), or everything (none), or nothing (``zero``).
@@ -251,7 +252,7 @@ class _Input:
     tau: torch.Tensor
     coef: float
     band: tuple[float | None, float | None] | None = None
-    draws: torch.Tensor | None = None  # int16 uniforms; keep where draws < keep_below
+    draws: torch.Tensor | None = None  # int16 uniforms or DELLA's int8 drop flags; keep where draws < keep_below
     keep_below: int = 0
     zero: bool = False
     della: _Della | None = None
@@ -267,20 +268,19 @@ def _prepare(group: TensorGroup, i: int, p: Mapping[str, Any], flags: TaskVector
     1/d for the ``inverse_density`` variant); keeping everything never rescales.
     """
     tau = group.task_vector(i)
-    flat = tau.reshape(-1)
     d = float(p.get("density", 1.0))
     kind = flags.sparsifier
     if kind is None or d >= 1 or (kind == "random" and sp.keep_below(d) > 32767):
-        return _Input(flat, weight)  # keeps everything (a DARE mask above 1 − 2^-17 keeps every int16 draw)
-    n = flat.numel()
+        return _Input(tau, weight)  # keeps everything (a DARE mask above 1 − 2^-17 keeps every int16 draw)
+    n = tau.numel()
     if d <= 0 or n == 0:
-        return _Input(flat, weight, zero=True)
+        return _Input(tau, weight, zero=True)
     if kind == "della_magprune":
         return _della(group, i, tau, d, float(p["epsilon"]), weight, rescale)
-    inp = _Input(flat, weight)
+    inp = _Input(tau, weight)
     if kind == "random":
         draws = group.uniform(i)
-        inp.draws, inp.keep_below = draws.reshape(-1), sp.keep_below(d)
+        inp.draws, inp.keep_below = draws, sp.keep_below(d)
         if rescale and flags.rescale_variant == "l1":
             table = group.l1_table(i) if group.l1_table is not None else sp.l1_by_draw(tau, draws)
             inp.coef = weight * sp.l1_rescale_factor(table[-1].item(), table[inp.keep_below + 32768].item())
@@ -309,7 +309,7 @@ def _della(group: TensorGroup, i: int, tau: torch.Tensor, d: float, eps: float, 
     ranks = group.ranks(i) if group.ranks else None
     ranks = sp.della_ranks(tau) if ranks is None else ranks
     draws = group.uniform(i)
-    inp = _Input(tau.reshape(-1), weight, draws=draws.reshape(-1), della=_Della(ranks, d, eps))
+    inp = _Input(tau, weight, draws=draws, della=_Della(ranks, d, eps))
     if rescale:
         inp.pending = lambda: _della_pass(inp, tau, "dropped")
     return inp
@@ -360,7 +360,7 @@ def task_vector_merge(group: TensorGroup, shared: Mapping[str, Any], per_input: 
             masked, before, after = _della_pass(inp, inp.tau.reshape(inp.della.ranks.shape), "masked")
             if inp.pending is not None:
                 inp.coef *= sp.l1_rescale_factor(before, after)
-            inp.tau, inp.della, inp.draws, inp.pending = masked.reshape(-1), None, None, None
+            inp.tau, inp.della, inp.draws, inp.pending = masked, None, None, None
     _run_pending(inputs)
     bad = run(inputs, base, out, weights, lam, normalize, flags.consensus, div_nc)
     return _emit(group, out, bad)
@@ -457,7 +457,7 @@ def _torch_merge(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, we
     bad = torch.zeros((), dtype=torch.int64, device=dev)
     # Views are made once (split) rather than per chunk: each view op costs as much as a small kernel.
     base_c, out_c = base.reshape(-1).split(CHUNK), out.reshape(-1).split(CHUNK)
-    tau_c = [inp.tau.split(CHUNK) for inp in inputs]
+    tau_c = [inp.tau.reshape(-1).split(CHUNK) for inp in inputs]
     draws_c = [inp.draws.reshape(-1).split(CHUNK) if inp.draws is not None else () for inp in inputs]
     lams = [(_below(inp.band[0]) if inp.band and inp.band[0] is not None else None) for inp in inputs]
     for ci in range(len(base_c)):
