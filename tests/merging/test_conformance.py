@@ -106,13 +106,17 @@ def test_task_vector_family_equals_independent_reference(method, dtype, shared):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", TASK_VECTOR)
 @pytest.mark.parametrize("weights", [(0.6, 1.3, 0.4), (0.5, -0.3, 0.9)])
-def test_kernel_is_bit_identical_to_torch_path(method, dtype, weights, monkeypatch):
+@pytest.mark.parametrize("rescale", [None, False], ids=["default-rescale", "no-rescale"])
+def test_kernel_is_bit_identical_to_torch_path(method, dtype, weights, rescale, monkeypatch):
+    """Both kernel forms of DELLA's keep rule too: drop flags from the rescale pass (its default), and the draw
+    test in the merge loop (without rescale)."""
     base, taus = _inputs(shape=(173, 61))  # several kernel blocks and a ragged last one
     monkeypatch.setattr(ops, "CHUNK", 4096)  # several torch chunks too
     per = [{"weight": w, "density": d} for w, d in zip(weights, (0.35, 1.0, 0.6), strict=True)]
-    got = run(method, base, taus, per_list=per, dtype=dtype)
+    shared = {} if rescale is None else {"rescale": rescale}
+    got = run(method, base, taus, per_list=per, shared=shared, dtype=dtype)
     monkeypatch.setattr(ops, "_kernel_usable", lambda b, o: False)
-    want = run(method, base, taus, per_list=per, dtype=dtype)
+    want = run(method, base, taus, per_list=per, shared=shared, dtype=dtype)
     assert torch.equal(got, want)
 
 
