@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numba
 import numpy as np
@@ -541,7 +541,7 @@ def bracket_select(tau: torch.Tensor, k: int, lo: float, hi: float, width: int) 
 
 
 def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo: float, p_span: float,
-               into: str = "masked") -> tuple[torch.Tensor, float, float]:
+               into: Literal["masked", "dropped"] = "masked") -> tuple[torch.Tensor, float, float]:
     """DELLA's mask in one pass, with ‖τ‖₁ and ‖mask⊙τ‖₁ (float64 sums) for the rescale.
 
     Keeps where draw + 32768 < 65536·p, with p = p_lo + (rank / width)·p_span in float32 (width = row length − 1,
@@ -552,7 +552,8 @@ def della_mask(tau: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor, p_lo
             row ranks (:func:`mergesearch.merging.sparsify.della_ranks`, uint16 or int32).
         into: ``"masked"``: mask⊙τ as a new float32 tensor of shape S; ``"dropped"``: int8 flags of numel(S),
             1 where the entry is dropped — what the merge kernel reads as draws kept below 1, 1 byte an entry
-            in place of the 4 of draws and ranks, and no keep test in its loop.
+            in place of the 4 of draws and ranks, and no keep test in its loop (the flags live while the job
+            runs: numel(S) bytes per input).
 
     Returns:
         (that tensor, ‖τ‖₁, ‖mask⊙τ‖₁).

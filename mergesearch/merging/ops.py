@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -315,7 +315,8 @@ def _della(group: TensorGroup, i: int, tau: torch.Tensor, d: float, eps: float, 
     return inp
 
 
-def _della_pass(inp: _Input, tau: torch.Tensor, into: str) -> tuple[torch.Tensor, float, float]:
+def _della_pass(inp: _Input, tau: torch.Tensor,
+                into: Literal["masked", "dropped"]) -> tuple[torch.Tensor, float, float]:
     """(mask⊙τ as float32 of τ's shape (``into="masked"``) or int8 flags of numel(τ), 1 where dropped
     (``"dropped"``); ‖τ‖₁; ‖mask⊙τ‖₁) of a DELLA input: one compiled pass on the CPU
     (:func:`kernels.della_mask`), torch ops elsewhere."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mergesearch.errors import ConfigError
-from mergesearch.merging.methods import REQUIRED, Param, get_method
+from mergesearch.merging.methods import REQUIRED, Method, Param, get_method
 from mergesearch.merging.plan import ConditionalValue, InputSlice, MergePlan, OutputSlice, ParamValue
 from mergesearch.models import layer_key
 
@@ -136,7 +136,7 @@ def resolve(plan: MergePlan, models: Mapping[str, ModelInfo], base: str) -> Reso
     jobs: list[TensorJob] = []
     layer_map: list[tuple[str, int]] = []
 
-    def slice_plan(sl: OutputSlice) -> tuple[Any, list[str], int | None]:
+    def slice_plan(sl: OutputSlice) -> tuple[Method, list[str], int | None]:
         """What every tensor of a slice shares, checked once: (method, input models, the base's position)."""
         srcs = sl.sources
         base_model = sl.base_model or plan.base_model
