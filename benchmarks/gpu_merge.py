@@ -10,7 +10,8 @@ density 0.5, fixed before any run):
    device, ``--triad-mib`` MiB arrays, best of 5, counted with the same write-allocate convention). Every apply
    also checks its output finite (the engine raises otherwise).
 2. **Offloaded task vectors** (``offload=True``): the device's peak allocated memory during a bfloat16 TIES
-   apply against issue 14's bound, 2 × the model + its largest tensor, and the apply's time.
+   apply against issue 14's bound, 2 × the model + one tensor (read strictly: its largest tensor once; and per
+   tensor job: its N staged task vectors and a result), and the apply's time.
 
 The device run, as one command (the device image lacks pydantic, optuna and ray: carry their wheels, see the
 tool's README), with the CUDA conformance cases first::
@@ -101,9 +102,11 @@ def offload(m: dict[str, Path], device: str, repeat: int) -> dict:
     torch.cuda.reset_peak_memory_stats(device)
     warm = timed(lambda: merger.apply(plan), device, repeat)
     peak = torch.cuda.max_memory_allocated(device)
-    bound = 2 * model_bytes + largest
+    # the issue's words read strictly (one tensor), and per tensor job (its N staged task vectors and a result)
+    bound, job_bound = 2 * model_bytes + largest, 2 * model_bytes + (len(EXPERTS) + 1) * largest
     return {"warm_s": warm, "peak_bytes": peak, "model_bytes": model_bytes, "largest_tensor_bytes": largest,
-            "bound_bytes": bound, "peak_x_model": round(peak / model_bytes, 3), "met": peak <= bound}
+            "bound_bytes": bound, "job_bound_bytes": job_bound, "peak_x_model": round(peak / model_bytes, 3),
+            "met": peak <= bound, "met_per_job": peak <= job_bound}
 
 
 def main(argv: list[str] | None = None) -> dict:
