@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -647,13 +648,19 @@ def run_side_by_side(calls: Sequence[Callable[[], T]], threads: int | None = Non
     threads = min(len(calls), threads or kernel_threads())
     if threads < 2:
         return [c() for c in calls]
-    todo = iter(start if start is not None else range(len(calls)))  # next() on it is atomic under the GIL
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()  # thread-safe without the GIL too (an iterator is not)
+    for i in start if start is not None else range(len(calls)):
+        todo.put(i)
     results: list = [None] * len(calls)
     errors: dict[int, BaseException] = {}
 
     def worker() -> None:
         with torch.no_grad(), single_threaded():  # both are per thread
-            for i in todo:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
                 try:
                     results[i] = calls[i]()
                 except BaseException as e:  # re-raised below, in the order of ``calls``
