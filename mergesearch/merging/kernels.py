@@ -675,9 +675,9 @@ def run_side_by_side(calls: Sequence[Callable[[], T]], threads: int | None = Non
 
 #: numpy's type string of the bits a kernel reads for each dtype: bfloat16 as uint16, float16 as int16 (numba has
 #: no half type on the CPU; the kernels' convention: the array's dtype tells the two apart)
-_TYPESTR = {torch.float32: "f4", torch.float64: "f8", torch.bfloat16: "u2", torch.float16: "i2", torch.int8: "i1",
-            torch.uint8: "u1", torch.int16: "i2", torch.uint16: "u2", torch.int32: "i4", torch.int64: "i8"}
-_TYPESTR = {k: np.dtype(v).str for k, v in _TYPESTR.items()}  # with this machine's byte order
+_TYPESTR = {k: np.dtype(v).str for k, v in {  # .str: with this machine's byte order
+    torch.float32: "f4", torch.float64: "f8", torch.bfloat16: "u2", torch.float16: "i2", torch.int8: "i1",
+    torch.uint8: "u1", torch.int16: "i2", torch.uint16: "u2", torch.int32: "i4", torch.int64: "i8"}.items()}
 
 
 class _Memory:
