@@ -43,6 +43,10 @@ Recorded runs:
 - ``results/hm3_value_gp.json`` (hm3 with the Gaussian-process value model, the default now): the same runs, the
   same way, gp each seed with ``--time-for gp=1900``; ``results/hm3_value_gp.seeds3-5.json`` the same on seeds 3-5
   (``--first-seed 3``), run afterwards as a supplement.
+- ``results/hm3_dedup.dec03.json``: hm3 that never proposes a plan again with another recipe, each seed in its own
+  process (``--optimizers hm3 --seeds 1 --first-seed S``), merged with the gp / nsga2 / random runs of
+  ``hm3_value_gp.dec02c.json`` (the same demo build); ``development_iterations`` holds the variants tried first
+  on seeds 10-14.
 
 The demo's experts are trained when the demo is built, on the machine that builds it: two builds give the same
 plans different scores, so hypervolumes compare within one file (one build, side by side), not across files.

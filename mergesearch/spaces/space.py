@@ -76,6 +76,14 @@ def _gradient(x: np.ndarray) -> float | list[float]:
     return float(x[0]) if np.all(x == x[0]) else [float(v) for v in x]
 
 
+def recipe_parameter(name: str) -> bool:
+    """Whether the searched parameter ``name`` is the merge method or one of the method table's parameters
+    (``method``, ``weight.<i>…``, ``density.<i>…``, ``lambda``, …): these shape the merged layers only, so a
+    layer path with no ``merged`` slot decodes (:meth:`MergeSpace.decode`: a passthrough of copies) to the same
+    plan whatever their values."""
+    return name == "method" or name.split(".")[0] in {q.name for m in METHODS.values() for q in m.params}
+
+
 class MergeSpace:
     """The search space of one job; build it with :func:`build_space`.
 

@@ -283,3 +283,22 @@ def test_ask_with_the_value_model_proposes_new_plans_within_bounds():
     assert len(set(keys)) == len(keys) == 16
     assert all(2 <= sum(c != "skip" for c in path_of(t.params)) <= 4 for t in study.trials)
     assert not any("proposal_fallback" in t.user_attrs for t in study.trials)
+
+
+def test_paths_without_a_merged_slot_are_one_plan_whatever_the_recipe():
+    """Two slots: 8 paths keep no merged slot, and for them the recipe (``weight.0``) changes nothing, as in a
+    real layer space: hm3 never proposes such a path again with another weight."""
+    def score(params: dict) -> list[float]:
+        p = path_of(params)
+        w = params["weight.0"] if "merged" in p else 0.0
+        return [p.count("a") + 0.5 * w, p.count("base") + 0.5 * (1 - w) * ("merged" in p)]
+
+    dists = {"weight.0": FloatDistribution(0.0, 1.0), **{f"layer.{k}": CategoricalDistribution(CHOICES)
+                                                         for k in range(2)}}
+    study = open_study("memory://", "s", [("a", "maximize"), ("b", "maximize")])
+    opt = Optimizer(study, dists, name="hm3", seed=0, options={**FAST, "value_draws": 4})
+    for _ in range(9):
+        for t in opt.ask(2):
+            opt.tell(t.number, score(t.params))
+    plain = [tuple(path_of(t.params)) for t in study.trials if "merged" not in path_of(t.params)]
+    assert len(plain) == len(set(plain)) and len(plain) >= 4

@@ -8,6 +8,7 @@ import pytest
 from mergesearch.config import SpaceConfig
 from mergesearch.merging.plan import MergePlan
 from mergesearch.spaces import build_space
+from mergesearch.spaces.space import recipe_parameter
 
 MODELS = ["/m/a", "/m/b"]
 
@@ -125,3 +126,24 @@ def test_models_named_by_index_folder_or_path():
     by_path = SpaceConfig.model_validate({"layers": {"choices": ["/m/b", "skip"]}})
     sp = build_space(by_path, base_model="/m/base", models=MODELS, num_layers=2)
     assert sp.decode(sp.complete({"layer.0": "/m/b"})).slices[0].sources[0].model == "/m/b"
+
+
+def test_recipe_parameters_change_only_paths_with_a_merged_slot():
+    """What hm3's plan identity relies on: without a merged slot the plan is a passthrough of copies, whatever
+    the method, weights, densities and λ; with one, they change it. Layer offsets matter either way."""
+    cfg = SpaceConfig.model_validate({"methods": ["ties", "dare_linear"], "granularity": "per_layer",
+                                      "lambda": {"low": 0.5, "high": 1.5},
+                                      "layers": {"choices": ["merged", "base", "a", "skip"], "depth_offset": 1}})
+    sp = build_space(cfg, base_model="/m/base", models=MODELS, num_layers=4)
+    recipe = {n for n in sp.distributions if recipe_parameter(n)}
+    assert recipe == {n for n in sp.distributions if not n.startswith(("layer.", "layer_offset."))}
+    assert {"method", "lambda"} <= recipe and any(n.startswith("density.") for n in recipe)
+    rng = np.random.default_rng(3)
+    for path, inert in [(["a", "base", "skip", "a"], True), (["a", "merged", "skip", "a"], False)]:
+        p = sp.from_unit(rng.random(len(sp.distributions)))
+        p.update({f"layer.{k}": c for k, c in enumerate(path)})
+        other = sp.from_unit(rng.random(len(sp.distributions)))
+        q = {**p, **{n: other[n] for n in recipe}, "method": "dare_linear" if p["method"] == "ties" else "ties"}
+        assert (sp.decode(p) == sp.decode(q)) is inert
+        moved = {**p, "layer_offset.1": 0 if p["layer_offset.1"] else 1}  # slot 1 is kept, depth 1 ± 1
+        assert sp.decode(moved) != sp.decode(p)
