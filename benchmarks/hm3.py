@@ -49,7 +49,8 @@ Recorded runs:
   on seeds 10-14.
 - ``results/hm3_sigma.dec03.json``: the same with hm3's ``sigma`` 0.3 (its default since), the same commands;
   ``results/hm3_sigma.seeds10-14.json`` hm3 and gp side by side on hm3's tuning seeds 10-14 (``--preferences 0``;
-  a supplement that favours hm3, whose settings were chosen on those seeds).
+  a supplement that favours hm3, whose settings were chosen on those seeds) and ``results/hm3_sigma.seeds3-5.json``
+  the same on seeds 3-5, held out (no setting was chosen on them).
 
 The demo's experts are trained when the demo is built, on the machine that builds it: two builds give the same
 plans different scores, so hypervolumes compare within one file (one build, side by side), not across files.

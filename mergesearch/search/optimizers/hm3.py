@@ -422,7 +422,8 @@ class HM3Sampler(BatchSampler):
             hidden: width of the shared embedding; lr: Adam's learning rate.
         sigma: step of the inner sampler for the non-layer parameters (unit-cube sd). 0.3 rather than 0.15: on
             the demo's tuning seeds 10-14 it raised hm3's hypervolume at 120 evaluations from 0.667 to 0.712 (gp:
-            0.619) and left seeds 0-2 at 0.610 (``benchmarks/results/hm3_sigma.*.json``).
+            0.619) and left seeds 0-2 at 0.610 (gp: 0.697); on seeds 3-5, held out, 0.670 against gp's 0.659
+            (``benchmarks/results/hm3_sigma.*.json``).
         entropy: weight of the policy's entropy bonus.
         value_draws: posterior draws of the value model by which ``ask`` chooses among candidate plans (0: no
             value model, the policy's sample is proposed as is, the original HM3 loop); kappa: how many of its
