@@ -25,7 +25,11 @@ for >= 8 of 10 preferences (checked per seed; met when every seed meets it).
 
     OMP_NUM_THREADS=1 python benchmarks/hm3.py [--seeds 3] [--budget 120] [--optimizers hm3,nsga2,random,gp]
         [--seeds-for gp=1] [--budget-for gp=60] [--time-for gp=SECONDS] [--preferences 10] [--limit 32]
-        [--hm3-options '{"steps": 60}'] [--first-seed 0] [--name hm3.json] [--merge OTHER.json ...]
+        [--hm3-options '{"steps": 60}'] [--first-seed 0] [--initial path:merged,path:base,...]
+        [--name hm3.json] [--merge OTHER.json ...]
+
+``--initial`` gives every run the same ``search.initial`` points (preset names; by default none: each optimizer
+starts as it would for a user). Files merged with ``--merge`` must agree on it.
 
 ``--time-for`` stops each run of an optimizer cleanly after that wall time (recorded: ``stopped_by_time``; its HV at
 a checkpoint it did not reach is missing, and its last HV is reported as a lower bound there). ``--merge`` folds in
@@ -51,6 +55,11 @@ Recorded runs:
   ``results/hm3_sigma.seeds10-14.json`` hm3 and gp side by side on hm3's tuning seeds 10-14 (``--preferences 0``;
   a supplement that favours hm3, whose settings were chosen on those seeds) and ``results/hm3_sigma.seeds3-5.json``
   the same on seeds 3-5, held out (no setting was chosen on them).
+- ``results/hm3_start.dec03.json``: hm3 whose start-up design begins with the space's source paths (its default
+  since), the same commands and merge; ``hm3_start.seeds10-14.json`` and ``hm3_start.seeds3-5.json`` the same
+  side by side with the gp runs of the ``hm3_sigma`` files; ``hm3_start.gp_initial.json`` gp given those start
+  points as ``search.initial`` (``--optimizers gp --initial path:merged,path:base,path:reverse,path:swap,path:sort``),
+  seeds 0-2, to measure how much of hm3's gain the start points alone give another optimizer.
 
 The demo's experts are trained when the demo is built, on the machine that builds it: two builds give the same
 plans different scores, so hypervolumes compare within one file (one build, side by side), not across files.
@@ -332,6 +341,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)))
     p.add_argument("--preferences", type=int, default=10, help="preference vectors given to suggest (0: none)")
     p.add_argument("--hm3-options", default="{}", help="JSON object of hm3 options (default: its defaults)")
+    p.add_argument("--initial", default="", type=lambda s: [x for x in s.split(",") if x],
+                   help="search.initial of every run: comma-separated preset names, e.g. path:merged,path:base "
+                        "(default none)")
     p.add_argument("--limit", type=int, default=None, help="examples per task objective (default: the demo's)")
     p.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -390,13 +402,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref = reference_point(config, worker, names, directions)  # before any search
     scale = float(np.prod(np.where(np.array(directions) == "maximize", 1.0 - ref, ref)))
     config = config.model_copy(update={"search": config.search.model_copy(update={
-        "reference_point": dict(zip(names, map(float, ref), strict=True))})})
+        "reference_point": dict(zip(names, map(float, ref), strict=True)), "initial": args.initial})})
     prefs = preferences(args.preferences, len(names)) if args.preferences else np.zeros((0, len(names)))
     record: dict[str, Any] = {
         "space_config": config.space.model_dump(mode="json", by_alias=True), "objectives": objectives,
         "limit": args.limit, "reference_point": dict(zip(names, map(float, ref), strict=True)),
         "hv_normaliser": scale, "seeds": args.n_seeds, "budgets": args.budgets, "time_limits": args.seconds,
-        "checkpoints": args.checkpoints,
+        "checkpoints": args.checkpoints, "initial": args.initial,
         "argv": sys.argv[1:] if argv is None else list(argv), "hm3_options": args.hm3_options,
         "preferences": prefs.tolist(), "preference_seed": PREFERENCE_SEED,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
@@ -433,8 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     merged_seeds: dict[str, list[int]] = {}
     for path in args.merge:
         other = json.loads(path.read_text())
-        for key in ("reference_point", "limit", "space_config", "objectives", "checkpoints"):
-            if other[key] != json.loads(json.dumps(record[key])):  # as stored (tuples become lists)
+        for key in ("reference_point", "limit", "space_config", "objectives", "checkpoints", "initial"):
+            if other.get(key, []) != json.loads(json.dumps(record[key])):  # as stored (tuples become lists)
                 raise SystemExit(f"--merge {path}: its {key} differs from this run's")
         if other["suggestions"] and "hm3" not in args.optimizers:
             if len(record["preferences"]) and other["preferences"] != json.loads(json.dumps(record["preferences"])):

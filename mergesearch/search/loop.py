@@ -184,7 +184,8 @@ class SearchRun:
         try:
             self.optimizer = Optimizer(self.study, self.space.distributions,
                                        name=optimizer or config.search.optimizer, seed=self.seed,
-                                       options=dict(config.search.options), reference_point=self.reference)
+                                       options=dict(config.search.options), reference_point=self.reference,
+                                       start_points=list(self.space.source_paths().values()))
             self.lease = DriverLease(self.study)
             self.lease.check()  # refuse a study another driver runs before loading any model
             self._load_fidelity()  # (reads only) so that a spent examples budget starts no worker

@@ -381,8 +381,8 @@ class MergeSpace:
         return out
 
     # ------------------------------------------------------------------ presets / summary
-    def presets(self) -> dict[str, dict[str, Any]]:
-        """Named starting points (for ``search.initial``), one per recipe whose method is searched.
+    def recipes(self) -> dict[str, dict[str, Any]]:
+        """Named recipes (presets for ``search.initial``), one per recipe whose method is searched.
 
         - ``uniform``: task arithmetic with weights 1/N and λ = 1 (base + mean task vector); linear with equal
           weights if task_arithmetic is not searched;
@@ -413,6 +413,34 @@ class MergeSpace:
                 if q in values:
                     p[key] = _clamp(dist, values[q])
             out[name] = self.complete(p)
+        return out
+
+    def presets(self) -> dict[str, dict[str, Any]]:
+        """Named starting points for ``search.initial``: the :meth:`recipes` and, in a layer space, the
+        :meth:`source_paths`."""
+        return self.recipes() | self.source_paths()
+
+    def source_paths(self) -> dict[str, dict[str, Any]]:
+        """``path:<choice>`` for each layer choice but ``skip``: the network that choice stands for, its layers
+        in depth order once (slots ``0..L-1``, offset 0, the rest skipped): the base, each expert as it is, and
+        ``path:merged`` the plain merge at full depth (the ``uniform`` recipe's values).
+
+        These are the points every merge is judged against; hm3 starts its start-up design with them. Empty
+        without ``layers:``, or when a network of L layers cannot be laid out (more slots than layers and no
+        ``skip`` choice); repaired into ``min_layers..max_layers``.
+        """
+        lp = self.layers
+        if lp is None or (lp.slots > self.num_layers and SKIP not in lp.tokens):
+            return {}
+        recipe = self.recipes().get("uniform", {})
+        out = {}
+        for choice, token in zip(lp.choices, lp.tokens, strict=True):
+            if token == SKIP:
+                continue
+            tokens = lp.repair([token if k < self.num_layers else SKIP for k in range(lp.slots)])
+            p = {k: v for k, v in recipe.items() if not k.startswith(("layer.", "layer_offset."))}
+            p.update({f"layer.{k}": lp.choices[lp.tokens.index(t)] for k, t in enumerate(tokens)})
+            out[f"path:{choice}"] = self.complete(p)
         return out
 
     def summary(self, params: Mapping[str, Any]) -> str:

@@ -97,6 +97,8 @@ def test_tiny_run_writes_results_and_suggest_replays(hb, tmp_path) -> None:
         (r,) = saved["runs"][opt]
         assert len(r["hv"]) == n and np.all(np.diff(r["hv"]) >= 0) and 0 <= r["hv"][-1] <= 1
         assert r["fallbacks"] == 0
+    # hm3's start-up design begins with the space's source paths: the plain merge, the base, each expert
+    assert [s.rsplit(":", 1)[1] for s in saved["runs"]["hm3"][0]["summaries"][:4]] == ["M-", "b-", "0-", "1-"]
     assert len(saved["suggestions"]) == 2
     for s in saved["suggestions"]:
         assert s["seed"] == 0 and abs(sum(s["weights"].values()) - 1) < 1e-9

@@ -91,6 +91,18 @@ def test_startup_paths_spread_the_number_of_kept_layers():
     assert counts.min() > 60 and counts.max() < 140, counts
 
 
+def test_startup_begins_with_the_start_points_each_once():
+    starts = [{"w": 0.5, **{f"layer.{k}": c if k < 2 else "skip" for k in range(4)}} for c in ("merged", "base", "a")]
+    study = open_study("memory://", "s", [("a", "maximize"), ("b", "maximize")])
+    study.enqueue_trial(starts[1])  # stored already (e.g. a search.initial point): not proposed again
+    opt = Optimizer(study, space(4), name="hm3", seed=0, options=FAST, start_points=starts)
+    asked = [t.params for t in opt.ask(3)]
+    assert asked == [starts[1], starts[0], starts[2]]
+    later = [t.params for t in opt.ask(3)]
+    assert all(p not in starts for p in later)  # the rest of the start-up design is drawn at random
+    assert len({tuple(sorted(p.items())) for p in asked + later}) == 6
+
+
 def test_min_layers_above_max_layers_is_one_line():
     with pytest.raises(ConfigError, match=r"min_layers \(5\) > max_layers \(2\)") as e:
         validate_options({"min_layers": 5, "max_layers": 2})

@@ -201,6 +201,23 @@ def test_presets_decode_to_intended_recipes():
     assert space(methods=["linear"]).decode(space(methods=["linear"]).presets()["uniform"]).merge_method == "linear"
 
 
+def test_source_paths_lay_each_model_out_once_in_depth_order():
+    sp = space(num_layers=3, methods=["task_arithmetic"],
+               layers={"slots": 6, "choices": ["merged", "base", "b", "skip"], "depth_offset": 1})
+    paths = sp.source_paths()
+    assert set(paths) == {"path:merged", "path:base", "path:b"} and set(paths) <= set(sp.presets())
+    # model b is MODELS[1]: its own three layers in order, nothing shifted; the merge is the uniform recipe
+    assert [sp.summary(paths[n]).split(" ")[-1] for n in paths] == ["layers=3:MMM---", "layers=3:bbb---",
+                                                                    "layers=3:111---"]
+    assert all(v == 0 for n in paths for k, v in paths[n].items() if k.startswith("layer_offset."))
+    assert [paths["path:merged"][f"weight.{i}"] for i in range(3)] == pytest.approx([1 / 3] * 3)
+    assert space(methods=["ties"]).source_paths() == {}  # no layers
+    # more slots than layers and no skip: the network cannot be laid out once
+    assert space(num_layers=2, layers={"slots": 4, "choices": ["merged", "base"]}).source_paths() == {}
+    short = space(num_layers=2, layers={"slots": 6, "choices": ["merged", "base", "skip"], "min_layers": 3})
+    assert short.summary(short.source_paths()["path:base"]).endswith("layers=3:bbM---")  # repaired to min
+
+
 def test_presets_clamp_into_ranges():
     sp = space(methods=["ties"], density=[0.6, 0.9], weight=[0.0, 0.5])
     plan = sp.decode(sp.presets()["ties_default"])

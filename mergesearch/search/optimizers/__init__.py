@@ -18,7 +18,7 @@ samplers), ``qnehvi`` (BoTorch), ``pymoo-nsga3``, ``pymoo-smsemoa`` (pymoo, stea
 - cmaes-sum: ``weights`` (equal), ``popsize`` (cma default), ``sigma0`` (0.25)
 - hm3 (layer spaces only; see :mod:`.hm3`): ``n_startup`` (10), ``steps`` (60), ``update_steps`` (8),
   ``hidden`` (48), ``lr`` (3e-3),
-  ``sigma`` (0.15), ``entropy`` (0.05), ``min_layers`` / ``max_layers`` (default: the stored job's space.layers),
+  ``sigma`` (0.3), ``entropy`` (0.05), ``min_layers`` / ``max_layers`` (default: the stored job's space.layers),
   ``value_draws`` (16; 0: no value model), ``kappa`` (1.0)
 """
 
@@ -62,6 +62,7 @@ class _Context:
     options: dict[str, Any]
     n_objectives: int
     reference_point: list[float] | None
+    start_points: tuple[dict[str, Any], ...] = ()  # the space's natural first points (see Optimizer)
 
 
 def _int(v: Any, key: str, lo: int = 1) -> int:
@@ -172,7 +173,7 @@ def _hm3(c: _Context) -> optuna.samplers.BaseSampler:
 
     check_layer_space(c.distributions)  # one line naming the fix, before anything else
     # the user's seed as given: proposals depend on it and the stored trials only, so a resume reproduces them
-    return HM3Sampler(c.distributions, c.base_seed, **validate_options(c.options))
+    return HM3Sampler(c.distributions, c.base_seed, start=c.start_points, **validate_options(c.options))
 
 
 #: name -> (factory, accepted option keys)
@@ -219,6 +220,9 @@ class Optimizer:
         seed: user seed; the sampler seed is derived from it and the number of trials already stored.
         options: backend options (see the module docstring); unknown keys are a ConfigError.
         reference_point: per objective, the worst acceptable value (used by ``qnehvi``), or None.
+        start_points: complete params the space marks as natural first points (a layer space's
+            :meth:`~mergesearch.spaces.MergeSpace.source_paths`: the base and each expert as they are); a
+            backend's start-up design may begin with them (``hm3`` does; the others draw theirs at random).
     """
 
     def __init__(
@@ -230,6 +234,7 @@ class Optimizer:
         seed: int,
         options: Mapping[str, Any],
         reference_point: Sequence[float] | None = None,
+        start_points: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         if name not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
@@ -260,6 +265,7 @@ class Optimizer:
             options=dict(options),
             n_objectives=m,
             reference_point=None if reference_point is None else [float(v) for v in reference_point],
+            start_points=tuple(dict(p) for p in start_points),
         )
         self.sampler = factory(ctx)
         study.sampler = self.sampler
