@@ -15,6 +15,9 @@ two runs differ only in what the optimizer learns from (now: every trial, a prun
 48·3; keep 1/η). Tried first on other seeds (10..12, weights space): one rung ``[16]`` gave the same (HV at 1/3
 of the examples 0.523 vs 0.521), keep 0.2 did worse (never reached the single-fidelity final HV on 2 seeds).
 ``--optimizer/--rungs/--keep/--first-seed/--name`` run other settings, for exploring only.
+``multi_fidelity.estimates.rerun_dec03.json`` is the same configuration re-run on another demo build (weights 0.86,
+layers 0.57 of the examples; one layers seed within 1/3); ``multi_fidelity.midrank_ties.json`` a promotion rule
+that counts ties as half ahead, run beside it and not adopted (0.65 and 0.66).
 One reference point for every hypervolume (as in
 ``search_quality.py``): accuracy 0 on each task and l1 = 1.1 × the l1 of the plan with every weight 1;
 hypervolumes are normalised by the box [0, 1]^3 × [0, l1_ref]. Only full-fidelity (COMPLETE) trials count
