@@ -59,7 +59,8 @@ Recorded runs:
   since), the same commands and merge; ``hm3_start.seeds10-14.json`` and ``hm3_start.seeds3-5.json`` the same
   side by side with the gp runs of the ``hm3_sigma`` files; ``hm3_start.gp_initial.json`` gp given those start
   points as ``search.initial`` (``--optimizers gp --initial path:merged,path:base,path:reverse,path:swap,path:sort``),
-  seeds 0-2, to measure how much of hm3's gain the start points alone give another optimizer.
+  seeds 0-5, to measure how much of hm3's gain the start points alone give another optimizer (``comparison``:
+  per seed against hm3).
 
 The demo's experts are trained when the demo is built, on the machine that builds it: two builds give the same
 plans different scores, so hypervolumes compare within one file (one build, side by side), not across files.
