@@ -17,7 +17,11 @@ of the examples 0.523 vs 0.521), keep 0.2 did worse (never reached the single-fi
 ``--optimizer/--rungs/--keep/--first-seed/--name`` run other settings, for exploring only.
 ``multi_fidelity.estimates.rerun_dec03.json`` is the same configuration re-run on another demo build (weights 0.86,
 layers 0.57 of the examples; one layers seed within 1/3); ``multi_fidelity.midrank_ties.json`` a promotion rule
-that counts ties as half ahead, run beside it and not adopted (0.65 and 0.66).
+that counts ties as half ahead, run beside it and not adopted (0.65 and 0.66). On that build too:
+``--oracle`` (``multi_fidelity.oracle.json``: every rung reports the trial's full scores at the rungs' cost)
+needs 0.84 and 0.59, as much as the rung scores themselves, so no estimator can meet the target under this
+ladder and rule; ``--trials 180`` (``multi_fidelity.trials180.json``) 0.86 and never (tuning seeds 10..12 first:
+0.46 and 0.48); other ladders, keeps and rules in ``multi_fidelity.variants_dec03.json``.
 One reference point for every hypervolume (as in
 ``search_quality.py``): accuracy 0 on each task and l1 = 1.1 × the l1 of the plan with every weight 1;
 hypervolumes are normalised by the box [0, 1]^3 × [0, l1_ref]. Only full-fidelity (COMPLETE) trials count
@@ -36,12 +40,14 @@ per seed also the promotion rate at each rung (trials promoted / trials that rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +65,43 @@ NAME = "multi_fidelity.estimates"
 #: what the optimizer learns from (recorded with the results): every finished trial, a pruned one valued at the
 #: last rung it reached (mergesearch.search.fidelity.best_estimate). Results before this were "complete only".
 SAMPLER_VIEW = "best estimate (pruned trials at their last rung)"
+
+
+class _Exact:
+    """A trial's :class:`~mergesearch.search.fidelity.Rungs` that decides on the trial's full-subset scores."""
+
+    def __init__(self, rungs: Any, full: dict[str, float]) -> None:
+        self.rungs, self.full = rungs, full
+        self.sizes, self.estimator = rungs.sizes, rungs.estimator
+
+    def promoted(self, k: int, values: Any, per_example: Any = None) -> bool:
+        return self.rungs.promoted(k, self.full)
+
+
+@contextlib.contextmanager
+def oracle_scores() -> Iterator[None]:
+    """An upper bound for any estimator under a given ladder and rule: each rung reports the trial's
+    full-subset scores (promotion and the optimizer see exact values); the examples counted stay the rungs'.
+
+    The full scores are computed beside the staged evaluation and not counted; the run is otherwise the same.
+    """
+    import mergesearch.objectives.registry as registry
+
+    staged = registry.evaluate_staged
+
+    def exact(objectives: Any, model: Any, tokenizer: Any, rungs: Any = None) -> Any:
+        if rungs is None:
+            return staged(objectives, model, tokenizer)
+        full = staged(objectives, model, tokenizer).values
+        out = staged(objectives, model, tokenizer, _Exact(rungs, full))
+        out.rungs = [dict(full) for _ in out.rungs]
+        return out
+
+    registry.evaluate_staged = exact
+    try:
+        yield
+    finally:
+        registry.evaluate_staged = staged
 
 
 def run_one(config: Any, worker: Any, seed: int, *, trials: int, rungs: list[int] | None,
@@ -132,6 +175,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", type=float, default=KEEP)
     p.add_argument("--estimator", default="none", choices=["none", "regression"],
                    help="search.fidelity.estimator of the rungs runs (promotion on estimated full scores)")
+    p.add_argument("--oracle", action="store_true",
+                   help="upper bound: rungs report each trial's full scores (promotion and optimizer exact), "
+                        "examples counted as the rungs' (see oracle_scores)")
     p.add_argument("--name", default=NAME, help="results file: OUT/NAME.json")
     p.add_argument("--trials", type=int, default=60, help="single-fidelity trials (sets the examples budget)")
     p.add_argument("--spaces", default="weights,layers")
@@ -159,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     record: dict[str, Any] = {"optimizer": args.optimizer, "rungs": args.rungs, "keep": args.keep,
-                              "estimator": args.estimator,
+                              "estimator": args.estimator, "oracle": args.oracle,
                               "trials": args.trials, "seeds": seeds, "sampler_view": SAMPLER_VIEW, "machine": {
                                   "platform": platform.platform(), "cpus": os.cpu_count(),
                                   "load_average_start": os.getloadavg()}, "spaces": {}}
@@ -178,8 +224,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             single = run_one(config, worker, seed, trials=args.trials, rungs=None, max_examples=None,
                              optimizer=args.optimizer)
             budget = int(sum(single["examples"]))
-            staged = run_one(config, worker, seed, trials=100_000, rungs=args.rungs, max_examples=budget,
-                             optimizer=args.optimizer, keep=args.keep, estimator=args.estimator)
+            with oracle_scores() if args.oracle else contextlib.nullcontext():
+                staged = run_one(config, worker, seed, trials=100_000, rungs=args.rungs, max_examples=budget,
+                                 optimizer=args.optimizer, keep=args.keep, estimator=args.estimator)
             (_, hs), (xr, hr) = curve(single, directions, ref, scale), curve(staged, directions, ref, scale)
             target = float(hs[-1])
             need = examples_to_reach(xr, hr, target)
