@@ -22,7 +22,7 @@ that counts ties as half ahead, run beside it and not adopted (0.65 and 0.66). O
 needs 0.84 and 0.59, as much as the rung scores themselves, so no estimator can meet the target under this
 ladder and rule; ``--trials 180`` (``multi_fidelity.trials180.json``) 0.86 and never (tuning seeds 10..12 first:
 0.46 and 0.48); other ladders, keeps and rules in ``multi_fidelity.variants_dec03.json``. Over ten seeds
-(``--seeds 10``, ``multi_fidelity.seeds0-9.json``) 0.85 and 0.65 (1 seed of 20 within 1/3), while seeds 10..12
+(``--seeds 10``, ``multi_fidelity.seeds0-9.json``) 0.85 and 0.65 (1 of the 20 runs within 1/3), while seeds 10..12
 alone give 0.42 and 0.36: three seeds move the figure by a factor of two.
 One reference point for every hypervolume (as in
 ``search_quality.py``): accuracy 0 on each task and l1 = 1.1 × the l1 of the plan with every weight 1;
