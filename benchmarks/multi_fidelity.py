@@ -19,8 +19,8 @@ of the examples 0.523 vs 0.521), keep 0.2 did worse (never reached the single-fi
 layers 0.57 of the examples; one layers seed within 1/3); ``multi_fidelity.midrank_ties.json`` a promotion rule
 that counts ties as half ahead, run beside it and not adopted (0.65 and 0.66). On that build too:
 ``--oracle`` (``multi_fidelity.oracle.json``: every rung reports the trial's full scores at the rungs' cost)
-needs 0.84 and 0.59, as much as the rung scores themselves, so no estimator can meet the target under this
-ladder and rule; ``--trials 180`` (``multi_fidelity.trials180.json``) 0.86 and never (tuning seeds 10..12 first:
+needs 0.84 and 0.59, as much as the rung scores themselves: a perfect estimator does not meet the target under
+this ladder and rule; ``--trials 180`` (``multi_fidelity.trials180.json``) 0.86 and never (tuning seeds 10..12 first:
 0.46 and 0.48); other ladders, keeps and rules in ``multi_fidelity.variants_dec03.json``. Over ten seeds
 (``--seeds 10``, ``multi_fidelity.seeds0-9.json``) 0.85 and 0.65 (1 of the 20 runs within 1/3), while seeds 10..12
 alone give 0.42 and 0.36: three seeds move the figure by a factor of two.
@@ -82,7 +82,7 @@ class _Exact:
 
 @contextlib.contextmanager
 def oracle_scores() -> Iterator[None]:
-    """An upper bound for any estimator under a given ladder and rule: each rung reports the trial's
+    """What a perfect estimator would give under a given ladder and rule: each rung reports the trial's
     full-subset scores (promotion and the optimizer see exact values); the examples counted stay the rungs'.
 
     The full scores are computed beside the staged evaluation and not counted; the run is otherwise the same.
@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--estimator", default="none", choices=["none", "regression"],
                    help="search.fidelity.estimator of the rungs runs (promotion on estimated full scores)")
     p.add_argument("--oracle", action="store_true",
-                   help="upper bound: rungs report each trial's full scores (promotion and optimizer exact), "
+                   help="a perfect estimator: rungs report each trial's full scores (promotion and optimizer exact), "
                         "examples counted as the rungs' (see oracle_scores)")
     p.add_argument("--name", default=NAME, help="results file: OUT/NAME.json")
     p.add_argument("--trials", type=int, default=60, help="single-fidelity trials (sets the examples budget)")
