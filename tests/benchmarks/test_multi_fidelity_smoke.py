@@ -31,6 +31,13 @@ def test_examples_axis_helpers(mf) -> None:
     assert mf.hv_at(examples, hv, 60) == 0.4 and mf.hv_at(examples, hv, 99) == 0.4
 
 
+def test_tasks_only_keeps_the_objectives_that_score_examples(mf, tiny_models, tmp_path) -> None:
+    config = load_config(write_job(tmp_path, tiny_models))
+    assert any(o.data is None for o in config.objectives)  # the job has a cost objective to drop
+    kept = mf.tasks_only(config).objectives
+    assert [o.name for o in kept] == [o.name for o in config.objectives if o.data is not None] and kept
+
+
 def test_oracle_reports_full_scores_at_the_rungs_cost(mf, tiny_models, tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
