@@ -244,6 +244,29 @@ def test_value_model_is_sure_on_its_data_and_unsure_far_from_it():
     np.testing.assert_array_equal(again.draws(unseen, none), model.draws(unseen, none))
 
 
+def test_value_model_predicts_a_constant_objective_exactly_and_warns_nothing():
+    """A task every stored plan scores the same on (small subsets, early trials) has no signal variance: the fit
+    must not take log(0), and it predicts that constant, surely, beside a varying objective it still learns."""
+    import warnings
+
+    from mergesearch.search.optimizers.hm3 import ValueGP
+
+    rng = np.random.default_rng(2)
+    T = 5
+    paths, x = rng.integers(0, 3, (20, T)), rng.random((20, 1))
+    G = np.stack([np.full(20, 0.25), (paths == 0).mean(1)], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = ValueGP(T, draws=4, seed=0).fit(paths, x, G)
+        new = rng.integers(0, 3, (10, T)), rng.random((10, 1))
+        mu, sd = model.predict(*new)
+        draws = model.draws(*new)
+    assert np.isfinite(mu).all() and np.isfinite(sd).all() and np.isfinite(draws).all()
+    np.testing.assert_allclose(mu[:, 0], 0.25, atol=1e-9)
+    assert sd[:, 0].max() < 1e-6 < sd[:, 1].min()
+    np.testing.assert_allclose(model.predict(paths, x)[0][:, 1], G[:, 1], atol=0.05)
+
+
 def test_value_model_generalises_what_adds_up_over_slots():
     """An objective that is a sum of per-slot costs (a layer's own cost) plus a non-layer term: fitted on 60
     paths, it predicts 200 paths never stored within 15 % of the objective's spread, and the noise-free data

@@ -383,7 +383,9 @@ class ValueGP:
                             L = np.linalg.cholesky(K0 + g * np.eye(N))
                         except np.linalg.LinAlgError:
                             continue
-                        s = (np.linalg.solve(L, y) ** 2).sum(0) / N  # (m,) the profiled signal variance
+                        # (m,) the profiled signal variance; a constant objective (y = 0, e.g. a task every
+                        # stored plan scores the same on) has none: floored so its likelihood stays finite
+                        s = np.maximum((np.linalg.solve(L, y) ** 2).sum(0) / N, 1e-12)
                         ll = -0.5 * N * np.log(s) - np.log(np.diag(L)).sum()
                         for j in range(m):
                             if best[j] is None or ll[j] > best[j][0]:
