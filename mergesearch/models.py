@@ -94,6 +94,8 @@ class Checkpoint:
         config: ``config.json`` as a dict.
         shapes: tensor name -> shape, in file order.
         dtypes: tensor name -> the dtype stored in the file (None for non-floating dtypes of safetensors files).
+        integer: names of the tensors stored in an integer or bool dtype (buffers such as position ids or
+            masks): state, not weights, so plans copy them from the base and never merge them.
         num_layers: decoder layers per the config.
     """
 
@@ -112,6 +114,7 @@ class Checkpoint:
         self._pickled: dict[str, torch.Tensor] | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype | None] = {}
+        self.integer: set[str] = set()
         if not self._open_safetensors():
             self._open_pickle(allow_pickle)
         if not self.shapes:
@@ -136,6 +139,8 @@ class Checkpoint:
                         piece = st.get_slice(name)
                         self.shapes[name] = tuple(piece.get_shape())
                         self.dtypes[name] = _ST_DTYPES.get(piece.get_dtype())
+                        if piece.get_dtype() == "BOOL" or piece.get_dtype()[0] in "IU":  # I8..I64, U8..U64
+                            self.integer.add(name)
             except Exception as e:  # SafetensorError (truncated or corrupt header) or OSError
                 reason = (str(e).splitlines() or [type(e).__name__])[0]
                 raise ModelError(f"model {self.ref!r}: cannot read {f} ({reason})") from None
@@ -157,9 +162,15 @@ class Checkpoint:
             self._pickled.update(state)
         self.shapes = {k: tuple(v.shape) for k, v in self._pickled.items()}
         self.dtypes = {k: v.dtype for k, v in self._pickled.items()}
+        self.integer = {k for k, v in self._pickled.items() if not v.is_floating_point()}
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.Tensor:
-        """One tensor, cast to ``dtype``; raises ModelError if absent or not finite."""
+        """One tensor, cast to ``dtype`` (if floating); raises ModelError if absent or not finite.
+
+        A model with tied embeddings may store no ``lm_head.weight``: its input embedding is read instead, as
+        mergekit does (``check_compatible`` lets such a model meet an untied base).
+        """
+        name = self._stored(name)
         if name not in self.shapes:
             raise ModelError(f"model {self.ref!r}: has no tensor {name!r}")
         if self._pickled is not None:
@@ -175,10 +186,17 @@ class Checkpoint:
             t = t.to(dtype)
         return t.to(device)
 
+    def _stored(self, name: str) -> str:
+        """The stored tensor holding ``name``: itself, or a tied model's input embedding for its lm_head."""
+        if name in self.shapes or not self.tied_embeddings or not name.endswith("lm_head.weight"):
+            return name
+        return next((n for n in self.shapes if n.endswith(("embed_tokens.weight", "wte.weight"))
+                     and layer_key(n)[1] is None), name)
+
     def read_copies(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> bool:
         """Whether ``get(name, dtype, device)`` returns a tensor of its own (converted to another dtype or moved
         off the CPU) rather than a view of the memory-mapped file, which must never be written."""
-        stored = self.dtypes.get(name)
+        stored = self.dtypes.get(self._stored(name))
         return torch.device(device).type != "cpu" or (stored is not None and dtype is not None and stored != dtype)
 
     @property

@@ -47,12 +47,13 @@ _NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloa
 
 def task_vectors(base: Checkpoint, model: Checkpoint, dtype: torch.dtype, device: str = "cpu",
                  base_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """τ = θ_model − θ_base of every tensor of ``base``, in ``dtype`` (shapes as in the checkpoints).
+    """τ = θ_model − θ_base of every floating-point tensor of ``base``, in ``dtype`` (shapes as in the checkpoints).
 
     Args:
         base_state: the base's tensors already read in ``dtype`` on ``device`` (saves reading them again).
     """
-    return {n: task_vector(base, model, n, dtype, device, base_state) for n in base.shapes}
+    return {n: task_vector(base, model, n, dtype, device, base_state)
+            for n in base.shapes if n not in base.integer}
 
 
 def task_vector(base: Checkpoint, model: Checkpoint, name: str, dtype: torch.dtype, device: str = "cpu",
@@ -146,6 +147,8 @@ class ResidentMerger:
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         for m in self.models:
             for n in self.tensor_names:
+                if n in ck.integer:  # buffers are copied, never merged (resolve): no task vector
+                    continue
                 if shared_deltas is not None:  # not pinned: that would copy them out of the shared buffer
                     self._deltas[(m, n)] = self._store(self._shared(shared_deltas, m, n), pin=False)
                 else:
@@ -160,7 +163,7 @@ class ResidentMerger:
         self._tokenizer: Any = None
         self._layers_path = self._find_layers_path()
         self._pool: list[nn.Module] = list(self.model.get_submodule(self._layers_path)) if self._layers_path else []
-        self._targets: dict[str, tuple[nn.Module, str]] = {}  # tensor name -> (owning module, attribute)
+        self._targets: dict[str, tuple[nn.Module, str] | None] = {}  # tensor name -> (owning module, attribute)
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
         self._layer_types = list(getattr(cfg, "layer_types", None) or [])
@@ -319,7 +322,8 @@ class ResidentMerger:
         benchmarks/apply_side_by_side.py). A job's result does not depend on how many threads run it, so the bits
         are the same."""
         workers = kernel_threads() if not self.offload and torch.device(self.device).type == "cpu" else 1
-        targets = [self._target(job.name) for job in jobs]
+        placed = [(job, target) for job in jobs if (target := self._target(job.name)) is not None]
+        jobs, targets = [job for job, _ in placed], [target for _, target in placed]
         # tied weights are one tensor: jobs writing it run in plan order (the last one wins), as one worker would
         if workers < 2 or len(jobs) < 2 or len({t.data_ptr() for t in targets}) < len(targets):
             with torch.no_grad():
@@ -342,18 +346,29 @@ class ResidentMerger:
                 return key.split(".{}", 1)[0]
         return None
 
-    def _target(self, name: str) -> torch.Tensor:
+    def _target(self, name: str) -> torch.Tensor | None:
         """The resident tensor a job writes: found by name once (the pool's layer i always stands at position i),
-        then read from its module's table (tens of µs per apply otherwise, serial before the workers start)."""
-        where = self._targets.get(name)
-        if where is None:
+        then read from its module's table (tens of µs per apply otherwise, serial before the workers start).
+
+        None for a checkpoint tensor the model has no place for, which ``from_pretrained`` ignored too (e.g. the
+        per-layer ``rotary_emb.inv_freq`` older Llama checkpoints store): it cannot change the model.
+        """
+        if name not in self._targets:
             key, layer = layer_key(name)
             module, path = (self.model, name) if layer is None else (self._pool[layer], key.split("{}.", 1)[1])
             owner, _, attr = path.rpartition(".")
-            where = self._targets[name] = (module.get_submodule(owner), attr)
+            try:
+                sub = module.get_submodule(owner)
+            except AttributeError:
+                sub = None
+            known = sub is not None and (attr in sub._parameters or attr in sub._buffers)
+            self._targets[name] = (sub, attr) if known else None
+        where = self._targets[name]
+        if where is None:
+            return None
         owner, attr = where
         p = owner._parameters.get(attr)
-        return p.data if p is not None else owner.get_buffer(attr)
+        return p.data if p is not None else owner._buffers[attr]
 
     def _set_layers(self, source_layers: list[int]) -> None:
         """Make the model's decoder stack ``len(source_layers)`` modules long (growing the pool as needed)."""

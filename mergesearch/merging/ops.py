@@ -88,6 +88,8 @@ def _emit(group: TensorGroup, result: torch.Tensor, bad: int | None = None) -> t
         NonFiniteError: naming the tensor and the method.
     """
     if group.out is not None and result is not group.out:
+        if group.out.dtype != result.dtype:  # a narrower destination may overflow what was finite: check it
+            bad = None
         group.out.copy_(result)
         result = group.out
     if bad is None and result.is_floating_point():
@@ -97,6 +99,15 @@ def _emit(group: TensorGroup, result: torch.Tensor, bad: int | None = None) -> t
         raise NonFiniteError(f"merged tensor {group.name!r} (method {group.method or '?'}) has {bad} non-finite "
                              f"entries (NaN/inf): check its weights and inputs")
     return result
+
+
+def _dest(group: TensorGroup, like: torch.Tensor) -> torch.Tensor:
+    """Where an operator writes: ``group.out`` when it has ``like``'s dtype and is contiguous, else a new contiguous
+    tensor (the chunked passes write through flat views, which a strided tensor's ``reshape`` would copy)."""
+    out = group.out
+    if out is not None and out.dtype == like.dtype and out.is_contiguous():
+        return out
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
 def _base(group: TensorGroup) -> int:
@@ -137,7 +148,7 @@ def linear(group: TensorGroup, shared: Mapping[str, Any], per_input: Sequence[Ma
         raise ConfigError(f"linear: weights sum to zero for tensor {group.name!r}; set normalize: false")
     tensors = [group.tensor(i) for i in range(group.n)]
     first = tensors[0]
-    out = group.out if group.out is not None and group.out.dtype == first.dtype else torch.empty_like(first)
+    out = _dest(group, first)
     if len({t.dtype for t in tensors}) == 1 and _kernel_usable(first, out) and all(t.is_contiguous() for t in tensors):
         from mergesearch.merging import kernels
 
@@ -353,7 +364,7 @@ def task_vector_merge(group: TensorGroup, shared: Mapping[str, Any], per_input: 
     weights = [float(per_input[i]["weight"]) for i in idx]
     lam, rescale, normalize = float(shared["lambda"]), bool(shared["rescale"]), bool(shared["normalize"])
     inputs = [_prepare(group, i, per_input[i], flags, w, rescale) for i, w in zip(idx, weights, strict=True)]
-    out = group.out if group.out is not None and group.out.dtype == base.dtype else torch.empty_like(base)
+    out = _dest(group, base)
     div_nc = _plain_divisor(weights, normalize)
     run = _kernel_merge if _kernel_usable(base, out) else _torch_merge
     if run is _torch_merge:  # the torch path takes DELLA's mask as a multiplied τ, its norms from the same pass
@@ -480,8 +491,8 @@ def _torch_merge(inputs: list[_Input], base: torch.Tensor, out: torch.Tensor, we
                     torch.ops.aten.hardshrink.out(scr, lams[j], out=row)
                 if inp.band[1] is not None:  # drop |τ| > hi: subtracting those entries is exact (x − x = 0)
                     row.sub_(torch.ops.aten.hardshrink.out(row, inp.band[1], out=scr))
-            elif inp.band is not None:
-                a = torch.abs(row, out=scr)
+            elif inp.band is not None:  # float64: |τ| rounded to float32 like the band it is compared with
+                a = torch.abs(row, out=scr).float()
                 if inp.band[0] is not None:
                     row.mul_(a >= inp.band[0])
                 if inp.band[1] is not None:

@@ -26,6 +26,8 @@ class ModelInfo(Protocol):
 
     shapes: dict[str, tuple[int, ...]]
     num_layers: int
+    #: tensors stored in an integer or bool dtype (buffers): copied, never merged
+    integer: set[str]
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,13 @@ def resolve(plan: MergePlan, models: Mapping[str, ModelInfo], base: str) -> Reso
 
     def add(out_name: str, in_names: Sequence[str], si: int, t: float) -> None:
         sl, (m, model_names, base_index) = slices[si], plans[si]
+        src = 0 if base_index is None else base_index
+        if in_names[src] in models[model_names[src]].integer:
+            # position ids, masks: state, not weights (averaging ids would shift them); the base's (else the
+            # first source's) are copied
+            jobs.append(TensorJob(out_name, "passthrough", ((model_names[src], in_names[src]),), None, {},
+                                  ({"scale": None},)))
+            return
         shared = {k: _lookup(p, [sl.parameters, plan.parameters], out_name, t, f"tensor {out_name!r}")
                   for k, p in m.shared.items()}
         per_input = []

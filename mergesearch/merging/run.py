@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from mergesearch.errors import ConfigError, ModelError
+from mergesearch.errors import ConfigError, ModelError, NonFiniteError
 from mergesearch.merging.engine import run_job
 from mergesearch.merging.plan import MergePlan, load_plan, mergekit_equivalent, plan_to_yaml
 from mergesearch.merging.resolve import Resolved, plan_models, resolve
-from mergesearch.models import Checkpoint, check_compatible, num_layers_of, to_dtype
+from mergesearch.models import Checkpoint, all_finite, check_compatible, num_layers_of, to_dtype
 
 SHARD_BYTES = 5 * 2**30
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -151,7 +151,12 @@ def merge_plan_tensors(plan: MergePlan, base: str, models: Mapping[str, Checkpoi
     out = {}
     for job in resolved.jobs:
         t = run_job(job, fetch, seed=plan.random_seed)
-        out[job.name] = t.to(out_dtype or t.dtype, copy=False).cpu()
+        if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
+            t = t.to(out_dtype)
+            if not all_finite(t):  # finite in the working dtype, out of the narrower out_dtype's range
+                raise NonFiniteError(f"merged tensor {job.name!r} (method {job.method}) overflows out_dtype "
+                                     f"{plan.out_dtype}: merge with out_dtype {plan.dtype or 'float32'}")
+        out[job.name] = t.cpu()
     return resolved, out
 
 

@@ -50,6 +50,9 @@ CASES = {
     "slice beyond layers": (lambda tp, m: {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(m["a"]), "layer_range": [0, 5]}]}]}, "slice 0: layer_range [0, 5]"),
     "malformed yaml": (lambda tp, m: "merge_method: ties\nmodels: [\n", "malformed YAML"),
+    # finite in float32, out of float16's range: was written as inf
+    "out_dtype overflow": (lambda tp, m: ties(m, merge_method="task_arithmetic", out_dtype="float16", models=[
+        {"model": str(m["a"]), "parameters": {"weight": 1e7}}]), "overflows out_dtype float16"),
 }
 
 

@@ -229,3 +229,54 @@ def test_other_operators_refuse_non_finite_results(method):
     taus[0][0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=method):
         run(method, base, taus)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "della"])
+def test_float64_inputs_keep_the_same_entries_as_float32(method):
+    """The magnitude band is found on |τ| in float32; float64 entries were compared with it in float64, so an
+    entry whose float32 rounding went up fell out (τ = 0.1 kept nothing at density 0.1: the bare base)."""
+    per = {"density": 0.3, "gamma": 0.0, "epsilon": 0.05}
+    for seed in range(8):
+        base, taus = _inputs(shape=(97,), n=2, seed=seed)
+        taus = [t.double() for t in taus]
+        f64 = run(method, base.double(), taus, per=per) - base.double()
+        f32 = run(method, base.double().float(), [t.float() for t in taus], per=per) - base.float()
+        assert f64.dtype == torch.float64
+        assert torch.equal(f64 != 0, f32 != 0)
+    one = run("ties", torch.zeros(6, dtype=torch.float64), [torch.tensor([0.1, 0.01, -0.02, 0.03, 0.001, 0.002],
+                                                                        dtype=torch.float64)],
+              per={"density": 0.1}, per_list=[{"weight": 1.0}])
+    assert one.tolist() == [0.1, 0, 0, 0, 0, 0]
+
+
+def _merge(method: str, tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``method`` over in-memory ``tensors`` (the base first, except for linear) with default parameters."""
+    uses_base = method != "linear"
+    group = ops.group_of("w", tensors, 0 if uses_base else None, seed=7)
+    group.method, group.out = method, out
+    sh, rows = params_for(method, len(tensors) - uses_base, base=uses_base)
+    return METHODS[method].merge(group, sh, rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_strided_base_and_destination_give_the_contiguous_result(method, dtype):
+    """A transposed base made the destination strided; the chunked pass wrote into a copy of it and returned
+    uninitialised memory. Strided inputs or a strided ``out`` now give the contiguous inputs' bits."""
+    base, taus = _inputs(shape=(29, 61), n=3)
+    tensors = [t.to(dtype) for t in (base, *(base + t for t in taus))]
+    want = _merge(method, tensors)
+    strided = [t.t().contiguous().t() for t in tensors]  # same values, column-major
+    assert not strided[0].is_contiguous()
+    assert torch.equal(_merge(method, strided), want)
+    out = torch.empty(61, 29, dtype=dtype).t()
+    got = _merge(method, tensors, out)
+    assert got is out and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_a_narrower_destination_that_overflows_is_refused(method):
+    """Finite in float32, out of float16's range once written into a float16 ``out``: refused, not inf."""
+    base, taus = _inputs(shape=(4, 4), n=1)
+    with pytest.raises(NonFiniteError, match=f"'w' \\(method {method}\\)"):
+        _merge(method, [base * 1e5, (base + taus[0]) * 1e5], torch.empty(4, 4, dtype=torch.float16))

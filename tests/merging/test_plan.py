@@ -18,6 +18,7 @@ KINDS = ("self_attn.q_proj.weight", "mlp.up_proj.weight")
 class Info:
     num_layers: int
     shapes: dict = field(default_factory=dict)
+    integer: set = field(default_factory=set)
 
     def __post_init__(self):
         self.shapes = {"model.embed_tokens.weight": (8, 4)}
